@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` and `make test`. Each sets everything up first
+# (idempotent: a venv in .venv, pinned packages, colcon build of the messages).
+SHELL := /bin/bash
+RUN := scripts/run.sh
+
+.PHONY: setup demo test bench bench-quick clean
+
+setup:
+	scripts/setup.sh
+
+demo: setup
+	$(RUN) python -m qvl_ros.demo
+
+test: setup
+	$(RUN) python -m pytest -q test
+
+bench: setup
+	$(RUN) python bench/run.py
+
+bench-quick: setup
+	$(RUN) python bench/run.py --quick
+
+clean:
+	rm -rf build install log .cache
