@@ -1,0 +1,293 @@
+"""Checkpoint I/O: read Hugging Face Qwen-VL directories, write tiny deterministic ones.
+
+Reading accepts both weight layouts: the released one (`visual.*`, `model.layers.*`, `lm_head.*`)
+and the one transformers 5.x saves (`model.visual.*`, `model.language_model.*`), sharded or not,
+safetensors only. Writing (`save_tiny_checkpoint`) produces a complete offline directory in the
+released layout: config.json, model.safetensors, tokenizer files with Qwen's special tokens and a
+chat template, flat preprocessor_config.json, generation_config.json.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .config import PRESETS, QwenVLConfig
+
+SPECIAL_TOKENS = [
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+    "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>",
+    "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+]
+
+# The conversation format of the Qwen2-VL family: a default system turn, images as
+# <|vision_start|><|image_pad|><|vision_end|>, turns closed by <|im_end|> and a newline.
+CHAT_TEMPLATE = (
+    "{%- set ns = namespace(images=0, videos=0) -%}"
+    "{%- for message in messages -%}"
+    "{%- if loop.first and message['role'] != 'system' -%}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{%- endif -%}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string -%}{{ message['content'] }}"
+    "{%- else -%}{%- for part in message['content'] -%}"
+    "{%- if part['type'] == 'image' or 'image' in part or 'image_url' in part -%}"
+    "{%- set ns.images = ns.images + 1 -%}"
+    "{%- if add_vision_id -%}{{ 'Picture ' + ns.images|string + ': ' }}{%- endif -%}"
+    "{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{%- elif part['type'] == 'video' or 'video' in part -%}"
+    "{%- set ns.videos = ns.videos + 1 -%}"
+    "{%- if add_vision_id -%}{{ 'Video ' + ns.videos|string + ': ' }}{%- endif -%}"
+    "{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
+    "{%- elif 'text' in part -%}{{ part['text'] }}"
+    "{%- endif -%}"
+    "{%- endfor -%}{%- endif -%}"
+    "{{ '<|im_end|>\\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
+)
+
+CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
+CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
+
+
+# ----------------------------------------------------------------------------- names
+def expected_weights(cfg: QwenVLConfig) -> dict[str, tuple[int, ...]]:
+    """Parameter names and shapes of a checkpoint in the released layout."""
+    Dv, Iv, P = cfg.vision_hidden, cfg.vision_intermediate, cfg.patch_size
+    w: dict[str, tuple[int, ...]] = {
+        "visual.patch_embed.proj.weight": (Dv, cfg.in_channels, cfg.temporal_patch_size, P, P)}
+    for i in range(cfg.vision_depth):
+        b = f"visual.blocks.{i}."
+        w[b + "norm1.weight"] = (Dv,)
+        w[b + "norm2.weight"] = (Dv,)
+        if not cfg.is_v25:
+            w[b + "norm1.bias"] = (Dv,)
+            w[b + "norm2.bias"] = (Dv,)
+        w[b + "attn.qkv.weight"] = (3 * Dv, Dv)
+        w[b + "attn.qkv.bias"] = (3 * Dv,)
+        w[b + "attn.proj.weight"] = (Dv, Dv)
+        w[b + "attn.proj.bias"] = (Dv,)
+        if cfg.is_v25:
+            for n in ("gate_proj", "up_proj"):
+                w[b + f"mlp.{n}.weight"] = (Iv, Dv)
+                w[b + f"mlp.{n}.bias"] = (Iv,)
+            w[b + "mlp.down_proj.weight"] = (Dv, Iv)
+            w[b + "mlp.down_proj.bias"] = (Dv,)
+        else:
+            w[b + "mlp.fc1.weight"] = (Iv, Dv)
+            w[b + "mlp.fc1.bias"] = (Iv,)
+            w[b + "mlp.fc2.weight"] = (Dv, Iv)
+            w[b + "mlp.fc2.bias"] = (Dv,)
+    M = Dv * cfg.merge_size ** 2
+    w["visual.merger.ln_q.weight"] = (Dv,)
+    if not cfg.is_v25:
+        w["visual.merger.ln_q.bias"] = (Dv,)
+    w["visual.merger.mlp.0.weight"] = (M, M)
+    w["visual.merger.mlp.0.bias"] = (M,)
+    w["visual.merger.mlp.2.weight"] = (cfg.vision_out, M)
+    w["visual.merger.mlp.2.bias"] = (cfg.vision_out,)
+    D, I, hd = cfg.hidden, cfg.intermediate, cfg.head_dim
+    w["model.embed_tokens.weight"] = (cfg.vocab_size, D)
+    for i in range(cfg.layers):
+        b = f"model.layers.{i}."
+        w[b + "self_attn.q_proj.weight"] = (cfg.heads * hd, D)
+        w[b + "self_attn.q_proj.bias"] = (cfg.heads * hd,)
+        for n in ("k_proj", "v_proj"):
+            w[b + f"self_attn.{n}.weight"] = (cfg.kv_heads * hd, D)
+            w[b + f"self_attn.{n}.bias"] = (cfg.kv_heads * hd,)
+        w[b + "self_attn.o_proj.weight"] = (D, cfg.heads * hd)
+        w[b + "mlp.gate_proj.weight"] = (I, D)
+        w[b + "mlp.up_proj.weight"] = (I, D)
+        w[b + "mlp.down_proj.weight"] = (D, I)
+        w[b + "input_layernorm.weight"] = (D,)
+        w[b + "post_attention_layernorm.weight"] = (D,)
+    w["model.norm.weight"] = (D,)
+    if not cfg.tie_word_embeddings:
+        w["lm_head.weight"] = (cfg.vocab_size, D)
+    return w
+
+
+def canonical_name(name: str) -> str:
+    """Map a transformers 5.x weight name to the released layout (identity for released names)."""
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.lm_head."):
+        return name[len("model."):]
+    return name
+
+
+def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.Tensor]:
+    """All weights of a checkpoint directory, by released-layout name; checks names and shapes."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    index = path / "model.safetensors.index.json"
+    if index.exists():
+        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    else:
+        files = sorted(p.name for p in path.glob("*.safetensors"))
+    if not files:
+        bins = [p.name for p in path.glob("*.bin")] + [p.name for p in path.glob("*.pt")]
+        hint = f" (found {bins}; only safetensors are loaded)" if bins else ""
+        raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        with safe_open(str(path / f), framework="pt") as st:
+            for k in st.keys():
+                tensors[canonical_name(k)] = st.get_tensor(k)
+    want = expected_weights(cfg)
+    if cfg.tie_word_embeddings:
+        tensors.pop("lm_head.weight", None)
+    missing = sorted(set(want) - set(tensors))
+    unexpected = sorted(set(tensors) - set(want))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing weights: {missing[:8]}{' …' if len(missing) > 8 else ''}")
+        if unexpected:
+            parts.append(f"unexpected weights: {unexpected[:8]}{' …' if len(unexpected) > 8 else ''}")
+        raise ValueError(f"checkpoint {path} does not match its config: " + "; ".join(parts))
+    for k, shape in want.items():
+        if tuple(tensors[k].shape) != shape:
+            raise ValueError(f"weight {k} has shape {tuple(tensors[k].shape)}, config expects {shape}")
+    return tensors
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+def _random_weights(cfg: QwenVLConfig, seed: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name, shape in expected_weights(cfg).items():
+        if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
+                or name.endswith("ln_q.weight") or name == "model.norm.weight":
+            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+        elif name.endswith(".bias"):
+            t = 0.05 * torch.randn(shape, generator=g)
+        elif name == "model.embed_tokens.weight":
+            t = torch.randn(shape, generator=g)
+        else:
+            fan_in = 1
+            for s in shape[1:]:
+                fan_in *= s
+            t = torch.randn(shape, generator=g) / fan_in ** 0.5
+        out[name] = t.contiguous()
+    return out
+
+
+def _hf_config_dict(cfg: QwenVLConfig) -> dict:
+    ids = {t: 256 + i for i, t in enumerate(SPECIAL_TOKENS)}
+    text = {
+        "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden, "intermediate_size": cfg.intermediate,
+        "num_hidden_layers": cfg.layers, "num_attention_heads": cfg.heads,
+        "num_key_value_heads": cfg.kv_heads, "hidden_act": "silu", "max_position_embeddings": 32768,
+        "rms_norm_eps": cfg.rms_eps, "rope_theta": cfg.rope_theta,
+        "rope_scaling": {"type": "mrope", "mrope_section": list(cfg.mrope_section)},
+        "use_sliding_window": False, "sliding_window": 32768, "max_window_layers": cfg.layers,
+        "attention_dropout": 0.0, "bos_token_id": ids["<|endoftext|>"],
+        "eos_token_id": ids["<|im_end|>"],
+    }
+    if cfg.is_v25:
+        vision = {"depth": cfg.vision_depth, "hidden_size": cfg.vision_hidden, "hidden_act": cfg.vision_act,
+                  "intermediate_size": cfg.vision_intermediate, "num_heads": cfg.vision_heads,
+                  "in_chans": cfg.in_channels, "out_hidden_size": cfg.vision_out,
+                  "patch_size": cfg.patch_size, "spatial_merge_size": cfg.merge_size,
+                  "spatial_patch_size": cfg.patch_size, "temporal_patch_size": cfg.temporal_patch_size,
+                  "window_size": cfg.window_size, "fullatt_block_indexes": list(cfg.fullatt_blocks),
+                  "tokens_per_second": 2}
+        arch = "Qwen2_5_VLForConditionalGeneration"
+    else:
+        vision = {"depth": cfg.vision_depth, "embed_dim": cfg.vision_hidden, "hidden_size": cfg.vision_out,
+                  "hidden_act": cfg.vision_act, "mlp_ratio": cfg.vision_intermediate // cfg.vision_hidden,
+                  "num_heads": cfg.vision_heads, "in_chans": cfg.in_channels,
+                  "patch_size": cfg.patch_size, "spatial_merge_size": cfg.merge_size,
+                  "temporal_patch_size": cfg.temporal_patch_size}
+        arch = "Qwen2VLForConditionalGeneration"
+    return {"architectures": [arch], "model_type": cfg.family, **text,
+            "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": "float32",
+            "image_token_id": cfg.image_token_id, "video_token_id": cfg.video_token_id,
+            "vision_start_token_id": cfg.vision_start_token_id,
+            "vision_end_token_id": cfg.vision_end_token_id, "vision_config": vision}
+
+
+def _write_tokenizer(path: Path, model_max_length: int = 32768) -> None:
+    """A byte-level BPE tokenizer (256 byte tokens, no merges) with Qwen's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import AddedToken
+
+    byte_chars = pre_tokenizers.ByteLevel.alphabet()
+    # order the 256 byte symbols by the byte they stand for, as GPT-2 style vocabularies do
+    table = {}
+    n = 0
+    for b in range(256):
+        if (33 <= b <= 126) or (161 <= b <= 172) or (174 <= b <= 255):
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + n)
+            n += 1
+    assert set(table.values()) == set(byte_chars)
+    vocab = {table[b]: b for b in range(256)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], fuse_unk=False, byte_fallback=False))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in SPECIAL_TOKENS])
+    tok.save(str(path / "tokenizer.json"))
+    added = {str(256 + i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                            "single_word": False, "special": True} for i, t in enumerate(SPECIAL_TOKENS)}
+    (path / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "Qwen2Tokenizer", "added_tokens_decoder": added,
+        "additional_special_tokens": SPECIAL_TOKENS[1:], "bos_token": None,
+        "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "unk_token": None,
+        "clean_up_tokenization_spaces": False, "errors": "replace", "split_special_tokens": False,
+        "model_max_length": model_max_length, "padding_side": "left", "chat_template": CHAT_TEMPLATE,
+    }, indent=2))
+
+
+def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
+                         config: QwenVLConfig | None = None) -> Path:
+    """Write a deterministic random checkpoint as a real Hugging Face directory.
+
+    `family` is "qwen2_5_vl" or "qwen2_vl"; `config` overrides the preset (e.g. the "small"
+    benchmark config). Same arguments give byte-identical weights. No network is used.
+    """
+    from safetensors.torch import save_file
+
+    if config is None:
+        if family not in ("qwen2_5_vl", "qwen2_vl"):
+            raise ValueError(f"family must be 'qwen2_5_vl' or 'qwen2_vl', got {family!r}")
+        config = PRESETS["tiny" if family == "qwen2_5_vl" else "tiny-qwen2-vl"]
+    cfg = config
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(_random_weights(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(_hf_config_dict(cfg), indent=2))
+    proc_class = "Qwen2_5_VLProcessor" if cfg.is_v25 else "Qwen2VLProcessor"
+    (path / "preprocessor_config.json").write_text(json.dumps({
+        "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": cfg.patch_size,
+        "temporal_patch_size": cfg.temporal_patch_size, "merge_size": cfg.merge_size,
+        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_rescale": True, "do_normalize": True,
+        "rescale_factor": 1 / 255, "do_resize": True, "resample": 3, "do_convert_rgb": True,
+        "image_processor_type": "Qwen2VLImageProcessor", "processor_class": proc_class,
+    }, indent=2))
+    (path / "chat_template.json").write_text(json.dumps({"chat_template": CHAT_TEMPLATE}, indent=2))
+    eos = [256 + SPECIAL_TOKENS.index("<|im_end|>"), 256 + SPECIAL_TOKENS.index("<|endoftext|>")]
+    (path / "generation_config.json").write_text(json.dumps({
+        "bos_token_id": eos[1], "eos_token_id": eos, "pad_token_id": eos[1], "do_sample": False,
+    }, indent=2))
+    _write_tokenizer(path)
+    return path
+
+
+def default_tiny_checkpoint(family: str = "qwen2_5_vl") -> Path:
+    """The bundled tiny model: created on first use under the user cache, then reused."""
+    root = Path(os.environ.get("QVL_ROS_CACHE", Path.home() / ".cache" / "qvl_ros"))
+    path = root / f"tiny-{family}-seed0"
+    if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
+        tmp = root / f".tiny-{family}-{os.getpid()}"
+        save_tiny_checkpoint(tmp, family=family, seed=0)
+        tmp.rename(path) if not path.exists() else None
+    return path

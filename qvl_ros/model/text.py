@@ -1,0 +1,142 @@
+"""Batched Qwen2 decoder with M-RoPE and a fixed-shape KV cache.
+
+Rows are left padded. Rotary embedding uses three position streams (t, h, w) chosen per
+frequency by `mrope_section`; q/k rows are permuted at load time so it is one complex multiply.
+The cache is preallocated as (layers, B, kv_heads, prompt + max_new_tokens, head_dim) and a
+boolean key mask of fixed shape grows by one column per step, so decode steps have fixed shapes.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenVLConfig
+from .vision import apply_rope, interleave_perm
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        D, hd = cfg.hidden, cfg.head_dim
+        self.H, self.Hkv, self.hd, self.eps = cfg.heads, cfg.kv_heads, hd, cfg.rms_eps
+        self.norm1 = nn.Parameter(torch.ones(D))
+        self.norm2 = nn.Parameter(torch.ones(D))
+        self.qkv = nn.Linear(D, (cfg.heads + 2 * cfg.kv_heads) * hd)  # q, k rows interleaved per head
+        self.o = nn.Linear(cfg.heads * hd, D, bias=False)
+        self.gate_up = nn.Linear(D, 2 * cfg.intermediate, bias=False)
+        self.down = nn.Linear(cfg.intermediate, D, bias=False)
+
+    def forward(self, x, rope, mask, cache=None, start: int = 0):
+        """x (B, L, D); rope (B, L, hd/2) complex; mask (B, 1, L, K) bool or None (causal).
+
+        With `cache=(k_buf, v_buf)` the new keys/values are written at [start, start + L) and
+        attention runs over the whole buffer (masked by `mask`)."""
+        B, L, D = x.shape
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        qkv = self.qkv(F.rms_norm(x, (D,), self.norm1, self.eps))  # (B, L, (H + 2Hkv) hd)
+        q = apply_rope(qkv[..., :H * hd].view(B, L, H, hd), rope[:, :, None])  # (B, L, H, hd)
+        k = apply_rope(qkv[..., H * hd:(H + Hkv) * hd].view(B, L, Hkv, hd), rope[:, :, None])
+        v = qkv[..., (H + Hkv) * hd:].view(B, L, Hkv, hd)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
+        if cache is not None:
+            k_buf, v_buf = cache
+            k_buf[:, :, start:start + L] = k
+            v_buf[:, :, start:start + L] = v
+            if L > 1:  # prefill attends to its own keys only
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                                   enable_gqa=H != Hkv)
+            else:
+                o = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask, enable_gqa=H != Hkv)
+        else:
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                               enable_gqa=H != Hkv)
+        o = o.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, H*hd)
+        x = x + self.o(o)
+        h = self.gate_up(F.rms_norm(x, (D,), self.norm2, self.eps))  # (B, L, 2I)
+        I = h.shape[-1] // 2
+        h = F.silu(h[..., :I], inplace=True).mul_(h[..., I:])
+        return x + self.down(h)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.hidden)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.layers))
+        self.norm = nn.Parameter(torch.ones(cfg.hidden))
+        self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
+        if sum(cfg.mrope_section) != cfg.head_dim // 2:
+            raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
+        self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
+        self.register_buffer("stream", torch.empty(cfg.head_dim // 2, dtype=torch.long), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        cfg, hd, dev = self.cfg, self.cfg.head_dim, self.inv_freq.device
+        if dev.type == "meta":
+            return
+        self.inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))).to(dev)
+        # which position stream (t, h, w) drives each rotary pair
+        self.stream = torch.cat([torch.full((n,), i) for i, n in enumerate(cfg.mrope_section)]).to(dev)
+
+    def rope(self, position_ids: torch.Tensor) -> torch.Tensor:
+        """position_ids (3, B, L) -> (B, L, hd/2) complex rotations."""
+        pos = position_ids.float()[..., None] * self.inv_freq  # (3, B, L, hd/2)
+        idx = self.stream.view(1, 1, 1, -1).expand(1, *pos.shape[1:])
+        angles = pos.gather(0, idx)[0]  # (B, L, hd/2)
+        return torch.polar(torch.ones_like(angles), angles)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        return F.linear(h, w)
+
+    def forward(self, x, position_ids, attention_mask, padded: bool, caches=None):
+        """Prefill: x (B, L, D) embeddings -> last hidden states (B, L, D) after the final norm.
+
+        `padded` (known on the host) says whether any row is left padded; without padding the
+        causal flag replaces an explicit mask."""
+        B, L, D = x.shape
+        mask = None
+        if padded:
+            valid = attention_mask.bool()
+            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+            mask = causal & valid[:, None, None, :]  # (B, 1, L, L)
+            mask |= torch.eye(L, dtype=torch.bool, device=x.device)  # pad rows attend to themselves
+        rope = self.rope(position_ids)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, mask, None if caches is None else caches[i], 0)
+        return F.rms_norm(x, (D,), self.norm, self.cfg.rms_eps)
+
+    def step(self, tok, position, key_mask, caches, index: int):
+        """One decode step: tok (B,), position (B,), key_mask (B, 1, 1, K) -> last hidden (B, D)."""
+        x = self.embed(tok)[:, None]  # (B, 1, D)
+        rope = self.rope(position.view(1, -1, 1).expand(3, -1, 1))  # (B, 1, hd/2)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, rope, key_mask, caches[i], index)
+        return F.rms_norm(x[:, 0], (x.shape[-1],), self.norm, self.cfg.rms_eps)
+
+    @torch.no_grad()
+    def load(self, w: dict[str, torch.Tensor]) -> None:
+        cfg = self.cfg
+        hd = cfg.head_dim
+        perm = interleave_perm(hd)
+        self.embed.weight.copy_(w["model.embed_tokens.weight"])
+        self.norm.copy_(w["model.norm.weight"])
+        if self.lm_head is not None:
+            self.lm_head.weight.copy_(w["lm_head.weight"])
+        q_rows = torch.cat([perm + h * hd for h in range(cfg.heads)])
+        k_rows = torch.cat([perm + h * hd for h in range(cfg.kv_heads)])
+        for i, layer in enumerate(self.layers):
+            b = f"model.layers.{i}."
+            a = b + "self_attn."
+            layer.qkv.weight.copy_(torch.cat([w[a + "q_proj.weight"][q_rows], w[a + "k_proj.weight"][k_rows],
+                                              w[a + "v_proj.weight"]]))
+            layer.qkv.bias.copy_(torch.cat([w[a + "q_proj.bias"][q_rows], w[a + "k_proj.bias"][k_rows],
+                                            w[a + "v_proj.bias"]]))
+            layer.o.weight.copy_(w[a + "o_proj.weight"])
+            layer.gate_up.weight.copy_(torch.cat([w[b + "mlp.gate_proj.weight"], w[b + "mlp.up_proj.weight"]]))
+            layer.down.weight.copy_(w[b + "mlp.down_proj.weight"])
+            layer.norm1.copy_(w[b + "input_layernorm.weight"])
+            layer.norm2.copy_(w[b + "post_attention_layernorm.weight"])

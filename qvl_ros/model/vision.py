@@ -1,0 +1,277 @@
+"""Batched vision tower for Qwen2.5-VL (window + full attention) and Qwen2-VL (full attention).
+
+All images of a batch, of any sizes, are concatenated into one packed sequence. Per layer there
+is one attention call per distinct segment length (segments = windows, or whole images in
+full-attention layers): segments of equal length are stacked as a batch, so a batch of frames
+whose grid the window divides makes exactly one call per layer, and edge windows of other sizes
+add at most three more. Index math (window order and its inverse, segment groups, rotary tables)
+depends only on the images' grid shapes and is cached per tuple of grids.
+
+CPU cost is dominated by memory passes, so the layer is written to make few of them: the temporal
+patch repeat is folded into the patch-embedding weights, q/k rows are permuted at load time so
+rotary embedding is one complex multiply, gate and up projections are one matmul with an in-place
+SwiGLU, residuals are added in place, and no permute copies are made around attention.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import QwenVLConfig
+
+
+def interleave_perm(head_dim: int) -> torch.Tensor:
+    """Row order that turns rotate-half pairs (i, i + d/2) into adjacent pairs (2i, 2i + 1)."""
+    half = head_dim // 2
+    return torch.stack([torch.arange(half), torch.arange(half) + half], dim=-1).reshape(-1)
+
+
+def apply_rope(qk: torch.Tensor, rope: torch.Tensor) -> torch.Tensor:
+    """Rotate interleaved pairs: qk (..., hd) real, rope (..., hd/2) complex broadcastable."""
+    shape = qk.shape
+    x = qk.float() if qk.dtype != torch.float32 else qk
+    x = torch.view_as_complex(x.unflatten(-1, (-1, 2)))  # (..., hd/2) complex
+    out = torch.view_as_real(x * rope).flatten(-2)  # (..., hd)
+    return out.to(qk.dtype).view(shape)
+
+
+@dataclass
+class Group:
+    """Segments of one length L: tokens [start, start + n*L) when `index` is None, else `index`."""
+    n: int
+    length: int
+    start: int
+    index: torch.Tensor | None
+
+
+@dataclass
+class Layout:
+    unit_perm: torch.Tensor      # (U,) window order of merge units (global); gather on inputs
+    unit_inv: torch.Tensor       # (U,) its inverse; gather on merger outputs
+    rope: torch.Tensor           # (S, hd/2) complex64, in window order
+    window_groups: list          # [Group] for window-attention layers
+    full_groups: list            # [Group] for full-attention layers
+    units: list                  # merged tokens per image
+
+
+def _group(segments: list[tuple[int, int]], device) -> list[Group]:
+    by_len: dict[int, list[int]] = {}
+    for start, length in segments:
+        by_len.setdefault(length, []).append(start)
+    groups = []
+    for length, starts in by_len.items():
+        contiguous = all(b - a == length for a, b in zip(starts, starts[1:]))
+        index = None
+        if not contiguous:
+            index = (torch.tensor(starts)[:, None] + torch.arange(length)[None, :]).reshape(-1).to(device)
+        groups.append(Group(len(starts), length, starts[0], index))
+    return groups
+
+
+class Norm(nn.Module):
+    """RMSNorm (Qwen2.5-VL) or LayerNorm with bias (Qwen2-VL), eps 1e-6."""
+
+    def __init__(self, dim: int, rms: bool, eps: float = 1e-6):
+        super().__init__()
+        self.rms, self.eps = rms, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if rms else nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        if self.rms:
+            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
+        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        D, I = cfg.vision_hidden, cfg.vision_intermediate
+        self.heads, self.hd = cfg.vision_heads, cfg.vision_head_dim
+        self.swiglu = cfg.is_v25
+        self.norm1 = Norm(D, cfg.is_v25)
+        self.norm2 = Norm(D, cfg.is_v25)
+        self.qkv = nn.Linear(D, 3 * D)  # q and k rows interleaved per head (see interleave_perm)
+        self.proj = nn.Linear(D, D)
+        self.up = nn.Linear(D, 2 * I if self.swiglu else I)  # [gate; up] for SwiGLU, fc1 otherwise
+        self.down = nn.Linear(I, D)
+
+    def attention(self, x: torch.Tensor, rope: torch.Tensor, groups: list) -> torch.Tensor:
+        S, D = x.shape
+        H, hd = self.heads, self.hd
+        qkv = self.qkv(x).view(S, 3, H, hd)  # (S, 3, H, hd)
+        qk = apply_rope(qkv[:, :2], rope[:, None, None, :])  # (S, 2, H, hd)
+        q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # (S, H, hd) each
+        if len(groups) == 1 and groups[0].index is None and groups[0].n * groups[0].length == S:
+            g = groups[0]
+            o = F.scaled_dot_product_attention(*(t.view(g.n, g.length, H, hd).transpose(1, 2) for t in (q, k, v)))
+            return o.transpose(1, 2).reshape(S, D)  # (n, H, L, hd) -> (S, D)
+        out = x.new_empty(S, H, hd)
+        for g in groups:
+            if g.index is None:
+                sl = slice(g.start, g.start + g.n * g.length)
+                qg, kg, vg = (t[sl].view(g.n, g.length, H, hd).transpose(1, 2) for t in (q, k, v))
+            else:
+                qg, kg, vg = (t.index_select(0, g.index).view(g.n, g.length, H, hd).transpose(1, 2)
+                              for t in (q, k, v))
+            o = F.scaled_dot_product_attention(qg, kg, vg).transpose(1, 2).reshape(-1, H, hd)  # (n*L, H, hd)
+            if g.index is None:
+                out[sl] = o
+            else:
+                out.index_copy_(0, g.index, o)
+        return out.view(S, D)
+
+    def forward(self, x: torch.Tensor, rope: torch.Tensor, groups: list) -> torch.Tensor:
+        o = self.attention(self.norm1(x), rope, groups)
+        x = torch.addmm(x, o, self.proj.weight.t()).add_(self.proj.bias)
+        h = self.up(self.norm2(x))
+        if self.swiglu:
+            I = h.shape[-1] // 2
+            gate, up = h[:, :I], h[:, I:]
+            h = F.silu(gate, inplace=True).mul_(up)  # (S, I) strided view, no copy
+        else:
+            h = h.mul_(torch.sigmoid(1.702 * h))  # quick_gelu
+        return torch.addmm(x, h, self.down.weight.t()).add_(self.down.bias)
+
+
+class VisionTower(nn.Module):
+    def __init__(self, cfg: QwenVLConfig):
+        super().__init__()
+        self.cfg = cfg
+        D, m = cfg.vision_hidden, cfg.merge_size
+        self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)
+        self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
+        self.merger_norm = Norm(D, cfg.is_v25)
+        self.merger_fc1 = nn.Linear(D * m * m, D * m * m)
+        self.merger_fc2 = nn.Linear(D * m * m, cfg.vision_out)
+        self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        self._layouts: dict[tuple, Layout] = {}
+        if self.inv_freq.device.type == "meta":
+            return
+        hd = self.cfg.vision_head_dim
+        inv = 1.0 / (self.cfg.vision_rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float) / (hd // 2)))
+        self.inv_freq = inv.to(self.inv_freq.device)  # (hd/4,) float32
+
+    # -------------------------------------------------------------- index math (per grid shape)
+    def _image_layout(self, gh: int, gw: int):
+        """Window order of one image's merge units, its window lengths (units), and (h, w) per patch."""
+        cfg, m = self.cfg, self.cfg.merge_size
+        H, W = gh // m, gw // m
+        units = torch.arange(H * W).view(H, W)
+        if cfg.is_v25:
+            ws = cfg.window_units
+            nh, nw = -(-H // ws), -(-W // ws)
+            order, lengths = [], []
+            for i in range(nh):
+                for j in range(nw):
+                    blk = units[i * ws:(i + 1) * ws, j * ws:(j + 1) * ws].reshape(-1)
+                    order.append(blk)
+                    lengths.append(blk.numel())
+            order = torch.cat(order)
+        else:
+            order, lengths = units.reshape(-1), [H * W]
+        # patch coordinates in raster-of-merge-units order: unit (uh, uw), inner (ih, iw)
+        uh = torch.arange(H).view(H, 1, 1, 1).expand(H, W, m, m)
+        uw = torch.arange(W).view(1, W, 1, 1).expand(H, W, m, m)
+        ih = torch.arange(m).view(1, 1, m, 1).expand(H, W, m, m)
+        iw = torch.arange(m).view(1, 1, 1, m).expand(H, W, m, m)
+        hpos = (uh * m + ih).reshape(H * W, m * m)  # (units, m*m)
+        wpos = (uw * m + iw).reshape(H * W, m * m)
+        return order, lengths, hpos, wpos
+
+    def layout(self, grids: list) -> Layout:
+        key = tuple(grids)
+        lay = self._layouts.get(key)
+        if lay is not None:
+            return lay
+        mm = self.cfg.merge_size ** 2
+        perms, wsegs, fsegs, hs, ws_, units = [], [], [], [], [], []
+        u0 = 0
+        for t, gh, gw in grids:
+            if t != 1:
+                raise ValueError("video grids (t > 1) are not supported by the image path")
+            order, lengths, hpos, wpos = self._image_layout(gh, gw)
+            perms.append(order + u0)
+            hs.append(hpos[order].reshape(-1))
+            ws_.append(wpos[order].reshape(-1))
+            start = u0 * mm
+            for n in lengths:
+                wsegs.append((start, n * mm))
+                start += n * mm
+            fsegs.append((u0 * mm, order.numel() * mm))
+            units.append(order.numel())
+            u0 += order.numel()
+        dev = self.inv_freq.device
+        perm = torch.cat(perms)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(perm.numel())
+        h, w = torch.cat(hs).to(dev), torch.cat(ws_).to(dev)
+        angles = torch.cat([h[:, None].float() * self.inv_freq, w[:, None].float() * self.inv_freq], dim=-1)
+        rope = torch.polar(torch.ones_like(angles), angles)  # (S, hd/2) complex
+        wgroups = _group(wsegs, dev) if self.cfg.is_v25 else _group(fsegs, dev)
+        lay = Layout(perm.to(dev), inv.to(dev), rope, wgroups, _group(fsegs, dev), units)
+        if len(self._layouts) > 64:
+            self._layouts.clear()
+        self._layouts[key] = lay
+        return lay
+
+    # -------------------------------------------------------------- forward
+    def forward(self, pixels: torch.Tensor, grids: list) -> torch.Tensor:
+        """pixels (P, C*p*p) in raster patch order -> merged tokens (P/4, out) in raster order."""
+        lay = self.layout(grids)
+        mm = self.cfg.merge_size ** 2
+        P, K = pixels.shape
+        x = pixels.to(self.patch_embed.weight.dtype).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
+        x = self.patch_embed(x)  # (S, D), window order
+        full = set(self.cfg.fullatt_blocks)
+        for i, blk in enumerate(self.blocks):
+            x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
+        x = self.merger_norm(x).view(P // mm, -1)  # (U, mm*D)
+        x = self.merger_fc2(F.gelu(self.merger_fc1(x)))  # (U, out)
+        return x[lay.unit_inv]
+
+    # -------------------------------------------------------------- weights
+    @torch.no_grad()
+    def load(self, w: dict[str, torch.Tensor]) -> None:
+        """Copy released-layout weights (`visual.*`) into this module, fusing and permuting rows."""
+        cfg = self.cfg
+        pe = w["visual.patch_embed.proj.weight"]  # (D, C, T, p, p)
+        self.patch_embed.weight.copy_(pe.float().sum(2).reshape(pe.shape[0], -1))
+        hd, D = cfg.vision_head_dim, cfg.vision_hidden
+        perm = interleave_perm(hd)
+        qk_rows = torch.cat([(perm + h * hd) for h in range(2 * cfg.vision_heads)])  # q then k heads
+        rows = torch.cat([qk_rows, torch.arange(2 * D, 3 * D)])
+        for i, blk in enumerate(self.blocks):
+            b = f"visual.blocks.{i}."
+            blk.norm1.weight.copy_(w[b + "norm1.weight"])
+            blk.norm2.weight.copy_(w[b + "norm2.weight"])
+            if not cfg.is_v25:
+                blk.norm1.bias.copy_(w[b + "norm1.bias"])
+                blk.norm2.bias.copy_(w[b + "norm2.bias"])
+            blk.qkv.weight.copy_(w[b + "attn.qkv.weight"][rows])
+            blk.qkv.bias.copy_(w[b + "attn.qkv.bias"][rows])
+            blk.proj.weight.copy_(w[b + "attn.proj.weight"])
+            blk.proj.bias.copy_(w[b + "attn.proj.bias"])
+            if cfg.is_v25:
+                blk.up.weight.copy_(torch.cat([w[b + "mlp.gate_proj.weight"], w[b + "mlp.up_proj.weight"]]))
+                blk.up.bias.copy_(torch.cat([w[b + "mlp.gate_proj.bias"], w[b + "mlp.up_proj.bias"]]))
+                blk.down.weight.copy_(w[b + "mlp.down_proj.weight"])
+                blk.down.bias.copy_(w[b + "mlp.down_proj.bias"])
+            else:
+                blk.up.weight.copy_(w[b + "mlp.fc1.weight"])
+                blk.up.bias.copy_(w[b + "mlp.fc1.bias"])
+                blk.down.weight.copy_(w[b + "mlp.fc2.weight"])
+                blk.down.bias.copy_(w[b + "mlp.fc2.bias"])
+        self.merger_norm.weight.copy_(w["visual.merger.ln_q.weight"])
+        if not cfg.is_v25:
+            self.merger_norm.bias.copy_(w["visual.merger.ln_q.bias"])
+        self.merger_fc1.weight.copy_(w["visual.merger.mlp.0.weight"])
+        self.merger_fc1.bias.copy_(w["visual.merger.mlp.0.bias"])
+        self.merger_fc2.weight.copy_(w["visual.merger.mlp.2.weight"])
+        self.merger_fc2.bias.copy_(w["visual.merger.mlp.2.bias"])
