@@ -1,0 +1,434 @@
+"""Approximate-time synchronization of N camera streams into sets of one frame per camera.
+
+Pure Python, no ROS import. The node feeds every frame with :meth:`Synchronizer.add` and gets
+back the sets that are complete; it decides which time to use (header stamp, or arrival time)
+and passes it as integer nanoseconds. Nothing but bookkeeping happens inside: model work is the
+caller's business, done on the returned sets.
+
+What a set is
+    A :class:`SyncSet` holds exactly one frame per input, and all its stamps lie within ``slop``:
+    ``max(stamps) - min(stamps) <= slop`` (exactly ``slop`` is accepted). Every frame is used at
+    most once. Sets are emitted in stamp order, per input: the frame an input contributes to a
+    set is newer than the one it contributed to the previous set. So both the newest and the
+    oldest stamp of successive sets increase strictly.
+
+Which sets (the matching rule)
+    Among all sets the queued frames allow, take the one whose newest stamp ``M`` is smallest;
+    for it, every input contributes its *earliest* queued frame in ``[M - slop, M]``. That set
+    is componentwise the earliest set there is (every other set has, on every input, a frame
+    at least as new), so taking it never costs a later set: repeating the rule yields the
+    maximum number of disjoint in-slop sets the streams contain (exchange argument, as for
+    interval scheduling). Frames an input skips are provably in no possible set and are
+    dropped as ``unmatched``.
+
+    Trade-off: when ``slop`` exceeds an input's frame period, several of its frames fall into
+    one window and the earliest one is taken (that is what keeps the count maximal). For the
+    tightest sets choose ``slop`` below the period of the fastest camera (typically a third to
+    a half of it); then each window holds at most one frame per camera.
+
+When a set is emitted (versus waiting for a better one)
+    As soon as it exists. Frames of one input are assumed to arrive in stamp order (DDS keeps
+    a writer's order; ``reorder_tolerance`` relaxes this), so a frame input ``k`` delivers
+    later is newer than every frame it has queued, in particular newer than the frame ``f_k``
+    it contributes to the earliest set ``S`` (newest stamp ``M``). No future frame can give a
+    set that ends before ``M``: in such a set, a future frame of input ``k`` has a stamp in
+    ``(f_k, M']`` with ``M' < M``, and ``f_k >= M - slop > M' - slop``, so replacing it by
+    ``f_k`` keeps the set within slop, and doing so for every future frame yields a set of
+    queued frames ending before ``M``, which contradicts the choice of ``S``. Nor can a future
+    frame be an earlier pick for ``S`` itself. Waiting therefore never yields a better set:
+    ``add`` returns every set the queues hold, and after it returns the queues hold none.
+    (ROS' ApproximateTime waits for later frames because it minimizes the span of each set;
+    here any in-slop set is acceptable and the objective is the number of sets.)
+
+    With ``reorder_tolerance = d > 0`` a frame may still arrive with a stamp down to
+    ``last_k - d + 1``, where ``last_k`` is the newest stamp received on input ``k``. The
+    general rule then applies: input ``k`` *could still cover* a window ending at ``M'`` if
+    ``M' >= last_k - d + 1``. Let ``W`` be the smallest window end at which every input has a
+    queued frame in ``[W - slop, W]`` or could still cover it. The candidate ``S`` is emitted
+    when ``W == M`` (no earlier set can still form) and no input can still deliver a frame in
+    ``[M - slop, f_k)`` (no earlier pick). With ``d = 0`` both always hold, as shown above.
+
+Frames that can never match
+    ``W`` bounds every set still possible from below, now and in the future, so a frame
+    stamped below ``W - slop`` is dropped at once as ``unmatched``: e.g. when a camera skipped
+    a tick, its next frame shows it, and the other cameras' frames of that tick go.
+
+Optimality
+    Under in-order arrival per input (or disorder within ``reorder_tolerance``) and queues
+    that do not overflow, the emitted sets are exactly those of the rule applied offline to
+    the whole streams, whatever the interleaving of the inputs, hence maximal in number.
+    :meth:`flush` applies the rule as if no input will deliver another frame (it only has
+    something to emit when ``reorder_tolerance > 0``).
+
+Cost
+    Each evaluation merges the N sorted queues and sweeps them once: O(N * Q * log N) time
+    for N inputs with Q queued frames each, no product over queues. An arrival triggers one
+    evaluation, plus one per set it releases.
+
+Bounded queues, drops and time resets
+    Each input keeps at most ``queue_size`` frames, sorted by stamp; on overflow the oldest one
+    is dropped (``queue_full``). A frame not newer than the frame its input contributed to the
+    last emitted set is dropped (``too_old``). When an input's stamp goes back by more than
+    ``reset_threshold`` (bag loop, simulation restart) all queues are emptied (``time_reset``),
+    the reset is counted and the synchronizer continues on the new timeline. Frames still in
+    flight from the old timeline on other inputs (within ``reset_threshold`` of that input's
+    last old stamp and more than ``reset_threshold`` ahead of the new timeline) are dropped as
+    ``time_reset`` too, instead of triggering a second reset.
+
+    Counters: :meth:`stats` returns a snapshot with the drops by reason (``queue_full``,
+    ``too_old``, ``unmatched``, ``time_reset``), per-input ``received`` / ``used`` / drops /
+    ``pending`` counts, the number of emitted ``sets`` and of ``resets``. Per input,
+    ``received == used + sum(dropped) + pending`` holds at all times.
+
+Threads
+    All public methods take an internal lock, so callbacks on several executor threads may call
+    :meth:`add` concurrently. The lock only covers the bookkeeping: sets are returned to the
+    caller, no callback is invoked under it.
+"""
+from __future__ import annotations
+
+import bisect
+import operator
+import threading
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional, Tuple
+
+__all__ = ["SyncSet", "Synchronizer", "DROP_REASONS"]
+
+DROP_REASONS: Tuple[str, ...] = ("queue_full", "too_old", "unmatched", "time_reset")
+
+_NEG_INF = float("-inf")
+
+
+@dataclass(frozen=True, eq=False)
+class SyncSet:
+    """One synchronized set: per input (in input order) its stamp in ns and its item.
+
+    Compared by identity (items are typically tensors); compare ``stamps`` for equality.
+    """
+
+    stamps: Tuple[int, ...]
+    items: Tuple[Any, ...]
+
+    @property
+    def stamp(self) -> int:
+        """Newest stamp of the set (ns): the stamp to publish the set's results with."""
+        return max(self.stamps)
+
+    @property
+    def span(self) -> int:
+        """``max(stamps) - min(stamps)`` in ns; never more than the synchronizer's slop."""
+        return max(self.stamps) - min(self.stamps)
+
+    def __len__(self) -> int:
+        return len(self.stamps)
+
+
+def _ns(value: Any, name: str) -> int:
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be an integer number of nanoseconds (got {type(value).__name__}); "
+            f"convert seconds with int(round(seconds * 1e9))") from None
+
+
+class Synchronizer:
+    """Match frames of ``num_inputs`` streams into :class:`SyncSet` s (see the module doc).
+
+    Args:
+        num_inputs: number of streams (cameras), at least 1.
+        slop: largest allowed ``max - min`` of the stamps in a set, integer ns (inclusive).
+        queue_size: frames kept per input; on overflow the oldest is dropped.
+        reset_threshold: a stamp going back by more than this (ns) on any input resets the
+            synchronizer; ``None`` disables the check.
+        reorder_tolerance: how far (ns) an input's frames may arrive out of stamp order and
+            still be matched optimally. 0 (the default) assumes in-order arrival per input;
+            a positive value delays emission by up to that much.
+    """
+
+    def __init__(self, num_inputs: int, slop: int, queue_size: int = 10, *,
+                 reset_threshold: Optional[int] = 1_000_000_000,
+                 reorder_tolerance: int = 0) -> None:
+        num_inputs = operator.index(num_inputs)
+        if num_inputs < 1:
+            raise ValueError("num_inputs must be at least 1")
+        slop = _ns(slop, "slop")
+        if slop < 0:
+            raise ValueError("slop must be >= 0")
+        queue_size = operator.index(queue_size)
+        if queue_size < 1:
+            raise ValueError("queue_size must be at least 1")
+        if reset_threshold is not None:
+            reset_threshold = _ns(reset_threshold, "reset_threshold")
+            if reset_threshold < 0:
+                raise ValueError("reset_threshold must be >= 0 (or None to disable)")
+        reorder_tolerance = _ns(reorder_tolerance, "reorder_tolerance")
+        if reorder_tolerance < 0:
+            raise ValueError("reorder_tolerance must be >= 0")
+        if reset_threshold is not None and reorder_tolerance > reset_threshold:
+            raise ValueError("reorder_tolerance must not exceed reset_threshold")
+        self._n = num_inputs
+        self._slop = slop
+        self._queue_size = queue_size
+        self._reset_threshold = reset_threshold
+        self._tolerance = reorder_tolerance
+        self._lock = threading.Lock()
+        self._clear_counters()
+        self._clear_timeline()
+
+    # ----------------------------------------------------------------------------- properties
+    @property
+    def num_inputs(self) -> int:
+        return self._n
+
+    @property
+    def slop(self) -> int:
+        return self._slop
+
+    @property
+    def queue_size(self) -> int:
+        return self._queue_size
+
+    @property
+    def pending(self) -> Tuple[Tuple[int, ...], ...]:
+        """Stamps queued per input (sorted), not yet part of a set."""
+        with self._lock:
+            return tuple(tuple(q) for q in self._stamps)
+
+    @property
+    def drops(self) -> Dict[str, int]:
+        """Snapshot of the drop counters by reason (all inputs)."""
+        with self._lock:
+            return self._drop_totals()
+
+    def last_stamp_ns(self, index: int) -> Optional[int]:
+        """Newest stamp received on ``index`` since construction or the last reset, or None."""
+        k = self._check_index(index)
+        with self._lock:
+            return self._last[k]
+
+    # ----------------------------------------------------------------------------- public API
+    def add(self, index: int, stamp_ns: int, item: Any) -> List[SyncSet]:
+        """Queue a frame of input ``index``; return the sets it completes (oldest first)."""
+        k = self._check_index(index)
+        t = _ns(stamp_ns, "stamp_ns")
+        with self._lock:
+            self._received[k] += 1
+            thr = self._reset_threshold
+            last = self._last[k]
+            if last is None:
+                if self._is_straggler(k, t):
+                    self._drop(k, "time_reset")
+                    return []
+            elif thr is not None and t < last - thr:
+                self._time_reset()
+            used = self._last_used[k]
+            if used is not None and t <= used:
+                self._drop(k, "too_old")
+                return []
+            if self._last[k] is None or t > self._last[k]:
+                self._last[k] = t
+            if self._epoch_max is not None and t > self._epoch_max:
+                self._epoch_max = t
+            stamps, items = self._stamps[k], self._items[k]
+            pos = bisect.bisect_right(stamps, t)
+            stamps.insert(pos, t)
+            items.insert(pos, item)
+            if len(stamps) > self._queue_size:
+                del stamps[0]
+                del items[0]
+                self._drop(k, "queue_full")
+            return self._drain(final=False)
+
+    def flush(self) -> List[SyncSet]:
+        """Emit every set the queued frames allow, as if no input will deliver another frame.
+
+        Frames that fit no set stay queued (a later frame may still complete them).
+        """
+        with self._lock:
+            return self._drain(final=True)
+
+    def reset(self, *, clear_stats: bool = False) -> None:
+        """Forget the timeline (e.g. after the node saw the clock jump) and empty the queues.
+
+        Queued frames are counted as ``time_reset`` drops and ``resets`` is incremented, unless
+        ``clear_stats`` is set, which zeroes all counters instead.
+        """
+        with self._lock:
+            if clear_stats:
+                self._clear_counters()
+                self._clear_timeline()
+            else:
+                self._time_reset()
+                self._old_last = None
+                self._epoch_max = None
+
+    def stats(self) -> Dict[str, Any]:
+        """Snapshot of the counters (a fresh dict; safe to keep or mutate)."""
+        with self._lock:
+            return {
+                "num_inputs": self._n,
+                "sets": self._sets,
+                "resets": self._resets,
+                "drops": self._drop_totals(),
+                "received": list(self._received),
+                "used": list(self._used),
+                "dropped": [dict(d) for d in self._dropped],
+                "pending": [len(q) for q in self._stamps],
+                "last_stamp_ns": list(self._last),
+            }
+
+    # ----------------------------------------------------------------------------- internals
+    def _check_index(self, index: int) -> int:
+        k = operator.index(index)
+        if not 0 <= k < self._n:
+            raise IndexError(f"input index {k} out of range for {self._n} inputs")
+        return k
+
+    def _clear_counters(self) -> None:
+        n = self._n
+        self._received = [0] * n
+        self._used = [0] * n
+        self._dropped = [{r: 0 for r in DROP_REASONS} for _ in range(n)]
+        self._sets = 0
+        self._resets = 0
+
+    def _clear_timeline(self) -> None:
+        n = self._n
+        self._stamps: List[List[int]] = [[] for _ in range(n)]
+        self._items: List[List[Any]] = [[] for _ in range(n)]
+        self._last: List[Optional[int]] = [None] * n       # newest stamp received per input
+        self._last_used: List[Optional[int]] = [None] * n  # stamp used in the last set
+        self._old_last: Optional[List[Optional[int]]] = None  # per input, before the last reset
+        self._epoch_max: Optional[float] = None             # newest stamp since that reset
+
+    def _drop(self, k: int, reason: str, count: int = 1) -> None:
+        self._dropped[k][reason] += count
+
+    def _drop_totals(self) -> Dict[str, int]:
+        return {r: sum(d[r] for d in self._dropped) for r in DROP_REASONS}
+
+    def _time_reset(self) -> None:
+        """Empty the queues and start a new timeline (the caller adds the new frame)."""
+        for k in range(self._n):
+            if self._stamps[k]:
+                self._drop(k, "time_reset", len(self._stamps[k]))
+        old_last = list(self._last)
+        self._clear_timeline()
+        self._old_last = old_last
+        self._epoch_max = _NEG_INF  # raised to the first stamp of the new timeline by add()
+        self._resets += 1
+
+    def _is_straggler(self, k: int, t: int) -> bool:
+        """A frame of the timeline before the last reset, still in flight on input ``k``."""
+        if self._old_last is None or self._reset_threshold is None:
+            return False
+        old = self._old_last[k]
+        thr = self._reset_threshold
+        return (old is not None and old - thr <= t <= old + thr
+                and self._epoch_max is not None and t > self._epoch_max + thr)
+
+    def _scan(self, final: bool) -> Tuple[Optional[int], bool]:
+        """Sweep window ends ``M'`` upwards over the merged queues.
+
+        Input k is *covered* at ``M'`` if it has a queued frame in ``[M' - slop, M']`` or
+        (unless ``final``) it may still deliver one there, i.e. ``M' >= wild_k`` with
+        ``wild_k = last_k + 1 - reorder_tolerance``. Returns the first ``M'`` at which every
+        input is covered (None if there is none) and whether queued frames alone cover it.
+        Coverage only rises at a frame stamp or at a ``wild_k``, so those are the points to test.
+        """
+        n, slop = self._n, self._slop
+        frames = sorted([(t, k) for k in range(n) for t in self._stamps[k]])
+        if not frames:
+            return None, False
+        wild = [False] * n
+        events = [(t, 1, k) for t, k in frames]
+        covered = 0
+        if not final:
+            for k in range(n):
+                last = self._last[k]
+                if last is None:
+                    wild[k] = True
+                    covered += 1
+                else:
+                    events.append((last + 1 - self._tolerance, 0, k))
+            events.sort()
+        cnt = [0] * n
+        known = 0
+        lo, nf = 0, len(frames)
+        i, e = 0, len(events)
+        while i < e:
+            x = events[i][0]
+            while i < e and events[i][0] == x:
+                _, kind, k = events[i]
+                i += 1
+                if kind == 0:
+                    if not wild[k]:
+                        wild[k] = True
+                        if cnt[k] == 0:
+                            covered += 1
+                else:
+                    if cnt[k] == 0:
+                        known += 1
+                        if not wild[k]:
+                            covered += 1
+                    cnt[k] += 1
+            floor = x - slop
+            while lo < nf and frames[lo][0] < floor:
+                k = frames[lo][1]
+                lo += 1
+                cnt[k] -= 1
+                if cnt[k] == 0:
+                    known -= 1
+                    if not wild[k]:
+                        covered -= 1
+            if covered == n:
+                return x, known == n
+        return None, False
+
+    def _prune_below(self, floor: int) -> None:
+        """Drop queued frames with a stamp below ``floor``: they fit no possible set."""
+        for k in range(self._n):
+            stamps = self._stamps[k]
+            j = bisect.bisect_left(stamps, floor)
+            if j:
+                del stamps[:j]
+                del self._items[k][:j]
+                self._drop(k, "unmatched", j)
+
+    def _drain(self, final: bool) -> List[SyncSet]:
+        out: List[SyncSet] = []
+        while True:
+            first, complete = self._scan(final)
+            if first is None:  # only when final: no set in the queues
+                return out
+            # No set, now or later, can have its newest stamp below `first`.
+            floor = first - self._slop
+            self._prune_below(floor)
+            if not complete:
+                return out
+            # Every input's earliest frame in [first - slop, first] is now its queue head.
+            if not final and self._tolerance:
+                # A frame up to `tolerance` behind an input's newest one may still come; it
+                # must not be able to land before the head inside the window.
+                for k in range(self._n):
+                    wild_k = self._last[k] + 1 - self._tolerance
+                    if max(wild_k, floor) < self._stamps[k][0]:
+                        return out
+            stamps = []
+            items = []
+            for k in range(self._n):
+                queue = self._stamps[k]
+                t = queue.pop(0)
+                stamps.append(t)
+                items.append(self._items[k].pop(0))
+                self._last_used[k] = t
+                self._used[k] += 1
+                dup = bisect.bisect_right(queue, t)  # same stamp again: not newer than used
+                if dup:
+                    del queue[:dup]
+                    del self._items[k][:dup]
+                    self._drop(k, "too_old", dup)
+            self._sets += 1
+            out.append(SyncSet(tuple(stamps), tuple(items)))
