@@ -18,7 +18,7 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   echo "[setup] installing pinned packages (first run takes a few minutes)"
-  "$VENV/bin/python" -m pip install -q --upgrade "pip<27" setuptools wheel
+  "$VENV/bin/python" -m pip install -q --upgrade "pip<27" "setuptools<80" wheel
   "$VENV/bin/python" -m pip install -q -r "$req"
   "$VENV/bin/python" -m pip install -q --no-deps -e "$ROOT"
   echo "$want" > "$stamp"

@@ -198,7 +198,7 @@ class BatchedQwenVL(nn.Module):
         B, L = inputs.input_ids.shape
         K = L + max_new_tokens
         shape = (B, self.cfg.kv_heads, K, self.cfg.head_dim)
-        caches = [(torch.empty(shape, device=dev, dtype=dt), torch.empty(shape, device=dev, dtype=dt))
+        caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
                   for _ in range(self.cfg.layers)]
         vis = self.vision_features(inputs)
         padded = len(set(inputs.lengths)) > 1

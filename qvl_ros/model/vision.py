@@ -71,19 +71,37 @@ def _group(segments: list[tuple[int, int]], device) -> list[Group]:
     return groups
 
 
-class Norm(nn.Module):
-    """RMSNorm (Qwen2.5-VL) or LayerNorm with bias (Qwen2-VL), eps 1e-6."""
+def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x) without the gain (it is folded into the next linear): two passes over x."""
+    ss = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)  # (..., 1)
+    r = torch.rsqrt(ss.square_().div_(x.shape[-1]).add_(eps))
+    return x * r.to(x.dtype)
 
-    def __init__(self, dim: int, rms: bool, eps: float = 1e-6):
+
+class Norm(nn.Module):
+    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6, with the gain (and LayerNorm bias)
+    folded into the linear layer that follows it (see `fold_norm`)."""
+
+    def __init__(self, rms: bool, eps: float = 1e-6):
         super().__init__()
         self.rms, self.eps = rms, eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = None if rms else nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
         if self.rms:
-            return F.rms_norm(x, x.shape[-1:], self.weight, self.eps)
-        return F.layer_norm(x, x.shape[-1:], self.weight, self.bias, self.eps)
+            return rms_scale(x, self.eps)
+        return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+
+
+@torch.no_grad()
+def fold_norm(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None = None, groups: int = 1) -> None:
+    """linear(g * x + s) == linear'(x): scale input columns by g, move W @ s into the bias.
+
+    `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
+    g = gain.float().repeat(groups)
+    if shift is not None:
+        extra = linear.weight.float() @ shift.float().repeat(groups)
+        linear.bias.add_(extra.to(linear.bias.dtype))
+    linear.weight.mul_(g.to(linear.weight.dtype))
 
 
 class VisionBlock(nn.Module):
@@ -92,8 +110,8 @@ class VisionBlock(nn.Module):
         D, I = cfg.vision_hidden, cfg.vision_intermediate
         self.heads, self.hd = cfg.vision_heads, cfg.vision_head_dim
         self.swiglu = cfg.is_v25
-        self.norm1 = Norm(D, cfg.is_v25)
-        self.norm2 = Norm(D, cfg.is_v25)
+        self.norm1 = Norm(cfg.is_v25)  # gains folded into qkv / up
+        self.norm2 = Norm(cfg.is_v25)
         self.qkv = nn.Linear(D, 3 * D)  # q and k rows interleaved per head (see interleave_perm)
         self.proj = nn.Linear(D, D)
         self.up = nn.Linear(D, 2 * I if self.swiglu else I)  # [gate; up] for SwiGLU, fc1 otherwise
@@ -126,7 +144,7 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, groups: list) -> torch.Tensor:
         o = self.attention(self.norm1(x), rope, groups)
-        x = torch.addmm(x, o, self.proj.weight.t()).add_(self.proj.bias)
+        x = x.addmm_(o, self.proj.weight.t()).add_(self.proj.bias)  # residual in place
         h = self.up(self.norm2(x))
         if self.swiglu:
             I = h.shape[-1] // 2
@@ -134,7 +152,7 @@ class VisionBlock(nn.Module):
             h = F.silu(gate, inplace=True).mul_(up)  # (S, I) strided view, no copy
         else:
             h = h.mul_(torch.sigmoid(1.702 * h))  # quick_gelu
-        return torch.addmm(x, h, self.down.weight.t()).add_(self.down.bias)
+        return x.addmm_(h, self.down.weight.t()).add_(self.down.bias)
 
 
 class VisionTower(nn.Module):
@@ -144,7 +162,7 @@ class VisionTower(nn.Module):
         D, m = cfg.vision_hidden, cfg.merge_size
         self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
-        self.merger_norm = Norm(D, cfg.is_v25)
+        self.merger_norm = Norm(cfg.is_v25)  # gain folded into merger_fc1
         self.merger_fc1 = nn.Linear(D * m * m, D * m * m)
         self.merger_fc2 = nn.Linear(D * m * m, cfg.vision_out)
         self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
@@ -228,7 +246,7 @@ class VisionTower(nn.Module):
         mm = self.cfg.merge_size ** 2
         P, K = pixels.shape
         x = pixels.to(self.patch_embed.weight.dtype).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
-        x = self.patch_embed(x)  # (S, D), window order
+        x = self.patch_embed(x)  # (S, D), window order; blocks update it in place
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
             x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
@@ -249,11 +267,6 @@ class VisionTower(nn.Module):
         rows = torch.cat([qk_rows, torch.arange(2 * D, 3 * D)])
         for i, blk in enumerate(self.blocks):
             b = f"visual.blocks.{i}."
-            blk.norm1.weight.copy_(w[b + "norm1.weight"])
-            blk.norm2.weight.copy_(w[b + "norm2.weight"])
-            if not cfg.is_v25:
-                blk.norm1.bias.copy_(w[b + "norm1.bias"])
-                blk.norm2.bias.copy_(w[b + "norm2.bias"])
             blk.qkv.weight.copy_(w[b + "attn.qkv.weight"][rows])
             blk.qkv.bias.copy_(w[b + "attn.qkv.bias"][rows])
             blk.proj.weight.copy_(w[b + "attn.proj.weight"])
@@ -268,10 +281,12 @@ class VisionTower(nn.Module):
                 blk.up.bias.copy_(w[b + "mlp.fc1.bias"])
                 blk.down.weight.copy_(w[b + "mlp.fc2.weight"])
                 blk.down.bias.copy_(w[b + "mlp.fc2.bias"])
-        self.merger_norm.weight.copy_(w["visual.merger.ln_q.weight"])
-        if not cfg.is_v25:
-            self.merger_norm.bias.copy_(w["visual.merger.ln_q.bias"])
+            fold_norm(blk.qkv, w[b + "norm1.weight"],
+                      w.get(b + "norm1.bias"))
+            fold_norm(blk.up, w[b + "norm2.weight"], w.get(b + "norm2.bias"))
         self.merger_fc1.weight.copy_(w["visual.merger.mlp.0.weight"])
         self.merger_fc1.bias.copy_(w["visual.merger.mlp.0.bias"])
+        mm = cfg.merge_size ** 2
+        fold_norm(self.merger_fc1, w["visual.merger.ln_q.weight"], w.get("visual.merger.ln_q.bias"), groups=mm)
         self.merger_fc2.weight.copy_(w["visual.merger.mlp.2.weight"])
         self.merger_fc2.bias.copy_(w["visual.merger.mlp.2.bias"])
