@@ -170,19 +170,7 @@ class BatchedQwenVL(nn.Module):
     @torch.inference_mode()
     def encode(self, images, prompts, size=None) -> Features:
         """Vision tokens per camera and decoder last hidden states for B samples x N cameras."""
-        batch, inputs = self.prepare(images, prompts, size)
-        vis = self.vision_features(inputs)
-        padded = len(set(inputs.lengths)) > 1
-        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, padded)
-        if padded:
-            hidden = hidden * inputs.attention_mask.unsqueeze(-1).to(hidden.dtype)
-        counts = [g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
-        per_image = vis.split(counts)
-        out, k = [], 0
-        for n in inputs.images_per_sample:
-            out.append(list(per_image[k:k + n]))
-            k += n
-        return Features(out, hidden, inputs.attention_mask, inputs.input_ids)
+        return self._run(images, prompts, size, 0)[0]
 
     @torch.inference_mode()
     def generate_ids(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
@@ -191,42 +179,72 @@ class BatchedQwenVL(nn.Module):
         """(B, max_new_tokens) generated token ids; after a row's end token the row holds pad ids."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
-            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
-        _, inputs = self.prepare(images, prompts, size)
-        dev, dt = self.device, self.dtype
-        B, L = inputs.input_ids.shape
-        K = L + max_new_tokens
-        shape = (B, self.cfg.kv_heads, K, self.cfg.head_dim)
-        caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
-                  for _ in range(self.cfg.layers)]
-        vis = self.vision_features(inputs)
-        padded = len(set(inputs.lengths)) > 1
-        h = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, padded, caches)
-        logits = self.decoder.logits(h[:, -1])  # (B, V)
-        key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
-        key_mask[:, 0, 0, :L] = inputs.attention_mask.bool()
-        eos = torch.tensor(self.eos_ids or [-1], device=dev)
-        out = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
-        done = torch.zeros(B, dtype=torch.bool, device=dev)
-        for t in range(max_new_tokens):
-            tok = self._select(logits, do_sample, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
-            out[:, t] = tok
-            done |= torch.isin(tok, eos)
-            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):  # one sync per 8 tokens
-                break
-            key_mask[:, 0, 0, L + t] = True
-            h = self.decoder.step(tok, inputs.next_position + t, key_mask, caches, L + t)
-            logits = self.decoder.logits(h)
-        return out
+        return self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator)[1]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, size=None,
                  generator: torch.Generator | None = None) -> list[str]:
         """Batched generation with a KV cache; each row stops at its own end token."""
         ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator)
+        return self.decode(ids)
+
+    @torch.inference_mode()
+    def encode_generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
+                        temperature: float = 1.0, top_p: float = 1.0, size=None,
+                        generator: torch.Generator | None = None) -> tuple[Features, list[str]]:
+        """Features and captions from one vision pass and one prefill."""
+        if max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be at least 1")
+        feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator)
+        return feats, self.decode(ids)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+
+    def _run(self, images, prompts, size, max_new_tokens: int, do_sample: bool = False,
+             temperature: float = 1.0, top_p: float = 1.0, generator=None):
+        if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
+            raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
+        _, inputs = self.prepare(images, prompts, size)
+        dev, dt = self.device, self.dtype
+        B, L = inputs.input_ids.shape
+        K = L + max_new_tokens
+        caches = None
+        if max_new_tokens:
+            shape = (B, self.cfg.kv_heads, K, self.cfg.head_dim)
+            # zero-filled: masked keys still enter the score matmul, and garbage could be NaN
+            caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
+                      for _ in range(self.cfg.layers)]
+        vis = self.vision_features(inputs)
+        padded = len(set(inputs.lengths)) > 1
+        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, padded, caches)
+        counts = [g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
+        per_image = vis.split(counts)
+        out, k = [], 0
+        for n in inputs.images_per_sample:
+            out.append(list(per_image[k:k + n]))
+            k += n
+        masked = hidden * inputs.attention_mask.unsqueeze(-1).to(hidden.dtype) if padded else hidden
+        feats = Features(out, masked, inputs.attention_mask, inputs.input_ids)
+        if not max_new_tokens:
+            return feats, None
+        logits = self.decoder.logits(hidden[:, -1])  # (B, V)
+        key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
+        key_mask[:, 0, 0, :L] = inputs.attention_mask.bool()
+        eos = torch.tensor(self.eos_ids or [-1], device=dev)
+        ids = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
+        done = torch.zeros(B, dtype=torch.bool, device=dev)
+        for t in range(max_new_tokens):
+            tok = self._select(logits, do_sample, temperature, top_p, generator)
+            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            ids[:, t] = tok
+            done |= torch.isin(tok, eos)
+            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):  # one sync per 8 tokens
+                break
+            key_mask[:, 0, 0, L + t] = True
+            h = self.decoder.step(tok, inputs.next_position + t, key_mask, caches, L + t)
+            logits = self.decoder.logits(h)
+        return feats, ids
 
     @staticmethod
     def _select(logits, do_sample, temperature, top_p, generator):

@@ -1,0 +1,75 @@
+"""Build VisionFeatures / Caption messages from model output (shared by the node and extraction).
+
+One message per synchronized set `b` of a batch: `vision/<camera>` tensors of shape (tokens, D)
+and, when requested, `hidden` of shape (L_b, D) for the sample's real (unpadded) tokens. The
+header stamp is the newest camera stamp; every camera's own stamp is copied.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+from .tensor_msg import from_tensor
+
+FEATURE_KINDS = ("vision", "hidden")
+
+
+def time_msg(stamp_ns: int):
+    from builtin_interfaces.msg import Time
+
+    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+
+
+def stamp_ns(t) -> int:
+    """builtin_interfaces/Time -> integer nanoseconds."""
+    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+
+
+def check_kinds(kinds: Sequence[str]) -> list[str]:
+    bad = [k for k in kinds if k not in FEATURE_KINDS]
+    if bad or not kinds:
+        raise ValueError(f"features must be a non-empty subset of {FEATURE_KINDS}, got {list(kinds)}")
+    return list(kinds)
+
+
+def sample_tensors(features, b: int, camera_names: Sequence[str], kinds: Sequence[str]) -> list:
+    """[(name, tensor on the host)] for sample b: vision/<camera> (tokens, D), hidden (L_b, D).
+
+    One device-to-host copy per tensor; `hidden` drops the left padding."""
+    out = []
+    if "vision" in kinds:
+        for name, t in zip(camera_names, features.vision[b]):
+            out.append((f"vision/{name}", t.detach().to("cpu")))
+    if "hidden" in kinds:
+        n_real = int(features.attention_mask[b].sum())
+        out.append(("hidden", features.hidden[b, features.hidden.shape[1] - n_real:].detach().to("cpu")))
+    return out
+
+
+def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
+                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = ""):
+    from qvl_ros.msg import VisionFeatures
+
+    msg = VisionFeatures()
+    msg.header.stamp = time_msg(max(camera_stamps_ns))
+    msg.header.frame_id = frame_id
+    msg.camera_names = list(camera_names)
+    msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
+    msg.model = model
+    msg.prompt = prompt
+    msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
+    return msg
+
+
+def caption_msg(text: str, camera_names: Sequence[str], camera_stamps_ns: Sequence[int], model: str,
+                prompt: str, frame_id: str = ""):
+    from qvl_ros.msg import Caption
+
+    msg = Caption()
+    msg.header.stamp = time_msg(max(camera_stamps_ns))
+    msg.header.frame_id = frame_id
+    msg.camera_names = list(camera_names)
+    msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
+    msg.model = model
+    msg.prompt = prompt
+    msg.text = text
+    return msg
