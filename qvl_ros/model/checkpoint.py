@@ -286,8 +286,15 @@ def default_tiny_checkpoint(family: str = "qwen2_5_vl") -> Path:
     """The bundled tiny model: created on first use under the user cache, then reused."""
     root = Path(os.environ.get("QVL_ROS_CACHE", Path.home() / ".cache" / "qvl_ros"))
     path = root / f"tiny-{family}-seed0"
-    if not (path / "model.safetensors").exists() or not (path / "tokenizer.json").exists():
+    if not (path / "tokenizer.json").exists():  # written last: its presence marks a complete directory
+        import shutil
+
         tmp = root / f".tiny-{family}-{os.getpid()}"
         save_tiny_checkpoint(tmp, family=family, seed=0)
-        tmp.rename(path) if not path.exists() else None
+        if path.exists():
+            shutil.rmtree(path, ignore_errors=True)
+        try:
+            tmp.rename(path)
+        except OSError:  # another process finished first
+            shutil.rmtree(tmp, ignore_errors=True)
     return path
