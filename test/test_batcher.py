@@ -1,0 +1,237 @@
+"""qvl_ros.batcher: batch forming, fill wait, drop-oldest bound, errors, shutdown, load."""
+import threading
+import time
+
+import pytest
+
+from qvl_ros.batcher import Batcher
+
+
+class Recorder:
+    """A run function that records its batches and can be held back by an event."""
+
+    def __init__(self, hold=None, delay=0.0):
+        self.batches = []
+        self.hold = hold
+        self.delay = delay
+        self.lock = threading.Lock()
+
+    def __call__(self, items):
+        if self.hold is not None:
+            self.hold.wait(5)
+        if self.delay:
+            time.sleep(self.delay)
+        with self.lock:
+            self.batches.append(list(items))
+
+    @property
+    def items(self):
+        with self.lock:
+            return [x for b in self.batches for x in b]
+
+
+def test_batches_in_order_and_at_most_max_size():
+    rec = Recorder()
+    b = Batcher(rec, max_size=3, max_wait_ms=50, queue_depth=100)
+    for i in range(10):  # queued before the worker starts: batches of exactly 3, 3, 3, 1
+        b.put(i)
+    b.start()
+    assert b.wait_idle(5)
+    b.stop()
+    assert rec.items == list(range(10))
+    assert [len(x) for x in rec.batches] == [3, 3, 3, 1]
+    s = b.stats()
+    assert s["processed"] == 10 and s["batches"] == 4 and s["put"] == 10
+    assert s["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
+
+
+def test_waits_at_most_max_wait_for_a_batch_to_fill():
+    rec = Recorder()
+    b = Batcher(rec, max_size=4, max_wait_ms=150, queue_depth=8).start()
+    t0 = time.monotonic()
+    b.put("a")
+    time.sleep(0.05)
+    b.put("b")
+    assert b.wait_idle(5)
+    elapsed = time.monotonic() - t0
+    b.stop()
+    # One batch of both, run once the oldest item had waited max_wait (not earlier, not much later).
+    assert rec.batches == [["a", "b"]]
+    assert 0.14 <= elapsed < 0.6
+
+
+def test_full_batch_runs_without_waiting():
+    rec = Recorder()
+    b = Batcher(rec, max_size=2, max_wait_ms=5000, queue_depth=8).start()
+    t0 = time.monotonic()
+    b.put(1)
+    b.put(2)
+    assert b.wait_idle(5)
+    b.stop()
+    assert time.monotonic() - t0 < 1.0
+    assert rec.batches == [[1, 2]]
+
+
+def test_zero_wait_takes_what_is_there():
+    rec = Recorder()
+    b = Batcher(rec, max_size=8, max_wait_ms=0, queue_depth=8).start()
+    b.put(1)
+    assert b.wait_idle(2)
+    b.stop()
+    assert rec.batches == [[1]]
+
+
+def test_item_that_waited_while_busy_is_not_held_again():
+    hold = threading.Event()
+    rec = Recorder(hold=hold)
+    b = Batcher(rec, max_size=4, max_wait_ms=300, queue_depth=8).start()
+    b.put("first")
+    time.sleep(0.35)  # "first" runs after its 300 ms wait and blocks on `hold`
+    b.put("second")
+    time.sleep(0.4)   # "second" is now older than max_wait
+    t0 = time.monotonic()
+    hold.set()
+    assert b.wait_idle(5)
+    b.stop()
+    assert time.monotonic() - t0 < 0.2
+    assert rec.batches == [["first"], ["second"]]
+
+
+def test_drops_oldest_when_full_and_counts_it():
+    hold = threading.Event()
+    rec = Recorder(hold=hold)
+    dropped_hook = []
+    b = Batcher(rec, max_size=2, max_wait_ms=0, queue_depth=3, on_drop=dropped_hook.append).start()
+    b.put(0)
+    deadline = time.monotonic() + 2
+    while b.stats()["running"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.005)  # item 0 is in flight, blocked on `hold`
+    returned = [b.put(i) for i in range(1, 8)]
+    assert returned == [None, None, None, 1, 2, 3, 4]
+    assert dropped_hook == [1, 2, 3, 4]
+    assert b.depth() == 3
+    s = b.stats()
+    assert s["drops"]["queue_full"] == 4 and s["max_depth_seen"] == 3
+    hold.set()
+    assert b.wait_idle(5)
+    b.stop()
+    assert rec.items == [0, 5, 6, 7]  # the newest sets survive
+
+
+def test_error_in_run_is_reported_and_worker_continues():
+    errors = []
+
+    def run(items):
+        if "bad" in items:
+            raise RuntimeError("model exploded")
+        ok.extend(items)
+
+    ok = []
+    b = Batcher(run, max_size=1, max_wait_ms=0, queue_depth=8,
+                on_error=lambda items, exc: errors.append((items, str(exc)))).start()
+    for x in ["a", "bad", "b"]:
+        b.put(x)
+    assert b.wait_idle(5)
+    b.stop()
+    assert ok == ["a", "b"]
+    assert errors == [(["bad"], "model exploded")]
+    s = b.stats()
+    assert s["drops"]["error"] == 1 and s["processed"] == 2 and s["batches"] == 3
+
+
+def test_failing_error_hook_does_not_kill_the_worker():
+    def run(items):
+        raise ValueError("always")
+
+    def hook(items, exc):
+        raise RuntimeError("hook fails too")
+
+    b = Batcher(run, max_size=1, max_wait_ms=0, queue_depth=4, on_error=hook).start()
+    b.put(1)
+    b.put(2)
+    assert b.wait_idle(5)
+    assert b.alive
+    b.stop()
+    assert b.stats()["drops"]["error"] == 2
+
+
+def test_stop_without_drain_discards_and_counts():
+    hold = threading.Event()
+    rec = Recorder(hold=hold)
+    b = Batcher(rec, max_size=1, max_wait_ms=0, queue_depth=10).start()
+    for i in range(5):
+        b.put(i)
+    time.sleep(0.05)
+    threading.Timer(0.1, hold.set).start()
+    assert b.stop(drain=False, timeout=5)
+    assert not b.alive
+    s = b.stats()
+    assert rec.items == [0]  # the batch in flight finishes
+    assert s["drops"]["shutdown"] == 4
+    assert b.put(99) == 99  # refused after stop
+    assert b.stats()["drops"]["shutdown"] == 5
+
+
+def test_stop_with_drain_runs_everything():
+    rec = Recorder(delay=0.01)
+    b = Batcher(rec, max_size=2, max_wait_ms=100, queue_depth=10).start()
+    for i in range(7):
+        b.put(i)
+    assert b.stop(drain=True, timeout=5)
+    assert rec.items == list(range(7))
+
+
+def test_configure_while_running():
+    rec = Recorder()
+    b = Batcher(rec, max_size=1, max_wait_ms=0, queue_depth=10)
+    b.configure(max_size=5, max_wait_ms=1000)
+    assert b.max_size == 5 and b.max_wait_ms == pytest.approx(1000)
+    for i in range(5):
+        b.put(i)
+    b.start()
+    assert b.wait_idle(5)
+    b.stop()
+    assert rec.batches == [[0, 1, 2, 3, 4]]
+
+
+@pytest.mark.parametrize("kwargs", [dict(max_size=0), dict(queue_depth=0), dict(max_wait_ms=-1)])
+def test_rejects_bad_settings(kwargs):
+    with pytest.raises(ValueError):
+        Batcher(lambda items: None, **kwargs)
+
+
+def test_start_twice_is_an_error():
+    b = Batcher(lambda items: None).start()
+    with pytest.raises(RuntimeError):
+        b.start()
+    b.stop()
+
+
+def test_producer_faster_than_consumer_stays_bounded():
+    """Items arrive every 2 ms, a batch takes 20 ms: the queue stays at its limit, items are
+    dropped oldest-first, and no processed item waited longer than the bound."""
+    depth, max_size, run_s = 4, 2, 0.02
+    waits = []
+
+    def run(items):
+        now = time.monotonic()
+        waits.extend(now - t for t in items)
+        time.sleep(run_s)
+
+    b = Batcher(run, max_size=max_size, max_wait_ms=5, queue_depth=depth).start()
+    max_depth = 0
+    t_end = time.monotonic() + 1.0
+    n = 0
+    while time.monotonic() < t_end:
+        b.put(time.monotonic())
+        n += 1
+        max_depth = max(max_depth, b.depth())
+        time.sleep(0.002)
+    assert b.stop(drain=True, timeout=5)
+    s = b.stats()
+    assert max_depth <= depth and s["max_depth_seen"] == depth
+    assert s["drops"]["queue_full"] > 0
+    assert s["put"] == n == s["processed"] + s["drops"]["queue_full"]
+    # Queued at most ceil(depth / max_size) + 1 batch times (generous factor for a busy CPU).
+    bound = (depth // max_size + 1) * run_s
+    assert max(waits) < 3 * bound + 0.05, (max(waits), bound)
