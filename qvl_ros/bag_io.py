@@ -1,0 +1,353 @@
+"""rosbag2 input and output for offline tools, on the pure-Python `rosbags` library (no rclpy).
+
+Input: :class:`CameraBags` opens one or more rosbag2 recordings (directories with
+``metadata.yaml``, sqlite3 or mcap storage, or a bare ``.mcap`` / ``.db3`` file), checks that
+every requested topic exists and carries ``sensor_msgs/msg/Image`` or
+``sensor_msgs/msg/CompressedImage``, and yields the camera messages of all recordings merged in
+recording-time order. Messages are deserialized with rosbags' ROS 2 Kilted typestore; the
+``uint8[] data`` field of an image comes back as a numpy view of the stored record (no copy).
+
+Output: :class:`FeatureBagWriter` writes ``qvl_ros/msg/VisionFeatures`` and
+``qvl_ros/msg/Caption`` to an mcap rosbag2. The message definitions are read from this
+package's ``msg/*.msg`` files (the source tree or ``share/qvl_ros/msg`` of a ROS prefix),
+registered in a rosbags typestore, serialized as CDR and stored in the bag together with their
+RIHS01 hashes, so that rosbags, rosbag2 and mcap viewers can decode the bag without this package.
+"""
+from __future__ import annotations
+
+import heapq
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+__all__ = [
+    "IMAGE_TYPES",
+    "BagInputError",
+    "CameraBags",
+    "CameraTopic",
+    "FeatureBagWriter",
+    "camera_names_for",
+    "find_msg_dir",
+    "qvl_typestore",
+    "FEATURES_TOPIC",
+    "CAPTION_TOPIC",
+]
+
+IMAGE_TYPE = "sensor_msgs/msg/Image"
+COMPRESSED_TYPE = "sensor_msgs/msg/CompressedImage"
+IMAGE_TYPES = (IMAGE_TYPE, COMPRESSED_TYPE)
+VISION_FEATURES_TYPE = "qvl_ros/msg/VisionFeatures"
+CAPTION_TYPE = "qvl_ros/msg/Caption"
+FEATURE_TENSOR_TYPE = "qvl_ros/msg/FeatureTensor"
+FEATURES_TOPIC = "/qvl/features"
+CAPTION_TOPIC = "/qvl/caption"
+MSG_FILES = ("FeatureTensor", "VisionFeatures", "Caption")
+
+
+class BagInputError(Exception):
+    """An input recording that cannot be used; ``str(err)`` says which one and why."""
+
+
+# ----------------------------------------------------------------------------------------- types
+def find_msg_dir() -> Path:
+    """Directory holding this package's .msg files.
+
+    Looked up next to the package (a source checkout or an editable install), then in
+    ``share/qvl_ros/msg`` of every prefix on ``AMENT_PREFIX_PATH`` (a colcon install).
+    """
+    candidates = [Path(__file__).resolve().parent.parent / "msg"]
+    for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
+        if prefix:
+            candidates.append(Path(prefix) / "share" / "qvl_ros" / "msg")
+    for path in candidates:
+        if all((path / f"{name}.msg").is_file() for name in MSG_FILES):
+            return path
+    tried = ", ".join(str(p) for p in candidates)
+    raise FileNotFoundError(f"qvl_ros message definitions (msg/*.msg) not found; looked in: {tried}")
+
+
+_TYPESTORE = None
+
+
+def qvl_typestore():
+    """rosbags typestore with ROS 2 Kilted's standard messages plus qvl_ros' own (cached)."""
+    global _TYPESTORE
+    if _TYPESTORE is None:
+        from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+        store = get_typestore(Stores.ROS2_KILTED)
+        msg_dir = find_msg_dir()
+        types: dict = {}
+        for name in MSG_FILES:
+            text = (msg_dir / f"{name}.msg").read_text()
+            types.update(get_types_from_msg(text, f"qvl_ros/msg/{name}"))
+        store.register(types)
+        _TYPESTORE = store
+    return _TYPESTORE
+
+
+def _image_typestore():
+    from rosbags.typesys import Stores, get_typestore
+
+    return get_typestore(Stores.ROS2_KILTED)
+
+
+# ----------------------------------------------------------------------------------------- input
+_IMAGE_SUFFIXES = {"image_raw", "image", "image_color", "image_rect", "image_rect_color",
+                   "image_mono", "image_rect_raw", "compressed", "color", "rgb"}
+
+
+def camera_names_for(topics: Sequence[str]) -> list[str]:
+    """Short, unique camera names from topic names.
+
+    "/front/image_raw" -> "front", "/cam1/color/image_raw/compressed" -> "cam1"; when the short
+    names collide, the remaining path is joined with "_"; failing that, the whole topic.
+    """
+    stems = []
+    for topic in topics:
+        parts = [p for p in topic.split("/") if p]
+        while len(parts) > 1 and parts[-1] in _IMAGE_SUFFIXES:
+            parts.pop()
+        stems.append(parts or [topic.strip("/") or "camera"])
+    for make in (lambda p: p[-1], lambda p: "_".join(p)):
+        names = [make(p) for p in stems]
+        if len(set(names)) == len(names):
+            return names
+    return [t.strip("/").replace("/", "_") or f"camera{i}" for i, t in enumerate(topics)]
+
+
+@dataclass
+class CameraTopic:
+    """One requested camera topic: its type and where it is recorded."""
+
+    topic: str
+    msgtype: str  # IMAGE_TYPE or COMPRESSED_TYPE
+    count: int = 0  # messages recorded on it, over all inputs
+    connections: list = field(default_factory=list)
+
+    @property
+    def compressed(self) -> bool:
+        return self.msgtype == COMPRESSED_TYPE
+
+    @property
+    def short_type(self) -> str:
+        return self.msgtype.rsplit("/", 1)[-1]
+
+
+def _open_reader(path: Path):
+    from rosbags.rosbag2 import Reader, ReaderError
+
+    if not path.exists():
+        raise BagInputError(f"input not found: {path}")
+    try:
+        reader = Reader(path)
+        reader.open()
+    except FileNotFoundError as exc:  # a directory without metadata.yaml
+        raise BagInputError(f"cannot read {path}: not a rosbag2 recording ({exc})") from None
+    except (ReaderError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise BagInputError(f"cannot read {path}: {exc}") from None
+    except Exception as exc:  # storage plugins raise their own errors on corrupt files
+        raise BagInputError(f"cannot read {path}: {type(exc).__name__}: {exc}") from None
+    return reader
+
+
+class CameraBags:
+    """The requested camera topics of one or more rosbag2 recordings, read in time order.
+
+    Use as a context manager (or call :meth:`close`). Raises :class:`BagInputError` for a
+    missing or unreadable input, a topic recorded in none of the inputs, or a topic whose type
+    is not an image type (or differs between inputs).
+    """
+
+    def __init__(self, paths: Sequence[str | os.PathLike], topics: Sequence[str]) -> None:
+        if not paths:
+            raise BagInputError("no input recording given")
+        if not topics:
+            raise BagInputError("no camera topic given")
+        if len(set(topics)) != len(topics):
+            raise BagInputError(f"a topic is given twice: {list(topics)}")
+        self.paths = [Path(p) for p in paths]
+        for path in self.paths:
+            if not path.exists():
+                raise BagInputError(f"input not found: {path}")
+        self.readers: list = []
+        try:
+            for path in self.paths:
+                self.readers.append(_open_reader(path))
+            self.cameras = self._find_topics(list(topics))
+        except BaseException:
+            self.close()
+            raise
+        self._store = _image_typestore()
+        self._deserializers = [self._store.get_msgdef(c.msgtype) for c in self.cameras]
+
+    def _find_topics(self, topics: list[str]) -> list[CameraTopic]:
+        found: dict[str, CameraTopic] = {}
+        available: dict[str, str] = {}
+        for path, reader in zip(self.paths, self.readers):
+            for conn in reader.connections:
+                available.setdefault(conn.topic, conn.msgtype)
+                if conn.topic not in topics:
+                    continue
+                cam = found.get(conn.topic)
+                if conn.msgtype not in IMAGE_TYPES:
+                    raise BagInputError(
+                        f"topic {conn.topic} in {path} has type {conn.msgtype}; expected "
+                        f"{IMAGE_TYPE} or {COMPRESSED_TYPE}")
+                if cam is None:
+                    cam = found[conn.topic] = CameraTopic(conn.topic, conn.msgtype)
+                elif cam.msgtype != conn.msgtype:
+                    raise BagInputError(
+                        f"topic {conn.topic} has type {cam.msgtype} in one input and "
+                        f"{conn.msgtype} in {path}")
+                cam.connections.append(conn)
+                cam.count += int(conn.msgcount)
+        missing = [t for t in topics if t not in found]
+        if missing:
+            listing = ", ".join(f"{t} ({ty.rsplit('/', 1)[-1]})" for t, ty in sorted(available.items()))
+            where = ", ".join(str(p) for p in self.paths)
+            raise BagInputError(
+                f"topic{'s' if len(missing) > 1 else ''} {', '.join(missing)} not found in {where}; "
+                f"recorded topics: {listing or 'none'}")
+        return [found[t] for t in topics]
+
+    # ------------------------------------------------------------------------------ queries
+    @property
+    def start_ns(self) -> int:
+        """Earliest recording time over all inputs (ns)."""
+        return min(r.start_time for r in self.readers)
+
+    @property
+    def end_ns(self) -> int:
+        """Latest recording time over all inputs (ns, exclusive)."""
+        return max(r.end_time for r in self.readers)
+
+    def estimated_frames(self, start_ns: int | None = None, stop_ns: int | None = None) -> int:
+        """Number of camera messages to read, scaled by the share of the time range requested."""
+        total = sum(c.count for c in self.cameras)
+        t0, t1 = self.start_ns, self.end_ns
+        if t1 <= t0 or (start_ns is None and stop_ns is None):
+            return total
+        lo = max(t0, start_ns if start_ns is not None else t0)
+        hi = min(t1, stop_ns if stop_ns is not None else t1)
+        return int(round(total * max(0, hi - lo) / (t1 - t0)))
+
+    # ------------------------------------------------------------------------------ reading
+    def records(self, start_ns: int | None = None, stop_ns: int | None = None
+                ) -> Iterator[tuple[int, int, bytes]]:
+        """(camera index, recording time ns, serialized message) in recording-time order.
+
+        ``start_ns`` is inclusive, ``stop_ns`` exclusive (recording time).
+        """
+        topic_index = {cam.topic: k for k, cam in enumerate(self.cameras)}
+        streams = []
+        for reader in self.readers:
+            conns = [c for c in reader.connections if c.topic in topic_index]
+            if conns:
+                streams.append(self._stream(reader, conns, topic_index, start_ns, stop_ns))
+        if len(streams) == 1:
+            yield from streams[0]
+        else:
+            yield from heapq.merge(*streams, key=lambda rec: rec[1])
+
+    @staticmethod
+    def _stream(reader, conns, topic_index, start_ns, stop_ns):
+        for conn, t, raw in reader.messages(connections=conns, start=start_ns, stop=stop_ns):
+            yield topic_index[conn.topic], t, raw
+
+    def deserialize(self, k: int, raw: bytes | memoryview) -> Any:
+        """Message object of camera ``k`` (fields as in sensor_msgs; ``data`` is a numpy view)."""
+        msgdef = self._deserializers[k]
+        from rosbags.serde import SerdeError
+
+        try:
+            return self._store.deserialize_cdr(raw, msgdef.name)
+        except (SerdeError, ValueError, IndexError, TypeError) as exc:
+            raise ValueError(f"cannot deserialize {msgdef.name}: {exc}") from None
+
+    def close(self) -> None:
+        readers, self.readers = self.readers, []
+        for reader in readers:
+            try:
+                reader.close()
+            except Exception:
+                pass
+
+    def __enter__(self) -> "CameraBags":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# ---------------------------------------------------------------------------------------- output
+def _time(store, stamp_ns: int):
+    Time = store.types["builtin_interfaces/msg/Time"]
+    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+
+
+def _header(store, stamp_ns: int, frame_id: str):
+    Header = store.types["std_msgs/msg/Header"]
+    return Header(stamp=_time(store, stamp_ns), frame_id=frame_id)
+
+
+class FeatureBagWriter:
+    """mcap rosbag2 with /qvl/features (VisionFeatures) and optionally /qvl/caption (Caption).
+
+    Each message is written with recording time = its header stamp (the set's stamp). The
+    bag is valid once :meth:`close` has run; call it in a ``finally``.
+    """
+
+    def __init__(self, path: str | os.PathLike, captions: bool = False,
+                 custom_data: dict[str, str] | None = None) -> None:
+        from rosbags.rosbag2 import StoragePlugin, Writer
+
+        self.path = Path(path)
+        self.store = qvl_typestore()
+        self._writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP)
+        for key, value in (custom_data or {}).items():
+            self._writer.set_custom_data(key, value)
+        self._writer.open()
+        self._features = self._writer.add_connection(FEATURES_TOPIC, VISION_FEATURES_TYPE, typestore=self.store)
+        self._caption = (self._writer.add_connection(CAPTION_TOPIC, CAPTION_TYPE, typestore=self.store)
+                         if captions else None)
+        self._types = self.store.types
+        self.counts = {FEATURES_TOPIC: 0, CAPTION_TOPIC: 0}
+
+    def feature_tensor(self, name: str, dtype: str, shape: Sequence[int], data: np.ndarray):
+        """rosbags FeatureTensor from the storage bytes (``data`` a uint8 array)."""
+        return self._types[FEATURE_TENSOR_TYPE](
+            name=name, dtype=dtype, shape=np.asarray(shape, dtype=np.uint32), data=data)
+
+    def write_features(self, stamps_ns: Sequence[int], camera_names: Sequence[str], model: str,
+                       prompt: str, tensors: Sequence, frame_id: str = "") -> None:
+        stamp = max(stamps_ns)
+        msg = self._types[VISION_FEATURES_TYPE](
+            header=_header(self.store, stamp, frame_id),
+            camera_names=list(camera_names),
+            camera_stamps=[_time(self.store, s) for s in stamps_ns],
+            model=model, prompt=prompt, tensors=list(tensors))
+        self._writer.write(self._features, stamp, self.store.serialize_cdr(msg, VISION_FEATURES_TYPE))
+        self.counts[FEATURES_TOPIC] += 1
+
+    def write_caption(self, stamps_ns: Sequence[int], camera_names: Sequence[str], model: str,
+                      prompt: str, text: str, frame_id: str = "") -> None:
+        if self._caption is None:
+            raise RuntimeError("this writer was opened without a caption topic")
+        stamp = max(stamps_ns)
+        msg = self._types[CAPTION_TYPE](
+            header=_header(self.store, stamp, frame_id),
+            camera_names=list(camera_names),
+            camera_stamps=[_time(self.store, s) for s in stamps_ns],
+            model=model, prompt=prompt, text=text)
+        self._writer.write(self._caption, stamp, self.store.serialize_cdr(msg, CAPTION_TYPE))
+        self.counts[CAPTION_TOPIC] += 1
+
+    def close(self) -> None:
+        """Write the mcap summary and metadata.yaml; idempotent."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.close()
