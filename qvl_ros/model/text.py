@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QwenVLConfig
+from .kernels import linear, linear_add
 from .vision import apply_rope, interleave_perm
 
 
@@ -34,7 +35,7 @@ class DecoderLayer(nn.Module):
         attention runs over the whole buffer (masked by `mask`)."""
         B, L, D = x.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        qkv = self.qkv(F.rms_norm(x, (D,), self.norm1, self.eps))  # (B, L, (H + 2Hkv) hd)
+        qkv = linear(F.rms_norm(x, (D,), self.norm1, self.eps), self.qkv.weight, self.qkv.bias)  # (B, L, (H + 2Hkv) hd)
         q = apply_rope(qkv[..., :H * hd].view(B, L, H, hd), rope[:, :, None])  # (B, L, H, hd)
         k = apply_rope(qkv[..., H * hd:(H + Hkv) * hd].view(B, L, Hkv, hd), rope[:, :, None])
         v = qkv[..., (H + Hkv) * hd:].view(B, L, Hkv, hd)
@@ -52,11 +53,11 @@ class DecoderLayer(nn.Module):
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                                enable_gqa=H != Hkv)
         o = o.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, H*hd)
-        x = x + self.o(o)
-        h = self.gate_up(F.rms_norm(x, (D,), self.norm2, self.eps))  # (B, L, 2I)
+        x = linear_add(o, self.o.weight, None, x)
+        h = linear(F.rms_norm(x, (D,), self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
         I = h.shape[-1] // 2
         h = F.silu(h[..., :I], inplace=True).mul_(h[..., I:])
-        return x + self.down(h)
+        return linear_add(h, self.down.weight, None, x)
 
 
 class Decoder(nn.Module):
@@ -90,7 +91,7 @@ class Decoder(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w)
+        return linear(h, w)
 
     def forward(self, x, position_ids, attention_mask, padded: bool, caches=None):
         """Prefill: x (B, L, D) embeddings -> last hidden states (B, L, D) after the final norm.

@@ -10,7 +10,7 @@ depends only on the images' grid shapes and is cached per tuple of grids.
 CPU cost is dominated by memory passes, so the layer is written to make few of them: the temporal
 patch repeat is folded into the patch-embedding weights, q/k rows are permuted at load time so
 rotary embedding is one complex multiply, gate and up projections are one matmul with an in-place
-SwiGLU, residuals are added in place, and no permute copies are made around attention.
+SwiGLU, residual adds and biases ride in the matmul output pass (see kernels.py), and no permute copies are made around attention.
 """
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import QwenVLConfig
+from .kernels import linear, linear_add
 
 
 def interleave_perm(head_dim: int) -> torch.Tensor:
@@ -93,15 +94,15 @@ class Norm(nn.Module):
 
 
 @torch.no_grad()
-def fold_norm(linear: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None = None, groups: int = 1) -> None:
-    """linear(g * x + s) == linear'(x): scale input columns by g, move W @ s into the bias.
+def fold_norm(layer: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None = None, groups: int = 1) -> None:
+    """layer(g * x + s) == layer'(x): scale input columns by g, move W @ s into the bias.
 
     `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
     g = gain.float().repeat(groups)
     if shift is not None:
-        extra = linear.weight.float() @ shift.float().repeat(groups)
-        linear.bias.add_(extra.to(linear.bias.dtype))
-    linear.weight.mul_(g.to(linear.weight.dtype))
+        extra = layer.weight.float() @ shift.float().repeat(groups)
+        layer.bias.add_(extra.to(layer.bias.dtype))
+    layer.weight.mul_(g.to(layer.weight.dtype))
 
 
 class VisionBlock(nn.Module):
@@ -120,7 +121,7 @@ class VisionBlock(nn.Module):
     def attention(self, x: torch.Tensor, rope: torch.Tensor, groups: list) -> torch.Tensor:
         S, D = x.shape
         H, hd = self.heads, self.hd
-        qkv = self.qkv(x).view(S, 3, H, hd)  # (S, 3, H, hd)
+        qkv = linear(x, self.qkv.weight, self.qkv.bias).view(S, 3, H, hd)  # (S, 3, H, hd)
         qk = apply_rope(qkv[:, :2], rope[:, None, None, :])  # (S, 2, H, hd)
         q, k, v = qk[:, 0], qk[:, 1], qkv[:, 2]  # (S, H, hd) each
         if len(groups) == 1 and groups[0].index is None and groups[0].n * groups[0].length == S:
@@ -144,15 +145,15 @@ class VisionBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, rope: torch.Tensor, groups: list) -> torch.Tensor:
         o = self.attention(self.norm1(x), rope, groups)
-        x = x.addmm_(o, self.proj.weight.t()).add_(self.proj.bias)  # residual in place
-        h = self.up(self.norm2(x))
+        x = linear_add(o, self.proj.weight, self.proj.bias, x)
+        h = linear(self.norm2(x), self.up.weight, self.up.bias)
         if self.swiglu:
             I = h.shape[-1] // 2
             gate, up = h[:, :I], h[:, I:]
             h = F.silu(gate, inplace=True).mul_(up)  # (S, I) strided view, no copy
         else:
             h = h.mul_(torch.sigmoid(1.702 * h))  # quick_gelu
-        return x.addmm_(h, self.down.weight.t()).add_(self.down.bias)
+        return linear_add(h, self.down.weight, self.down.bias, x)
 
 
 class VisionTower(nn.Module):
@@ -246,12 +247,13 @@ class VisionTower(nn.Module):
         mm = self.cfg.merge_size ** 2
         P, K = pixels.shape
         x = pixels.to(self.patch_embed.weight.dtype).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
-        x = self.patch_embed(x)  # (S, D), window order; blocks update it in place
+        x = linear(x, self.patch_embed.weight)  # (S, D), window order
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
             x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
         x = self.merger_norm(x).view(P // mm, -1)  # (U, mm*D)
-        x = self.merger_fc2(F.gelu(self.merger_fc1(x)))  # (U, out)
+        x = F.gelu(linear(x, self.merger_fc1.weight, self.merger_fc1.bias))
+        x = linear(x, self.merger_fc2.weight, self.merger_fc2.bias)  # (U, out)
         return x[lay.unit_inv]
 
     # -------------------------------------------------------------- weights
