@@ -96,27 +96,35 @@ def _image_typestore():
 
 
 # ----------------------------------------------------------------------------------------- input
-_IMAGE_SUFFIXES = {"image_raw", "image", "image_color", "image_rect", "image_rect_color",
-                   "image_mono", "image_rect_raw", "compressed", "color", "rgb"}
-
-
 def camera_names_for(topics: Sequence[str]) -> list[str]:
-    """Short, unique camera names from topic names.
+    """Camera names from topic names, by the rule the node uses for its default camera_names.
 
-    "/front/image_raw" -> "front", "/cam1/color/image_raw/compressed" -> "cam1"; when the short
-    names collide, the remaining path is joined with "_"; failing that, the whole topic.
+    The last path element that is not ``image*`` or ``compressed``
+    (``/robot/front/image_raw/compressed`` -> ``front``), made unique by prefixing parent
+    elements where two topics would give the same name, then by numbering.
     """
-    stems = []
+    parts = []
     for topic in topics:
-        parts = [p for p in topic.split("/") if p]
-        while len(parts) > 1 and parts[-1] in _IMAGE_SUFFIXES:
-            parts.pop()
-        stems.append(parts or [topic.strip("/") or "camera"])
-    for make in (lambda p: p[-1], lambda p: "_".join(p)):
-        names = [make(p) for p in stems]
-        if len(set(names)) == len(names):
-            return names
-    return [t.strip("/").replace("/", "_") or f"camera{i}" for i, t in enumerate(topics)]
+        p = [x for x in str(topic).strip("/").split("/") if x]
+        while len(p) > 1 and (p[-1] == "compressed" or p[-1].startswith("image")):
+            p.pop()
+        parts.append(p or ["camera"])
+    names = []
+    for i, p in enumerate(parts):
+        depth = 1
+        while True:
+            name = "_".join(p[-depth:])
+            clash = any("_".join(q[-depth:]) == name for j, q in enumerate(parts) if j != i)
+            if not clash or depth >= len(p):
+                break
+            depth += 1
+        names.append(name)
+    counters: dict[str, int] = {}
+    for i, name in enumerate(list(names)):
+        if names.count(name) > 1:
+            counters[name] = counters.get(name, -1) + 1
+            names[i] = f"{name}_{counters[name]}"
+    return names
 
 
 @dataclass
@@ -264,7 +272,9 @@ class CameraBags:
         from rosbags.serde import SerdeError
 
         try:
-            return self._store.deserialize_cdr(raw, msgdef.name)
+            # A memoryview: rosbags slices off the CDR header with raw[4:], which copies bytes
+            # but not a memoryview, so `data` stays a view of the record.
+            return self._store.deserialize_cdr(memoryview(raw), msgdef.name)
         except (SerdeError, ValueError, IndexError, TypeError) as exc:
             raise ValueError(f"cannot deserialize {msgdef.name}: {exc}") from None
 

@@ -64,7 +64,7 @@ class ExtractConfig:
     output: str | os.PathLike
     topics: Sequence[str]
     camera_names: Sequence[str] | None = None  # default: derived from the topics
-    model: str | None = None  # checkpoint directory or cached HF id; None = bundled tiny model
+    model: str | None = None  # checkpoint directory, cached HF id, "tiny" / None = bundled tiny model
     device: str = "auto"
     dtype: str = "auto"
     min_pixels: int | None = None
@@ -179,22 +179,27 @@ def _remove(path: Path) -> None:
 
 
 def _resolve_model_path(spec: str | None) -> Path:
-    if not spec:
-        from .model import default_tiny_checkpoint
+    """None, "tiny" -> bundled tiny Qwen2.5-VL; "tiny-qwen2-vl" -> tiny Qwen2-VL; a directory;
+    or "org/name" found in the local Hugging Face cache (never downloads). Same as the node."""
+    from .model import default_tiny_checkpoint
 
-        return Path(default_tiny_checkpoint())
-    path = Path(spec).expanduser()
+    text = str(spec or "").strip()
+    if text in ("", "tiny", "tiny-qwen2.5-vl", "tiny-qwen2_5_vl"):
+        return Path(default_tiny_checkpoint("qwen2_5_vl"))
+    if text in ("tiny-qwen2-vl", "tiny-qwen2_vl"):
+        return Path(default_tiny_checkpoint("qwen2_vl"))
+    path = Path(text).expanduser()
     if path.exists():
         return path
-    if spec.count("/") == 1 and not spec.startswith((".", "/", "~")):
-        try:  # a Hugging Face id already in the local cache (never downloads)
+    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+        try:
             from huggingface_hub import snapshot_download
 
-            return Path(snapshot_download(spec, local_files_only=True))
+            return Path(snapshot_download(text, local_files_only=True))
         except Exception:
-            pass
-        raise ExtractError(f"model {spec}: no such directory, and not a Hugging Face id in the local cache")
-    raise ExtractError(f"model {spec}: no such directory")
+            raise ExtractError(f"cannot load model {text}: no such directory, and not a Hugging Face id "
+                               f"in the local cache (nothing is downloaded)") from None
+    raise ExtractError(f"cannot load model {text}: no such directory")
 
 
 def _load_model(cfg: ExtractConfig):
@@ -202,14 +207,11 @@ def _load_model(cfg: ExtractConfig):
 
     path = _resolve_model_path(cfg.model)
     try:
-        model = BatchedQwenVL.from_pretrained(path, device=cfg.device, dtype=cfg.dtype,
-                                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
+        return BatchedQwenVL.from_pretrained(path, device=cfg.device, dtype=cfg.dtype,
+                                             min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
     except Exception as exc:  # anything from config parsing to weight shapes or a missing device
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ExtractError(f"cannot load model {path}: {reason}") from None
-    if cfg.model is None:
-        model.name = "qvl_ros/tiny-qwen2_5_vl-seed0"  # the bundled model, named machine-independently
-    return model
 
 
 def _host_storage(tensor):
@@ -675,7 +677,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--names", nargs="+", metavar="NAME",
                         help="camera names, one per topic (default: from the topic names)")
     parser.add_argument("--model", default=None,
-                        help="checkpoint directory or Hugging Face id in the local cache (default: bundled tiny model)")
+                        help="checkpoint directory, Hugging Face id in the local cache, or tiny / tiny-qwen2-vl "
+                             "(default: the bundled tiny Qwen2.5-VL)")
     parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                         help="model dtype (auto: float32 on CPU, the checkpoint's on GPU)")
