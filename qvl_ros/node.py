@@ -81,9 +81,10 @@ def default_camera_names(topics: Sequence[str]) -> List[str]:
                 break
             depth += 1
         names.append(name)
-    seen = {}
-    for i, n in enumerate(names):  # still equal (identical topics): number them
-        if names.count(n) > 1:
+    seen: dict = {}
+    original = list(names)
+    for i, n in enumerate(original):  # still equal (identical topics): number them
+        if original.count(n) > 1:
             seen[n] = seen.get(n, -1) + 1
             names[i] = f"{n}_{seen[n]}"
     return names
@@ -396,7 +397,9 @@ class QvlNode(Node):
                                       settings["prompt"], settings["frame_id"])
             self._features_pub.publish(msg)
             if texts is not None:
-                self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
+                # ROS strings end at a NUL byte; a model may emit one (token for byte 0).
+                text = texts[b].replace("\x00", "")
+                self._caption_pub.publish(caption_msg(text, self._names, stamps, self._model_name,
                                                       settings["prompt"], settings["frame_id"]))
             latency_s = (self.get_clock().now().nanoseconds - s.stamp) * 1e-9
             self._monitor.set_published(latency_s)

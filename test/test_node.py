@@ -1,0 +1,652 @@
+"""qvl_node over real DDS (rclpy in this process, localhost discovery, a random domain id).
+
+One context and one multi-threaded executor serve the module; every test runs in its own
+namespace. Cameras are `qvl_ros.synthetic.SyntheticCameras` driven tick by tick from the test
+thread, which records every message it publishes. The oracle is a second `BatchedQwenVL`
+loaded from the same tiny checkpoint: `encode` / `encode_generate` on the frames of each set
+(converted from the recorded messages), compared with what the node published.
+"""
+import itertools
+import math
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+pytest.importorskip("qvl_ros.msg")
+
+from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
+from rcl_interfaces.msg import Log  # noqa: E402
+from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.node import Node  # noqa: E402
+from rclpy.parameter import Parameter  # noqa: E402
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
+from rosgraph_msgs.msg import Clock  # noqa: E402
+from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
+
+from qvl_ros.conversion import msg_to_tensor  # noqa: E402
+from qvl_ros.feature_msgs import stamp_ns, time_msg  # noqa: E402
+from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+from qvl_ros.msg import Caption, VisionFeatures  # noqa: E402
+from qvl_ros.node import QvlNode, default_camera_names  # noqa: E402
+from qvl_ros.synthetic import SyntheticCameras  # noqa: E402
+from qvl_ros.tensor_msg import features_to_numpy  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+PROMPT = "Describe the scene."
+_ns_counter = itertools.count()
+
+
+# ----------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
+
+
+@pytest.fixture(scope="module")
+def model(tiny_path):
+    return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def oracle(tiny_path):
+    """An independent instance for the expected outputs."""
+    return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def ros():
+    context = rclpy.Context()
+    rclpy.init(context=context, args=[])
+    executor = MultiThreadedExecutor(num_threads=8, context=context)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    yield context, executor
+    executor.shutdown(timeout_sec=2.0)
+    rclpy.try_shutdown(context=context)
+    thread.join(5)
+
+
+class Collector(Node):
+    """Records features, captions, /diagnostics and /rosout; can publish /clock and raw frames."""
+
+    def __init__(self, context, namespace):
+        super().__init__("collector", context=context, namespace=namespace)
+        self.lock = threading.Lock()
+        self.features, self.captions, self.diagnostics, self.logs = [], [], [], []
+        self.create_subscription(VisionFeatures, "features", self._keep(self.features, latency=True), 200)
+        self.create_subscription(Caption, "caption", self._keep(self.captions), 200)
+        self.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 200)
+        self.create_subscription(Log, "/rosout", self._keep(self.logs), QoSProfile(depth=1000))
+        self.clock_pub = self.create_publisher(Clock, "/clock", 10)
+
+    def _keep(self, store, latency=False):
+        def callback(msg):
+            with self.lock:
+                if latency:
+                    store.append((msg, (self.get_clock().now().nanoseconds - stamp_ns(msg.header.stamp)) * 1e-9))
+                else:
+                    store.append(msg)
+        return callback
+
+    def got(self, store):
+        with self.lock:
+            return list(store)
+
+    def feature_msgs(self):
+        return [m for m, _ in self.got(self.features)]
+
+    def node_logs(self, level, node_fqn):
+        logger = node_fqn.strip("/").replace("/", ".")
+        return [m.msg for m in self.got(self.logs) if m.level == level and m.name == logger]
+
+    def pipeline_status(self, node_fqn):
+        """Latest summary and camera statuses of the node, as {name: (level, message, {k: v})}."""
+        for arr in reversed(self.got(self.diagnostics)):
+            out = {s.name: (s.level[0] if isinstance(s.level, bytes) else s.level, s.message,
+                            {kv.key: kv.value for kv in s.values}) for s in arr.status}
+            if f"{node_fqn}: pipeline" in out:
+                return out
+        return None
+
+
+class Recorder:
+    """Keeps every message the synthetic cameras publish, by camera and stamp."""
+
+    def __init__(self, n, keep=True):
+        self.lock = threading.Lock()
+        self.keep = keep
+        self.by_stamp = [dict() for _ in range(n)]
+
+    def __call__(self, index, msg):
+        with self.lock:
+            self.by_stamp[index][stamp_ns(msg.header.stamp)] = msg if self.keep else None
+
+    def frames(self, stamps):
+        with self.lock:
+            return [msg_to_tensor(self.by_stamp[k][s]) for k, s in enumerate(stamps)]
+
+
+def wait_for(predicate, timeout=10.0, period=0.02):
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if predicate():
+            return True
+        time.sleep(period)
+    return predicate()
+
+
+class Rig:
+    """Node under test + synthetic cameras + collector in a namespace of their own."""
+
+    def __init__(self, ros, model, *, topics, encodings=("rgb8",), sizes=("224x168",), jitter_ms=5.0,
+                 node_params=(), camera_params=(), node_model=None, keep_frames=True):
+        self.context, self.executor = ros
+        self.ns = f"/t{next(_ns_counter)}_{os.getpid()}"
+        self.nodes = []
+        self.recorder = Recorder(len(topics), keep=keep_frames)
+        self.node = QvlNode(model=node_model or model, context=self.context, namespace=self.ns,
+                            parameter_overrides=[Parameter("camera_topics", value=list(topics)),
+                                                 Parameter("prompt", value=PROMPT),
+                                                 *[Parameter(k, value=v) for k, v in node_params]])
+        self.cameras = SyntheticCameras(context=self.context, namespace=self.ns, on_publish=self.recorder,
+                                        parameter_overrides=[
+                                            Parameter("topics", value=list(topics)),
+                                            Parameter("encodings", value=list(encodings)),
+                                            Parameter("sizes", value=list(sizes)),
+                                            Parameter("rate", value=0.0),
+                                            Parameter("jitter_ms", value=float(jitter_ms)),
+                                            *[Parameter(k, value=v) for k, v in camera_params]])
+        self.collector = Collector(self.context, self.ns)
+        for n in (self.node, self.cameras, self.collector):
+            self.executor.add_node(n)
+            self.nodes.append(n)
+        self.fqn = self.node.get_fully_qualified_name()
+        self.wait_connected()
+
+    def wait_connected(self):
+        c = self.collector
+        for t in self.node.camera_topics:
+            assert wait_for(lambda t=t: c.count_subscribers(t) >= 1 and c.count_publishers(t) >= 1), t
+        assert wait_for(lambda: c.count_subscribers(self.ns + "/features") >= 1
+                        and c.count_publishers(self.ns + "/features") >= 1)
+        logger_nodes = lambda: {i.node_name for i in c.get_publishers_info_by_topic("/rosout")}  # noqa: E731
+        assert wait_for(lambda: "qvl_node" in logger_nodes())
+        time.sleep(0.3)  # endpoint matching lags the graph a little
+
+    def drive(self, ticks, period=0.1, each=None):
+        """Publish `ticks` ticks at a steady period; `each(i)` runs before tick i."""
+        t_next = time.monotonic()
+        for i in range(ticks):
+            if each is not None:
+                each(i)
+            self.cameras.publish_tick()
+            t_next += period
+            time.sleep(max(0.0, t_next - time.monotonic()))
+
+    def settle(self, expected=None, timeout=10.0):
+        """Wait until the node is idle and the collector has what the node published."""
+        assert self.node.wait_idle(timeout)
+        target = self.node.pipeline_stats()["monitor"]["published"] if expected is None else expected
+        assert wait_for(lambda: len(self.collector.got(self.collector.features)) >= target, timeout)
+        time.sleep(0.1)
+
+    def close(self):
+        for n in self.nodes:
+            self.executor.remove_node(n)
+            n.destroy_node()
+
+
+@pytest.fixture
+def rigs(ros, model):
+    made = []
+
+    def make(**kwargs):
+        rig = Rig(ros, model, **kwargs)
+        made.append(rig)
+        return rig
+
+    yield make
+    for rig in made:
+        rig.close()
+
+
+# ----------------------------------------------------------------------------- oracle
+def assert_matches_oracle(oracle, rig, msg, kinds=("vision", "hidden"), caption=None, max_new_tokens=None):
+    stamps = [stamp_ns(s) for s in msg.camera_stamps]
+    frames = rig.recorder.frames(stamps)
+    if caption is None:
+        ref = oracle.encode([frames], [msg.prompt])
+    else:
+        ref, texts = oracle.encode_generate([frames], [msg.prompt], max_new_tokens=max_new_tokens)
+        assert caption.text == texts[0].replace("\x00", "")  # ROS strings cannot hold NUL
+    arrays = features_to_numpy(msg)
+    expected_names = [f"vision/{n}" for n in rig.node.camera_names] * ("vision" in kinds)
+    expected_names += ["hidden"] * ("hidden" in kinds)
+    assert [t.name for t in msg.tensors] == expected_names
+    for k, name in enumerate(rig.node.camera_names):
+        if "vision" in kinds:
+            np.testing.assert_allclose(arrays[f"vision/{name}"], ref.vision[0][k].numpy(), rtol=1e-4, atol=1e-4)
+    if "hidden" in kinds:
+        n_real = int(ref.attention_mask[0].sum())
+        want = ref.hidden[0, ref.hidden.shape[1] - n_real:].numpy()
+        np.testing.assert_allclose(arrays["hidden"], want, rtol=1e-4, atol=1e-4)
+
+
+def check_stamps(rig, msgs, ticks_expected):
+    """Each message is one tick's frames (one per camera), every set once, in order."""
+    seen = set()
+    last = None
+    for m in msgs:
+        stamps = tuple(stamp_ns(s) for s in m.camera_stamps)
+        assert list(m.camera_names) == rig.node.camera_names
+        assert stamp_ns(m.header.stamp) == max(stamps)
+        assert stamps not in seen
+        seen.add(stamps)
+        with rig.recorder.lock:
+            assert all(s in rig.recorder.by_stamp[k] for k, s in enumerate(stamps))
+        # Within slop (30 ms, below the 100 ms period): all frames of a set come from one tick.
+        assert max(stamps) - min(stamps) <= int(rig.node.get_parameter("sync.slop").value * 1e9)
+        if last is not None:
+            assert all(a < b for a, b in zip(last, stamps))
+        last = stamps
+    assert len(msgs) >= ticks_expected
+
+
+def test_default_camera_names():
+    assert default_camera_names(["/robot/front/image_raw/compressed", "left/image_rect", "cam"]) == \
+        ["front", "left", "cam"]
+    assert default_camera_names(["a/x/image_raw", "b/x/image_raw"]) == ["a_x", "b_x"]
+    assert default_camera_names(["x", "x"]) == ["x_0", "x_1"]
+
+
+# ----------------------------------------------------------------------------- tests
+def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
+    """3 cameras at 10 Hz with +-5 ms jitter: one features message per synchronized set, with
+    the cameras' stamps, whose tensors equal BatchedQwenVL.encode on the same frames."""
+    rig = rigs(topics=["cam_a/image_raw", "cam_b/image_raw", "cam_c/image_raw"],
+               sizes=["224x168", "280x210", "196x196"], node_params=[("diagnostics.period", 0.25)])
+    ticks = 30
+    rig.drive(ticks)
+    rig.settle()
+    stats = rig.node.pipeline_stats()
+    msgs = rig.collector.feature_msgs()
+    # Exactly one message per synchronized set, none lost or duplicated.
+    assert stats["sync"]["sets"] == stats["batch"]["put"] == stats["monitor"]["published"] == len(msgs)
+    assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
+    assert stats["monitor"]["model_errors"] == 0
+    check_stamps(rig, msgs, ticks_expected=ticks - 1)  # best effort: allow one lost frame at most
+    for m in msgs:
+        assert m.model == rig.node.model.name and m.prompt == PROMPT
+        assert_matches_oracle(oracle, rig, m)
+    # Header stamps are the cameras' own: the newest of the set, copied bit for bit.
+    with rig.recorder.lock:
+        published = [set(d) for d in rig.recorder.by_stamp]
+    assert all(stamp_ns(s) in published[k] for m in msgs for k, s in enumerate(m.camera_stamps))
+    # Diagnostics: per-camera input rate about 10 Hz, sets/s, latency, queue depth, no stale camera.
+    status = rig.collector.pipeline_status(rig.fqn)
+    assert status is not None
+    level, message, values = status[f"{rig.fqn}: pipeline"]
+    for key in ("sets_per_s", "latency_p50_ms", "latency_p95_ms", "queue_depth", "drops.sync.unmatched",
+                "drops.batch.queue_full", "drops.invalid_frame", "stale_cameras"):
+        assert key in values, key
+    assert values["stale_cameras"] == ""
+    assert 5.0 < float(values["sets_per_s"]) < 15.0
+    assert float(values["latency_p95_ms"]) < 500
+    for name in rig.node.camera_names:
+        c_level, _, c_values = status[f"{rig.fqn}: camera {name}"]
+        assert 5.0 < float(c_values["rate_hz"]) < 15.0 and c_values["stale"] == "false"
+
+
+def test_captions_mixed_encodings_compressed_camera_and_resolution_change(rigs, oracle):
+    """bgr8 + yuv422 + JPEG on a /compressed topic, captions on; camera 0 switches from 224x168
+    to 308x224 mid-stream, which is no error: the new size is used from that frame on."""
+    rig = rigs(topics=["front/image_raw", "left/image_raw", "rear/image_raw/compressed"],
+               encodings=["bgr8", "yuv422", "jpeg"], sizes=["224x168", "252x196", "196x140"],
+               node_params=[("caption.enabled", True), ("caption.max_new_tokens", 5)])
+    assert [s.msg_type for s in rig.node._subs] == [Image, Image, CompressedImage]
+    switch = 8
+    rig.drive(18, each=lambda i: rig.cameras.set_size(0, 308, 224) if i == switch else None)
+    rig.settle()
+    assert wait_for(lambda: len(rig.collector.got(rig.collector.captions)) >= len(rig.collector.feature_msgs()))
+    msgs = rig.collector.feature_msgs()
+    captions = {tuple(stamp_ns(s) for s in c.camera_stamps): c for c in rig.collector.got(rig.collector.captions)}
+    assert len(captions) == len(msgs) == rig.node.pipeline_stats()["sync"]["sets"]
+    check_stamps(rig, msgs, ticks_expected=17)
+    sizes = set()
+    for m in msgs:
+        key = tuple(stamp_ns(s) for s in m.camera_stamps)
+        cap = captions[key]
+        assert cap.header.stamp == m.header.stamp and list(cap.camera_names) == list(m.camera_names)
+        assert cap.prompt == PROMPT and cap.model == m.model
+        assert_matches_oracle(oracle, rig, m, caption=cap, max_new_tokens=5)
+        sizes.add(tuple(features_to_numpy(m)["vision/front"].shape))
+    assert len(sizes) == 2  # both resolutions of camera 0 were served
+    assert rig.node.pipeline_stats()["monitor"]["cameras"][0]["invalid"] == 0
+
+
+def test_stale_camera_is_reported_and_node_serves_again_when_it_returns(rigs):
+    rig = rigs(topics=["s0/image_raw", "s1/image_raw", "s2/image_raw"],
+               node_params=[("diagnostics.stale_after", 0.5), ("diagnostics.period", 0.2)])
+    stale_name = rig.node.camera_names[2]
+    rig.drive(10)
+    before = len(rig.collector.feature_msgs())
+    assert before >= 9
+    rig.cameras.set_enabled(2, False)
+    rig.drive(12)
+    rig.settle()
+    during = len(rig.collector.feature_msgs())
+    assert during - before <= 1  # no complete set without camera 2
+    status = rig.collector.pipeline_status(rig.fqn)
+    level, message, values = status[f"{rig.fqn}: pipeline"]
+    assert values["stale_cameras"] == stale_name and level == 1 and stale_name in message
+    c_level, c_message, c_values = status[f"{rig.fqn}: camera {stale_name}"]
+    assert c_level == 1 and c_values["stale"] == "true" and "stale" in c_message
+    assert status[f"{rig.fqn}: camera {rig.node.camera_names[0]}"][2]["stale"] == "false"
+    assert any(stale_name in m and "stale" in m for m in rig.collector.node_logs(30, rig.fqn))
+    t_back = rig.node.get_clock().now().nanoseconds
+    rig.cameras.set_enabled(2, True)
+    rig.drive(10)
+    rig.settle()
+    msgs = rig.collector.feature_msgs()
+    resumed = [m for m in msgs if stamp_ns(m.camera_stamps[2]) > t_back - 10_000_000]
+    assert len(resumed) >= 9
+    time.sleep(0.3)
+    values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]
+    assert values["stale_cameras"] == ""
+
+
+def _image(h, w, encoding="rgb8", step=None, data_len=None, stamp=1):
+    msg = Image()
+    msg.header.stamp = time_msg(stamp)
+    msg.height, msg.width, msg.encoding = h, w, encoding
+    msg.step = w * 3 if step is None else step
+    n = msg.step * h if data_len is None else data_len
+    msg.data = bytes(range(256)) * (n // 256) + bytes(n % 256)
+    return msg
+
+
+def test_bad_frames_are_logged_dropped_counted_and_the_node_keeps_serving(rigs):
+    rig = rigs(topics=["raw/image_raw", "jpg/image_raw/compressed"], encodings=["rgb8", "jpeg"],
+               node_params=[("log_throttle", 30.0)])
+    c = rig.collector
+    raw_topic, jpg_topic = rig.node.camera_topics
+    qos = QoSProfile(depth=20, reliability=ReliabilityPolicy.RELIABLE)
+    raw_pub = c.create_publisher(Image, raw_topic, qos)
+    jpg_pub = c.create_publisher(CompressedImage, jpg_topic, qos)
+    assert wait_for(lambda: raw_pub.get_subscription_count() >= 1 and jpg_pub.get_subscription_count() >= 1)
+    time.sleep(0.2)
+
+    def jpeg(data):
+        m = CompressedImage()
+        m.format = "jpeg"
+        m.data = data
+        return m
+
+    rng = np.random.default_rng(0)
+    raw_bad = [  # (message, words the log must contain)
+        (_image(48, 64, encoding="weird16"), "unsupported encoding"),
+        (_image(48, 64, step=100), "step"),
+        (_image(48, 64, data_len=100), "data has 100 bytes"),
+        (_image(0, 0), "empty image"),
+        (_image(1, 1), "too small"),
+        (_image(20, 20), "too small"),  # same reason again: counted, log throttled
+    ]
+    jpg_bad = [
+        (jpeg(b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes()), "cannot decode"),
+        (jpeg(b""), "no data"),
+        (jpeg(b"not an image at all"), "neither JPEG nor PNG"),
+    ]
+
+    def inject(i):
+        if i < len(raw_bad):
+            raw_pub.publish(raw_bad[i][0])
+        if i < len(jpg_bad):
+            jpg_pub.publish(jpg_bad[i][0])
+
+    ticks = 15
+    rig.drive(ticks, each=inject)
+    rig.settle()
+    stats = rig.node.pipeline_stats()
+    cams = stats["monitor"]["cameras"]
+    assert cams[0]["invalid"] == len(raw_bad) and cams[1]["invalid"] == len(jpg_bad)
+    assert sum(cams[0]["invalid_by_reason"].values()) == len(raw_bad)
+    # Good frames kept flowing: every tick became a set and a features message.
+    msgs = rig.collector.feature_msgs()
+    assert len(msgs) == stats["sync"]["sets"] >= ticks - 1
+    assert stats["monitor"]["model_errors"] == 0
+    assert wait_for(lambda: len(c.node_logs(40, rig.fqn)) >= len(raw_bad) - 1 + len(jpg_bad), 5)
+    errors = c.node_logs(40, rig.fqn)
+    for topic, cases in ((raw_topic, raw_bad), (jpg_topic, jpg_bad)):
+        for _, words in cases:
+            assert any(topic in e and words in e for e in errors), (topic, words, errors)
+    # Throttled: one line for the two "too small" frames.
+    assert sum("too small" in e for e in errors) == 1
+    values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]
+    assert int(values["drops.invalid_frame"]) == len(raw_bad) + len(jpg_bad)
+
+
+class FailingModel:
+    """Wraps a model; raises on chosen calls (1-based) to show the node survives."""
+
+    def __init__(self, model, fail_calls):
+        self.model, self.fail_calls, self.calls = model, set(fail_calls), 0
+        self.name, self.device = model.name, model.device
+
+    def encode(self, images, prompts):
+        self.calls += 1
+        if self.calls in self.fail_calls:
+            raise RuntimeError("synthetic failure in the model")
+        return self.model.encode(images, prompts)
+
+
+def test_model_exception_is_logged_with_stamps_and_the_node_keeps_running(rigs, model):
+    failing = FailingModel(model, fail_calls={4})
+    rig = rigs(topics=["m0/image_raw", "m1/image_raw"], node_model=failing,
+               node_params=[("batch.max_size", 1)])
+    rig.drive(12)
+    rig.settle()
+    stats = rig.node.pipeline_stats()
+    msgs = rig.collector.feature_msgs()
+    assert stats["monitor"]["model_errors"] == 1 and stats["batch"]["drops"]["error"] == 1
+    assert len(msgs) == stats["sync"]["sets"] - 1 >= 10
+    assert wait_for(lambda: any("model failed" in e for e in rig.collector.node_logs(40, rig.fqn)), 5)
+    line = next(e for e in rig.collector.node_logs(40, rig.fqn) if "model failed" in e)
+    assert "synthetic failure in the model" in line
+    logged = [int(a) * 1_000_000_000 + int(b) for a, b in re.findall(r"(\d+)\.(\d{9})", line)]
+    assert len(logged) == 2
+    published_sets = {tuple(stamp_ns(s) for s in m.camera_stamps) for m in msgs}
+    assert tuple(logged) not in published_sets  # the failed set is the one missing
+    with rig.recorder.lock:
+        assert all(s in rig.recorder.by_stamp[k] for k, s in enumerate(logged))
+
+
+class SlowModel:
+    """A model that takes at least `seconds` per call: cameras become faster than the model."""
+
+    def __init__(self, model, seconds):
+        self.model, self.seconds = model, seconds
+        self.name, self.device = model.name, model.device
+
+    def encode(self, images, prompts):
+        time.sleep(self.seconds)
+        return self.model.encode(images, prompts)
+
+
+def _rss_mb():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model):
+    """Cameras at 40 Hz, the model needs 150 ms per batch of at most 2 sets: the set queue sits
+    at its limit, the oldest sets are dropped and counted, memory does not grow and latency
+    stays bounded (it does not creep up over the run)."""
+    depth, max_size, model_s = 3, 2, 0.15
+    rig = rigs(topics=["l0/image_raw", "l1/image_raw", "l2/image_raw"], sizes=["320x240"], jitter_ms=2.0,
+               node_model=SlowModel(model, model_s), keep_frames=False,
+               node_params=[("batch.max_size", max_size), ("batch.queue_depth", depth),
+                            ("batch.max_wait_ms", 5.0), ("sync.queue_size", 5), ("sync.slop", 0.01)])
+    samples = []
+
+    def sample(i):
+        if i % 4 == 0:
+            s = rig.node.pipeline_stats()
+            samples.append((time.monotonic(), s["batch"]["depth"], max(s["sync"]["pending"]), _rss_mb()))
+
+    ticks = 160  # 4 s at 40 Hz
+    rig.drive(ticks, period=0.025, each=sample)
+    rig.settle(timeout=15)
+    stats = rig.node.pipeline_stats()
+    assert max(d for _, d, _, _ in samples) <= depth
+    assert stats["batch"]["max_depth_seen"] == depth  # the queue did reach its limit
+    assert max(p for _, _, p, _ in samples) <= 5
+    assert stats["batch"]["drops"]["queue_full"] > 0
+    assert stats["sync"]["sets"] == stats["batch"]["put"] == (
+        stats["batch"]["processed"] + stats["batch"]["drops"]["queue_full"] + stats["batch"]["drops"]["shutdown"])
+    # Memory: after the first second the resident size stays flat (a leak of the 40 Hz x 3
+    # frames of 230 KB that arrive would add ~80 MB over the remaining 3 s).
+    rss_after_1s = next(r for t, _, _, r in samples if t - samples[0][0] >= 1.0)
+    assert max(r for _, _, _, r in samples) - rss_after_1s < 40, samples
+    # Latency: bounded by the queue (depth / max_size batches) plus the batch in flight.
+    lat = [x for _, x in rig.collector.got(rig.collector.features)]
+    assert len(lat) >= 15
+    bound = (math.ceil(depth / max_size) + 1) * model_s + 0.1
+    half = len(lat) // 2
+    first, second = sorted(lat[:half]), sorted(lat[half:])
+    p95_second = second[int(0.95 * (len(second) - 1))]
+    assert p95_second < 2.5 * bound, (p95_second, bound)
+    assert second[len(second) // 2] < first[len(first) // 2] + 0.2  # no creeping growth
+    status = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"]
+    assert int(status[2]["drops.batch.queue_full"]) > 0 and int(status[2]["queue_limit"]) == depth
+
+
+def test_use_sim_time(rigs):
+    """With use_sim_time the stamps and the latency follow /clock; a jump back resets the
+    synchronizer and serving continues on the new timeline."""
+    rig = rigs(topics=["c0/image_raw", "c1/image_raw"], node_params=[("use_sim_time", True)],
+               camera_params=[("use_sim_time", True)])
+    c = rig.collector
+    sim = {"t": 1000 * 10**9}
+
+    def publish_clock():
+        c.clock_pub.publish(Clock(clock=time_msg(sim["t"])))
+
+    assert wait_for(lambda: (publish_clock() or True) and rig.node.get_clock().now().nanoseconds == sim["t"]
+                    and rig.cameras.get_clock().now().nanoseconds == sim["t"], 10, 0.05)
+
+    def advance(i):
+        sim["t"] += 100_000_000
+        publish_clock()
+        time.sleep(0.02)
+
+    rig.drive(12, each=advance)
+    rig.settle()
+    first = rig.collector.feature_msgs()
+    assert len(first) >= 10
+    assert all(999 * 10**9 < stamp_ns(m.header.stamp) < 1003 * 10**9 for m in first)
+    lat = rig.node.pipeline_stats()["monitor"]["latency_s"]
+    assert lat["count"] > 0 and abs(lat["p95"]) < 0.5  # sim-time latency, not wall time minus 1000 s
+
+    sim["t"] = 500 * 10**9  # bag loop: time goes back
+    publish_clock()
+    assert wait_for(lambda: rig.node.get_clock().now().nanoseconds == sim["t"], 5)
+    rig.drive(12, each=advance)
+    rig.settle()
+    later = [m for m in rig.collector.feature_msgs() if stamp_ns(m.header.stamp) < 600 * 10**9]
+    assert len(later) >= 10
+    assert rig.node.pipeline_stats()["sync"]["resets"] >= 1
+    assert any("time went back" in m for m in c.node_logs(20, rig.fqn))
+
+
+def test_parameters_read_only_dynamic_and_validated(rigs):
+    rig = rigs(topics=["p0/image_raw", "p1/image_raw"])
+    node = rig.node
+    res = node.set_parameters([Parameter("camera_topics", value=["x"])])[0]
+    assert not res.successful and "read-only" in res.reason
+    assert not node.set_parameters([Parameter("features", value=["bogus"])])[0].successful
+    assert not node.set_parameters([Parameter("batch.max_size", value=0)])[0].successful
+    assert node.set_parameters([Parameter("batch.max_size", value=2)])[0].successful
+    assert node.pipeline_stats()["batch"]["max_size"] == 2
+    assert node.set_parameters([Parameter("batch.max_wait_ms", value=3)])[0].successful  # int for a double
+    assert node.pipeline_stats()["batch"]["max_wait_ms"] == pytest.approx(3.0)
+    assert node.set_parameters([Parameter("features", value=["vision"])])[0].successful
+    rig.drive(5)
+    rig.settle()
+    last = rig.collector.feature_msgs()[-1]
+    assert [t.name for t in last.tensors] == [f"vision/{n}" for n in node.camera_names]
+    for name in ("camera_topics", "sync.slop", "model.path", "qos.reliability", "batch.queue_depth"):
+        assert node.describe_parameter(name).read_only, name
+    for name in ("prompt", "features", "caption.enabled", "batch.max_size"):
+        assert not node.describe_parameter(name).read_only, name
+
+
+def _flatten(d, prefix=""):
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def test_config_file_documents_every_parameter(rigs):
+    yaml = pytest.importorskip("yaml")
+    text = (ROOT / "config" / "multi_cam.yaml").read_text()
+    data = yaml.safe_load(text)
+    node_key = next(k for k in data if k.endswith("qvl_node"))
+    params = _flatten(data[node_key]["ros__parameters"])
+    rig = rigs(topics=["d0/image_raw"])
+    declared = set(rig.node.list_parameters([], 0).names) - {"use_sim_time", "start_type_description_service"}
+    assert set(params) <= declared
+    assert declared - set(params) == {"camera_names"}  # derived from the topics unless set
+    for name in declared:  # every parameter is documented by a comment just above it
+        leaf = name.split(".")[-1]
+        assert re.search(rf"#.*\n\s*(# )?{re.escape(leaf)}:", text), name
+
+
+def test_entry_point_with_params_file_and_clean_ctrl_c(tiny_path, tmp_path):
+    """`python -m qvl_ros.node --ros-args --params-file config/multi_cam.yaml` starts, serves
+    synthetic cameras started by `python -m qvl_ros.synthetic`, and exits 0 on SIGINT."""
+    ns = f"/ep_{os.getpid()}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", QVL_ROS_CACHE=str(tmp_path))
+    node = subprocess.Popen(
+        [sys.executable, "-m", "qvl_ros.node", "--ros-args", "--params-file", str(ROOT / "config" / "multi_cam.yaml"),
+         "-r", f"__ns:={ns}", "-p", f"model.path:={tiny_path}",
+         "-p", "camera_topics:=[cam0/image_raw, cam1/image_raw/compressed]"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    lines = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(node.stdout.readline, "")), daemon=True)
+    reader.start()
+    cams = listener = None
+    try:
+        assert wait_for(lambda: any("ready:" in line for line in lines), 60, 0.1), "".join(lines)
+        cams = subprocess.Popen(
+            [sys.executable, "-m", "qvl_ros.synthetic", "--topics", "cam0/image_raw", "cam1/image_raw/compressed",
+             "--rate", "10", "--duration", "20", "--ros-args", "-r", f"__ns:={ns}"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, cwd=ROOT)
+        listener = subprocess.run(
+            [sys.executable, "-m", "qvl_ros.listener", "--count", "5", "--duration", "30",
+             "--ros-args", "-r", f"__ns:={ns}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+        assert listener.returncode == 0, listener.stdout + listener.stderr
+        assert "features #5" in listener.stdout and "vision/cam0" in listener.stdout
+        node.send_signal(signal.SIGINT)
+        assert node.wait(20) == 0, "".join(lines)
+    finally:
+        for p in (cams, node):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait(5)
+    reader.join(5)
+    assert not any("Traceback" in line for line in lines), "".join(lines)
