@@ -16,6 +16,8 @@ setup(
         "console_scripts": [
             "qvl-demo = qvl_ros.demo:main",
             "qvl_node = qvl_ros.node:main",
+            "qvl-synthetic-cameras = qvl_ros.synthetic:main",
+            "qvl-listener = qvl_ros.listener:main",
             "qvl-ros = qvl_ros.cli:main",
         ]
     },

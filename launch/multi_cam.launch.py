@@ -1,0 +1,98 @@
+"""Launch qvl_node on several cameras, optionally with synthetic cameras to try it out.
+
+    ros2 launch qvl_ros multi_cam.launch.py synthetic:=true
+    ros2 launch qvl_ros multi_cam.launch.py namespace:=robot1 model:=/models/Qwen2.5-VL-3B-Instruct \
+        camera_topics:="[front/image_raw, left/image_raw, rear/image_raw/compressed]"
+    ros2 launch qvl_ros multi_cam.launch.py use_sim_time:=true   # with `ros2 bag play --clock ...`
+
+Arguments:
+    params_file    parameter file (default: the installed config/multi_cam.yaml)
+    namespace      namespace of the node (and of the synthetic cameras); outputs are
+                   <namespace>/features and <namespace>/caption
+    model          checkpoint directory or cached Hugging Face id (empty: the file's model.path)
+    camera_topics  "[a/image_raw, b/image_raw]" or "a/image_raw,b/image_raw" (empty: the file's)
+    caption        "true"/"false" to override caption.enabled (empty: the file's)
+    synthetic      "true" also starts the synthetic camera publisher on the same topics
+    use_sim_time   "true" for bag replay / simulation
+
+Everything started here can be started without `launch` too: `qvl_node`,
+`qvl-synthetic-cameras` (``python -m qvl_ros.node`` / ``python -m qvl_ros.synthetic``).
+"""
+from pathlib import Path
+
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+
+
+def _default_params_file() -> str:
+    try:
+        from ament_index_python.packages import get_package_share_directory
+
+        return str(Path(get_package_share_directory("qvl_ros")) / "config" / "multi_cam.yaml")
+    except Exception:  # not installed: the source tree next to this file
+        return str(Path(__file__).resolve().parent.parent / "config" / "multi_cam.yaml")
+
+
+def _parse_list(text: str) -> list:
+    text = text.strip()
+    if not text:
+        return []
+    if text.startswith("["):
+        import yaml
+
+        return [str(x) for x in yaml.safe_load(text)]
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _parse_bool(name: str, text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ValueError(f"launch argument {name} must be true or false, got {text!r}")
+    return value in ("true", "1", "yes")
+
+
+def _actions(context):
+    arg = lambda name: LaunchConfiguration(name).perform(context)  # noqa: E731
+    params_file = arg("params_file") or _default_params_file()
+    namespace = arg("namespace")
+    sim_time = _parse_bool("use_sim_time", arg("use_sim_time"))
+    topics = _parse_list(arg("camera_topics"))
+
+    node_overrides = {"use_sim_time": sim_time}
+    if arg("model"):
+        node_overrides["model.path"] = arg("model")
+    if topics:
+        node_overrides["camera_topics"] = topics
+    if arg("caption"):
+        node_overrides["caption.enabled"] = _parse_bool("caption", arg("caption"))
+
+    actions = [Node(
+        package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
+        parameters=[params_file, node_overrides], output="screen", emulate_tty=True)]
+    if _parse_bool("synthetic", arg("synthetic")):
+        camera_overrides = {"use_sim_time": sim_time}
+        if topics:
+            camera_overrides["topics"] = topics
+        actions.append(Node(
+            package="qvl_ros", executable="synthetic_cameras", name="synthetic_cameras", namespace=namespace,
+            parameters=[params_file, camera_overrides], output="screen", emulate_tty=True))
+    return actions
+
+
+def generate_launch_description():
+    return LaunchDescription([
+        DeclareLaunchArgument("params_file", default_value="",
+                              description="Parameter file (default: the installed config/multi_cam.yaml)"),
+        DeclareLaunchArgument("namespace", default_value="", description="Namespace of the nodes"),
+        DeclareLaunchArgument("model", default_value="",
+                              description="Checkpoint directory or cached Hugging Face id (default: the file's)"),
+        DeclareLaunchArgument("camera_topics", default_value="",
+                              description='Camera topics, "[a/image_raw, b/image_raw]" (default: the file\'s)'),
+        DeclareLaunchArgument("caption", default_value="", description="Override caption.enabled (true/false)"),
+        DeclareLaunchArgument("synthetic", default_value="false",
+                              description="Also start synthetic cameras on the camera topics"),
+        DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)"),
+        OpaqueFunction(function=_actions),
+    ])
