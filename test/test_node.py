@@ -519,14 +519,18 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model):
     rss_after_1s = next(r for t, _, _, r in samples if t - samples[0][0] >= 1.0)
     assert max(r for _, _, _, r in samples) - rss_after_1s < 40, samples
     # Latency: bounded by the queue (depth / max_size batches) plus the batch in flight.
+    # In units of the measured batch time (>= model_s; more when the CPU is shared): the batch
+    # in flight, then at most ceil(depth / max_size) batches including the set's own; one more
+    # batch time and 0.1 s of margin for conversion, synchronization and DDS.
     lat = [x for _, x in rig.collector.got(rig.collector.features)]
     assert len(lat) >= 15
-    bound = (math.ceil(depth / max_size) + 1) * model_s + 0.1
+    batch_s = stats["monitor"]["batch_s"]
+    assert batch_s["p50"] >= model_s
+    bound = (math.ceil(depth / max_size) + 2) * batch_s["max"] + 0.1
     half = len(lat) // 2
     first, second = sorted(lat[:half]), sorted(lat[half:])
-    p95_second = second[int(0.95 * (len(second) - 1))]
-    assert p95_second < 2.5 * bound, (p95_second, bound)
-    assert second[len(second) // 2] < first[len(first) // 2] + 0.2  # no creeping growth
+    assert second[-1] < bound, (second[-1], bound, batch_s)
+    assert second[len(second) // 2] < first[len(first) // 2] + 0.5 * bound  # no creeping growth
     status = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"]
     assert int(status[2]["drops.batch.queue_full"]) > 0 and int(status[2]["queue_limit"]) == depth
 
@@ -589,6 +593,25 @@ def test_parameters_read_only_dynamic_and_validated(rigs):
         assert node.describe_parameter(name).read_only, name
     for name in ("prompt", "features", "caption.enabled", "batch.max_size"):
         assert not node.describe_parameter(name).read_only, name
+
+
+def test_frames_without_stamps_use_arrival_time_in_auto_mode(rigs):
+    """sync.stamp_source=auto: a camera driver that leaves header.stamp at zero still gets
+    synchronized, on the node's receive time."""
+    rig = rigs(topics=["z0/image_raw", "z1/image_raw"], node_params=[("sync.stamp_source", "auto")])
+    pubs = [p for p in rig.cameras.publishers if p.topic_name in rig.cameras.resolved_topics]
+    t_start = rig.node.get_clock().now().nanoseconds
+    for tick in range(8):
+        for i, pub in enumerate(pubs):
+            pub.publish(rig.cameras.make_message(i, tick, 0))
+        time.sleep(0.1)
+    rig.settle()
+    msgs = rig.collector.feature_msgs()
+    assert len(msgs) >= 7
+    t_end = rig.node.get_clock().now().nanoseconds
+    for m in msgs:
+        stamps = [stamp_ns(s) for s in m.camera_stamps]
+        assert all(t_start < s < t_end for s in stamps)
 
 
 def _flatten(d, prefix=""):
