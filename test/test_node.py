@@ -595,6 +595,21 @@ def test_parameters_read_only_dynamic_and_validated(rigs):
         assert not node.describe_parameter(name).read_only, name
 
 
+@pytest.mark.parametrize("overrides, words", [
+    ([("camera_topics", ["a", "b"]), ("camera_names", ["only_one"])], "camera_names has 1 entries"),
+    ([("camera_names", ["x", "x", "y"])], "unique"),
+    ([("features", ["vision", "logits"])], "features must be"),
+    ([("sync.stamp_source", "gps")], "stamp_source"),
+    ([("qos.reliability", "sometimes")], "qos.reliability"),
+    ([("sync.slop", -0.1)], "sync.slop"),
+])
+def test_invalid_startup_parameters_are_refused(ros, model, overrides, words):
+    context, _ = ros
+    with pytest.raises(ValueError, match=words):
+        QvlNode(model=model, context=context, namespace=f"/bad{next(_ns_counter)}",
+                parameter_overrides=[Parameter(k, value=v) for k, v in overrides])
+
+
 def test_frames_without_stamps_use_arrival_time_in_auto_mode(rigs):
     """sync.stamp_source=auto: a camera driver that leaves header.stamp at zero still gets
     synchronized, on the node's receive time."""
