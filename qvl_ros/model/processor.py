@@ -132,23 +132,24 @@ class TensorProcessor:
         groups: dict[tuple, list[int]] = {}
         for i, im in enumerate(images):
             groups.setdefault(tuple(im.shape[-2:]), []).append(i)
-        rows: list = [None] * len(images)
-        grids: list = [None] * len(images)
+        targets = {hw: self.target_size(*hw, size) for hw in groups}
+        grids = [(1, targets[tuple(im.shape[-2:])][0] // p, targets[tuple(im.shape[-2:])][1] // p) for im in images]
+        offsets = [0]
+        for _, gh, gw in grids:
+            offsets.append(offsets[-1] + gh * gw)
+        out = torch.empty(offsets[-1], 3 * p * p, device=self.device)  # (P, 3*p*p)
         for (h, w), idx in groups.items():
+            th, tw = targets[(h, w)]
             x = torch.stack([images[i] for i in idx]).to(self.device, non_blocking=True)  # (G, 3, h, w) uint8
-            th, tw = self.target_size(h, w, size)
             if (th, tw) != (h, w):
                 x = tvF.resize(x, [th, tw], interpolation=tvF.InterpolationMode.BICUBIC, antialias=True)
-            x = (x.float() - self.mean) / self.std  # (G, 3, th, tw)
+            x = x.float().sub_(self.mean).div_(self.std)  # (G, 3, th, tw), as the reference normalizes
             gh, gw = th // p, tw // p
-            G = x.shape[0]
-            x = x.view(G, 3, gh // m, m, p, gw // m, m, p)
+            x = x.view(len(idx), 3, gh // m, m, p, gw // m, m, p)
             x = x.permute(0, 2, 5, 3, 6, 1, 4, 7)  # (G, gh/m, gw/m, m, m, 3, p, p)
-            x = x.reshape(G, gh * gw, 3 * p * p)  # (G, patches, 3*p*p)
-            for j, i in enumerate(idx):
-                rows[i] = x[j]
-                grids[i] = (1, gh, gw)
-        return torch.cat(rows, 0), grids
+            for j, i in enumerate(idx):  # written straight into the packed output
+                out[offsets[i]:offsets[i + 1]].view(gh // m, gw // m, m, m, 3, p, p).copy_(x[j])
+        return out, grids
 
     def hf_pixel_values(self, pixels: torch.Tensor) -> torch.Tensor:
         """(P, 3*p*p) rows -> the reference layout (P, 3*T*p*p) with each frame repeated T times."""

@@ -1,0 +1,440 @@
+"""Benchmarks: qvl_ros against the transformers reference, side by side in one process run.
+
+    python bench/run.py [--quick] [--name NAME] [--threads N]
+
+Same weights (the "small" Qwen2.5-VL config of DESIGN.md, random, float32), same inputs, same
+device. Rows: preprocessing, vision tower, encode (frames -> vision features + decoder hidden
+states), captions (greedy generation), extraction and node (when those modules are present),
+roofline (vision tower GFLOP/s against this machine's 2048^2 matmul rate) and operator calls per
+vision forward (a device-independent proxy for kernel launches). Each row reports device,
+dtype, throughput, ratio ours/reference, peak memory and the numerical error against the
+reference: mean(|ours - ref| / (|ref| + 1)).
+
+Writes bench/results/<name>.json, <name>.md and <name>.png (throughput against B x N).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+
+SMALL = ("Qwen2.5-VL, vision depth 8, hidden 256, intermediate 512, 4 heads, out_hidden 256, window 112, "
+         "full-attention layers [3, 7]; text 4 layers, hidden 256, intermediate 512, 4 heads, 2 KV heads, "
+         "mrope_section [8, 12, 12]; random weights, float32")
+
+
+# ----------------------------------------------------------------------------- measurement
+def peak_rss_reset() -> int:
+    """Give freed heap back to the OS, reset the kernel's peak-RSS mark of this process; return
+    current RSS in bytes. The peak of a call is then VmHWM after it minus this."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+    try:
+        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
+    except OSError:
+        pass
+    return _status("VmRSS")
+
+
+def _status(key: str) -> int:
+    for line in Path(f"/proc/{os.getpid()}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def side_by_side(f_ref, f_ours, reps: int):
+    """Interleave the two so that machine noise hits both alike; best of `reps` each."""
+    r_t, o_t = [], []
+    r_out = o_out = None
+    r_out, o_out = f_ref(), f_ours()  # warm-up
+    for _ in range(reps):
+        t = time.perf_counter(); r_out = f_ref(); r_t.append(time.perf_counter() - t)
+        t = time.perf_counter(); o_out = f_ours(); o_t.append(time.perf_counter() - t)
+    return min(r_t), min(o_t), r_out, o_out
+
+
+def peak_mb(fn) -> float:
+    """Peak resident memory a call adds above what the process held before it, in MB."""
+    gc.collect()
+    base = peak_rss_reset()
+    fn()
+    return max(0, _status("VmHWM") - base) / 2 ** 20
+
+
+def rel_err(ours, ref) -> float:
+    ours, ref = ours.float(), ref.float()
+    return ((ours - ref).abs() / (ref.abs() + 1)).mean().item()
+
+
+def matmul_rate(seconds: float = 2.0) -> dict:
+    """GFLOP/s of a 2048^2 float32 matmul: torch.mm (the default BLAS) and oneDNN's linear."""
+    from qvl_ros.model.kernels import linear
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    rates = {}
+    with torch.inference_mode():
+        for name, fn in (("torch.mm", lambda: torch.mm(a, b)), ("onednn", lambda: linear(a, b))):
+            fn()
+            n, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds / 2:
+                fn()
+                n += 1
+            rates[name] = 2 * 2048 ** 3 * n / (time.perf_counter() - t0) / 1e9
+    return rates
+
+
+def machine(threads: int) -> dict:
+    cpu = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    import transformers
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__,
+            "cuda": torch.cuda.is_available(), "device": "cpu"}
+
+
+# ----------------------------------------------------------------------------- inputs
+def frames(B: int, N: int, size, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    sizes = size if isinstance(size, list) else [size] * N
+    return [[torch.randint(0, 256, (3, *sizes[n % len(sizes)]), dtype=torch.uint8, generator=g) for n in range(N)]
+            for _ in range(B)]
+
+
+def conversation(n: int, prompt: str):
+    return [{"role": "user", "content": [{"type": "image"}] * n + [{"type": "text", "text": prompt}]}]
+
+
+PROMPTS = ["Describe the scene.", "What is in front of the robot?", "Is the path clear?", "Count the people."]
+
+
+class Bench:
+    def __init__(self, quick: bool, threads: int):
+        from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
+
+        self.quick = quick
+        self.reps = 2 if quick else 4
+        self.dir = Path(tempfile.mkdtemp(prefix="qvl_bench_"))
+        save_tiny_checkpoint(self.dir, config=PRESETS["small"], seed=0)
+        self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(self.dir), dtype=torch.float32).eval()
+        self.proc = AutoProcessor.from_pretrained(str(self.dir))
+        self.ours = BatchedQwenVL.from_pretrained(self.dir, device="cpu", dtype=torch.float32)
+        self.results: list[dict] = []
+        self.threads = threads
+
+    def add(self, name, params, ours, ref, unit, error, ours_mem=None, ref_mem=None, lower_is_better=False,
+            **extra):
+        ratio = None
+        if ref and ours:
+            ratio = ref / ours if lower_is_better else ours / ref  # always ours_speed / reference_speed
+        row = {"name": name, "params": params, "ours": ours, "reference": ref, "unit": unit,
+               "ratio": ratio, "error": error, "device": "cpu", "dtype": "float32",
+               "peak_mem_mb": {"ours": ours_mem, "reference": ref_mem}, **extra}
+        self.results.append(row)
+        r = f"{row['ratio']:.2f}x" if row["ratio"] else "-"
+        e = f"{error:.1e}" if isinstance(error, float) else str(error)
+        print(f"  {name:10s} {json.dumps(params):48s} ours {ours:9.2f} ref {ref if ref is None else round(ref, 2)!s:>9} "
+              f"{unit:9s} {r:>7s} err {e}", flush=True)
+        return row
+
+    # ------------------------------------------------------------------ HF reference helpers
+    def hf_inputs(self, cams, prompt):
+        text = self.proc.apply_chat_template(conversation(len(cams), prompt), add_generation_prompt=True, tokenize=False)
+        return self.proc(text=[text], images=[im.permute(1, 2, 0).numpy() for im in cams], return_tensors="pt")
+
+    def hf_encode_one(self, cams, prompt):
+        """The model-card path for one sample: processor, then the model (vision + decoder)."""
+        inp = self.hf_inputs(cams, prompt)
+        return inp, self.ref.model(**inp).last_hidden_state[0]
+
+    # ------------------------------------------------------------------ rows
+    def preprocess(self):
+        B, N = (2, 3) if self.quick else (4, 3)
+        imgs = frames(B, N, (480, 640))
+        flat = [im for cams in imgs for im in cams]
+        np_imgs = [im.permute(1, 2, 0).numpy() for im in flat]
+        ip = self.proc.image_processor
+        f_ref = lambda: ip(images=np_imgs, return_tensors="pt")
+        f_ours = lambda: self.ours.processor.pixel_patches(flat)
+        tr, to, r, o = side_by_side(f_ref, f_ours, self.reps + 2)
+        pv = self.ours.processor.hf_pixel_values(o[0])
+        std = torch.tensor(ip.image_std).repeat_interleave(2 * 14 * 14)
+        levels = ((pv - r["pixel_values"]).abs() * std * 255).max().item()
+        self.add("preprocess", {"frames": B * N, "size": "640x480"}, B * N / to, B * N / tr, "images/s",
+                 rel_err(pv, r["pixel_values"]), max_level_diff=round(levels, 3),
+                 ours_mem=None, ref_mem=None)
+
+    def vision(self):
+        counts = [1, 12] if self.quick else [1, 4, 12, 32]
+        cases = [((224, 224), c) for c in counts] + [((448, 448), c) for c in counts]
+        cases.append(([(448, 448), (224, 252), (308, 420), (480, 640)], 12))
+        with torch.inference_mode():
+            for size, n in cases:
+                imgs = frames(1, n, size)
+                _, inp = self.ours.prepare(imgs, ["x"])
+                pv = self.ours.processor.hf_pixel_values(inp.pixels)
+                grid = torch.tensor(inp.grids)
+                f_ref = lambda: self.ref.model.visual(pv, grid_thw=grid).pooler_output
+                f_ours = lambda: self.ours.visual(inp.pixels, inp.grids)
+                tr, to, r, o = side_by_side(f_ref, f_ours, self.reps)
+                label = f"{size[0]}x{size[1]}" if isinstance(size, tuple) else "mixed"
+                params = {"frames": n, "size": label}
+                mem_o = peak_mb(f_ours) if n >= 12 else None
+                mem_r = peak_mb(f_ref) if n >= 12 else None
+                self.add("vision", params, n / to, n / tr, "images/s", rel_err(o, r), mem_o, mem_r,
+                         seconds={"ours": to, "reference": tr})
+
+    def vision_flops(self, grids) -> float:
+        """Multiply-adds x 2 of qvl_ros's vision tower on these grids (patch embedding without the
+        temporal repeat, which the reference computes twice)."""
+        c = self.ours.cfg
+        D, I, mm = c.vision_hidden, c.vision_intermediate, c.merge_size ** 2
+        lay = self.ours.visual.layout(grids)
+        S = sum(g[1] * g[2] for g in grids)
+        lin = 2 * S * (D * 3 * D + D * D + D * (2 * I if c.is_v25 else I) + I * D)
+        seg = lambda groups: sum(g.n * g.length * g.length for g in groups)  # sum of L^2
+        attn_w, attn_f = 4 * seg(lay.window_groups) * D, 4 * seg(lay.full_groups) * D
+        full = set(c.fullatt_blocks)
+        total = sum(lin + (attn_f if i in full else attn_w) for i in range(c.vision_depth))
+        total += 2 * S * 3 * c.patch_size ** 2 * D + 2 * (S // mm) * (mm * D * mm * D + mm * D * c.vision_out)
+        return float(total)
+
+    def roofline_and_ops(self, rates: dict):
+        from torch.profiler import ProfilerActivity, profile
+
+        imgs = frames(1, 12, (448, 448))
+        _, inp = self.ours.prepare(imgs, ["x"])
+        pv = self.ours.processor.hf_pixel_values(inp.pixels)
+        grid = torch.tensor(inp.grids)
+        with torch.inference_mode():
+            f_ref = lambda: self.ref.model.visual(pv, grid_thw=grid)
+            f_ours = lambda: self.ours.visual(inp.pixels, inp.grids)
+            tr, to, _, _ = side_by_side(f_ref, f_ours, self.reps)
+            flops = self.vision_flops(inp.grids)
+            peak = max(rates.values())  # the faster of the two kernels is the machine's limit
+            self.add("roofline", {"frames": 12, "size": "448x448", "matmul_2048_gflops": round(peak, 1)},
+                     flops / to / 1e9 / peak * 100, flops / tr / 1e9 / peak * 100, "% of matmul", None,
+                     achieved_gflops={"ours": round(flops / to / 1e9, 1), "reference": round(flops / tr / 1e9, 1)},
+                     matmul_gflops={k: round(v, 1) for k, v in rates.items()}, vision_gflop=round(flops / 1e9, 2))
+            counts = {}
+            for who, fn in (("ours", f_ours), ("reference", f_ref)):
+                with profile(activities=[ProfilerActivity.CPU]) as prof:
+                    fn()
+                ev = [e for e in prof.events() if e.name.startswith("aten::")]
+                top = [e for e in ev if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")]
+                attn = sum(1 for e in top if "scaled_dot_product" in e.name)
+                counts[who] = {"ops": len(top), "attention_calls": attn}
+            depth = self.ours.cfg.vision_depth
+            self.add("ops", {"frames": 12, "size": "448x448", "layers": depth}, counts["ours"]["ops"],
+                     counts["reference"]["ops"], "op calls", None, lower_is_better=True,
+                     attention_calls=counts, fewer_ops_factor=round(counts["reference"]["ops"] / counts["ours"]["ops"], 1))
+
+    def encode(self):
+        grid = [(1, 3), (4, 3)] if self.quick else [(b, n) for b in (1, 4, 8) for n in (1, 3, 6)]
+        with torch.inference_mode():
+            for B, N in grid:
+                imgs = frames(B, N, (448, 448), seed=B * 10 + N)
+                prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
+
+                def f_ref():
+                    return [self.hf_encode_one(imgs[b], prompts[b]) for b in range(B)]
+
+                f_ours = lambda: self.ours.encode(imgs, prompts)
+                tr, to, r, o = side_by_side(f_ref, f_ours, max(1, self.reps - 1) if B * N >= 24 else self.reps)
+                L = o.hidden.shape[1]
+                err = max(rel_err(o.hidden[b, L - r[b][1].shape[0]:], r[b][1]) for b in range(B))
+                mem_o = peak_mb(f_ours) if (B, N) == (4, 3) else None
+                mem_r = peak_mb(f_ref) if (B, N) == (4, 3) else None
+                self.add("encode", {"B": B, "N": N, "size": "448x448", "reference": "HF per sample"},
+                         B * N / to, B * N / tr, "images/s", err, mem_o, mem_r)
+            # transformers' own batched forward (padding left) for the headline case
+            B, N = 4, 3
+            imgs = frames(B, N, (448, 448), seed=43)
+            prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
+            texts = [self.proc.apply_chat_template(conversation(N, p), add_generation_prompt=True, tokenize=False)
+                     for p in prompts]
+            self.proc.tokenizer.padding_side = "left"
+            flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+
+            def f_ref_batched():
+                inp = self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+                return inp, self.ref.model(**inp).last_hidden_state
+
+            f_ours = lambda: self.ours.encode(imgs, prompts)
+            tr, to, r, o = side_by_side(f_ref_batched, f_ours, self.reps)
+            inp, hid = r
+            mask = inp["attention_mask"].bool()
+            err = rel_err(o.hidden[o.attention_mask.bool()], hid[mask])
+            self.add("encode", {"B": B, "N": N, "size": "448x448", "reference": "HF batched"},
+                     B * N / to, B * N / tr, "images/s", err)
+
+    def generate(self):
+        B, N, T = (4, 3, 32) if not self.quick else (2, 3, 16)
+        imgs = frames(B, N, (448, 448), seed=7)
+        prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
+        texts = [self.proc.apply_chat_template(conversation(N, p), add_generation_prompt=True, tokenize=False)
+                 for p in prompts]
+        self.proc.tokenizer.padding_side = "left"
+        flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+        eos = self.ours.eos_ids
+
+        def f_ref():
+            inp = self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+            # a fixed number of new tokens on both sides: no early stop
+            out = self.ref.generate(**inp, max_new_tokens=T, min_new_tokens=T, do_sample=False)
+            return out[:, inp["input_ids"].shape[1]:]
+
+        f_ours = lambda: self.ours.generate_ids(imgs, prompts, max_new_tokens=T)
+        with torch.inference_mode():
+            tr, to, r, o = side_by_side(f_ref, f_ours, self.reps)
+        # identical tokens: compare each row until its first end token
+        same = True
+        for b in range(B):
+            rr, oo = r[b].tolist(), o[b].tolist()
+            n = next((i + 1 for i, t in enumerate(rr) if t in eos), len(rr))
+            same &= rr[:n] == oo[:n]
+        self.add("generate", {"B": B, "N": N, "new_tokens": T, "size": "448x448", "reference": "HF generate batched"},
+                 B * T / to, B * T / tr, "tokens/s", "identical tokens" if same else "TOKENS DIFFER")
+
+    def extract_and_node(self):
+        for modname, rowname in (("bench.extract_bench", "extract"), ("bench.node_bench", "node")):
+            try:
+                mod = __import__(modname, fromlist=["run"])
+            except ImportError:
+                continue
+            try:
+                rows = mod.run(quick=self.quick)
+            except Exception as e:  # a failing sub-benchmark is reported, not fatal
+                print(f"  {rowname}: failed: {e}", flush=True)
+                continue
+            for row in rows:
+                self.add(rowname, row["params"], row["ours"], row["reference"], row["unit"], row.get("error"),
+                         **{k: v for k, v in row.items() if k not in ("params", "ours", "reference", "unit", "error")})
+
+
+# ----------------------------------------------------------------------------- output
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# qvl_ros benchmark: {report['name']}", "",
+             f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
+             f"torch {m['torch']}, transformers {m['transformers']}, device **{m['device']}**, float32",
+             "- 2048² float32 matmul: " + ", ".join(f"{k} {v:.1f}" for k, v in report["matmul_gflops"].items())
+             + " GFLOP/s (roofline % uses the faster)",
+             f"- config: {report['config']['description']}",
+             f"- reference: transformers {m['transformers']} (its processor + Qwen2_5_VLForConditionalGeneration); "
+             "error = mean(|ours − ref| / (|ref| + 1))", "",
+             "| row | params | qvl_ros | reference | unit | ratio | error | peak MB ours / ref |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        p = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        ref = "-" if r["reference"] is None else f"{r['reference']:.2f}"
+        ratio = "-" if r["ratio"] is None else f"**{r['ratio']:.2f}×**"
+        err = r["error"] if not isinstance(r["error"], float) else f"{r['error']:.1e}"
+        mem = r.get("peak_mem_mb") or {}
+        memtxt = "-" if mem.get("ours") is None else f"{mem['ours']:.0f} / {mem['reference']:.0f}"
+        lines.append(f"| {r['name']} | {p} | {r['ours']:.2f} | {ref} | {r['unit']} | {ratio} | {err or '-'} | {memtxt} |")
+    extra = [r for r in report["results"] if r["name"] == "ops"]
+    for r in extra:
+        lines.append("")
+        lines.append(f"Operator calls per vision forward (12 × 448²): ours {r['attention_calls']['ours']}, "
+                     f"reference {r['attention_calls']['reference']} ({r['fewer_ops_factor']}× fewer).")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["results"] if r["name"] == "encode" and r["params"].get("reference") == "HF per sample"]
+    vis = [r for r in report["results"] if r["name"] == "vision" and r["params"]["size"] == "448x448"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, data, xkey, title in ((axes[0], rows, None, "encode, 448² frames"),
+                                  (axes[1], vis, "frames", "vision tower, 448² frames")):
+        xs = [r["params"]["B"] * r["params"]["N"] if xkey is None else r["params"][xkey] for r in data]
+        order = sorted(range(len(xs)), key=lambda i: xs[i])
+        ax.plot([xs[i] for i in order], [data[i]["ours"] for i in order], "o-", label="qvl_ros")
+        ax.plot([xs[i] for i in order], [data[i]["reference"] for i in order], "s--", label="transformers")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("B × N frames per call" if xkey is None else "frames per call")
+        ax.set_ylabel("images/s (cpu, float32)")
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.suptitle(f"{report['machine']['cpu']} — {report['machine']['torch_threads']} threads", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a subset that finishes in under 2 minutes")
+    ap.add_argument("--name", default=None, help="results file name (default: quick or full)")
+    ap.add_argument("--threads", type=int, default=torch.get_num_threads())
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--only", nargs="*", default=None,
+                    help="rows to run: preprocess vision roofline encode generate extract")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    name = a.name or ("quick" if a.quick else "full")
+    t0 = time.time()
+    print(f"qvl_ros bench ({'quick' if a.quick else 'full'}), device cpu, float32, {a.threads} threads", flush=True)
+    peak = matmul_rate(1.0 if a.quick else 4.0)
+    print("  2048^2 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()), flush=True)
+    b = Bench(a.quick, a.threads)
+    only = set(a.only or ["preprocess", "vision", "roofline", "encode", "generate", "extract"])
+    if "preprocess" in only:
+        b.preprocess()
+    if "vision" in only:
+        b.vision()
+    if "roofline" in only:
+        b.roofline_and_ops(peak)
+    if "encode" in only:
+        b.encode()
+    if "generate" in only:
+        b.generate()
+    if "extract" in only:
+        b.extract_and_node()
+    report = {"name": name, "machine": machine(a.threads), "matmul_gflops": peak,
+              "config": {"preset": "small", "description": SMALL}, "results": b.results,
+              "seconds": round(time.time() - t0, 1)}
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(report, indent=1))
+    md = markdown(report)
+    (out / f"{name}.md").write_text(md)
+    plot(report, out / f"{name}.png")
+    print()
+    print(md)
+    print(f"wrote {out / name}.json/.md/.png in {report['seconds']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
