@@ -119,9 +119,10 @@ def camera_names_for(topics: Sequence[str]) -> list[str]:
                 break
             depth += 1
         names.append(name)
+    repeated = {name for name in names if names.count(name) > 1}  # identical topics: number them
     counters: dict[str, int] = {}
-    for i, name in enumerate(list(names)):
-        if names.count(name) > 1:
+    for i, name in enumerate(names):
+        if name in repeated:
             counters[name] = counters.get(name, -1) + 1
             names[i] = f"{name}_{counters[name]}"
     return names

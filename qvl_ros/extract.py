@@ -85,6 +85,7 @@ class ExtractConfig:
     export: str | os.PathLike | None = None
     shard_mb: float = 512.0
     prefetch: int = 2  # batches read ahead in a thread while the model runs (0: no thread)
+    reader_threads: int | None = 1  # torch threads of the reading thread on a CPU device (None: torch's)
     handle_signals: bool = True  # SIGINT/SIGTERM finish the batch in flight, then stop
 
 
@@ -161,8 +162,6 @@ def _looks_like_export(path: Path) -> bool:
 
 def _check_target(path: Path, force: bool, what: str, looks_ok: Callable[[Path], bool]) -> None:
     if not path.exists() and not path.is_symlink():
-        if not path.parent.exists():
-            raise ExtractError(f"{what} {path}: parent directory {path.parent} does not exist")
         return
     if not force:
         raise ExtractError(f"{what} {path} exists; pass --force to overwrite it")
@@ -295,14 +294,15 @@ class Progress:
 class _SetSource:
     """Reads, converts and synchronizes the camera frames; iterating yields SyncSets in order."""
 
-    def __init__(self, bags, cfg: ExtractConfig, device, start_ns, stop_ns, stop: threading.Event) -> None:
+    def __init__(self, bags, cfg: ExtractConfig, device, start_ns=None, stop_ns=None,
+                 stopped: Callable[[], bool] = lambda: False) -> None:
         from .synchronizer import Synchronizer
 
         self.bags = bags
         self.cfg = cfg
         self.device = device
         self.start_ns, self.stop_ns = start_ns, stop_ns
-        self.stop = stop
+        self.stopped = stopped
         n = len(bags.cameras)
         slop_ns = int(round(cfg.slop * 1e9))
         reorder_ns = int(round(cfg.reorder * 1e9))
@@ -328,7 +328,7 @@ class _SetSource:
         use_header = self.cfg.stamps == "header"
         sync, bags, device = self.sync, self.bags, self.device
         for k, rec_ns, raw in bags.records(self.start_ns, self.stop_ns):
-            if self.stop.is_set():
+            if self.stopped():
                 return
             self.frames[k] += 1
             try:
@@ -356,11 +356,17 @@ class _Raised:
 
 
 class _ReadAhead:
-    """Runs an iterator in a thread, `depth` items ahead of the consumer."""
+    """Runs an iterator in a thread, `depth` items ahead of the consumer.
 
-    def __init__(self, source, depth: int) -> None:
+    ``torch_threads``: intra-op threads for torch work done in that thread (None: unchanged).
+    On a CPU the model already uses every core; a second OpenMP team for the frame
+    conversions would oversubscribe them, so the reading thread converts with one thread.
+    """
+
+    def __init__(self, source, depth: int, torch_threads: int | None = None) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
         self._halt = threading.Event()
+        self._torch_threads = torch_threads
         self._thread = threading.Thread(target=self._run, args=(source,), name="qvl-extract-read", daemon=True)
         self._thread.start()
 
@@ -374,12 +380,25 @@ class _ReadAhead:
         return False
 
     def _run(self, source) -> None:
+        saved = None
+        if self._torch_threads is not None:
+            import torch
+
+            # Sets this thread's OpenMP/MKL thread count (threads that already run keep theirs)
+            # and torch's default for threads started later, which is restored below.
+            saved = torch.get_num_threads()
+            torch.set_num_threads(self._torch_threads)
         try:
             for item in source:
                 if not self._put(item):
                     return
         except BaseException as exc:  # handed to the consumer
             self._put(_Raised(exc))
+        finally:
+            if saved is not None:
+                import torch
+
+                torch.set_num_threads(saved)
         self._put(_END)
 
     def __iter__(self):
@@ -408,7 +427,8 @@ class _ReadAhead:
 
 class _StopOnSignal:
     """First SIGINT/SIGTERM sets `stop` (the run ends after the batch in flight); a second
-    SIGINT raises KeyboardInterrupt. Handlers are restored on exit."""
+    SIGINT raises KeyboardInterrupt, unless `closing` is set (the files are being closed).
+    Handlers are restored on exit."""
 
     def __init__(self, stop: threading.Event, enabled: bool, stream) -> None:
         self.stop = stop
@@ -529,9 +549,14 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
     }
     prompts_cache: dict[int, list[str]] = {}
     progress_bar = Progress(bags.estimated_frames(start_ns, stop_ns), progress, progress_interval, stream)
-    source = _SetSource(bags, cfg, model.device, start_ns, stop_ns, stop)
+    halt = threading.Event()  # set by a signal, and when the run ends for any reason
+
+    def stopped() -> bool:
+        return halt.is_set() or stop.is_set()
+
+    source = _SetSource(bags, cfg, model.device, start_ns, stop_ns, stopped)
     t0 = time.perf_counter()
-    with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
+    with _StopOnSignal(halt, cfg.handle_signals, stream) as signals:
         writer = FeatureBagWriter(output, captions=cfg.caption, custom_data=custom)
         exporter = None
         reader = None
@@ -562,7 +587,9 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
                         exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)
                     report.sets_written += 1
 
-            reader = _ReadAhead(source, cfg.prefetch * cfg.batch) if cfg.prefetch > 0 else None
+            if cfg.prefetch > 0:
+                threads = cfg.reader_threads if model.device.type == "cpu" and cfg.reader_threads else None
+                reader = _ReadAhead(source, cfg.prefetch * cfg.batch, torch_threads=threads)
             batch: list = []
             for s in (reader if reader is not None else source):
                 batch.append(s)
@@ -572,17 +599,19 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
                     progress_bar.update(source.frames_read, report.sets_written)
                     if on_progress is not None:
                         on_progress(report)
-                    if stop.is_set():
+                    if stopped():
                         break
-            if batch and not stop.is_set():
+            if batch and not stopped():
                 write_batch(batch)
         except KeyboardInterrupt:
-            report.error = "stopped at once by a second Ctrl-C"
+            report.error = "stopped at once by Ctrl-C"
+            if signals.signum is None:
+                signals.signum = signal.SIGINT
         except Exception as exc:  # a read or model failure mid-run: keep what is written
             report.error = f"{type(exc).__name__}: {exc}"
         finally:
             signals.closing = True  # from here on, signals no longer interrupt: close the files
-            stop.set()
+            halt.set()
             if reader is not None:
                 reader.close()
             try:
@@ -656,6 +685,10 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
         lines.append("  left over: frames still waiting for partners when reading stopped")
     if report.sets_unwritten:
         lines.append(f"  {report.sets_unwritten} synchronized set(s) not written because the run stopped")
+    if report.sets_written == 0 and not report.error and report.interrupted is None and \
+            all(cam.frames for cam in report.cameras):
+        lines.append("  no synchronized set found: are the cameras' stamps within --slop of each other? "
+                     "(try a larger --slop, or --stamps bag when header stamps are unset)")
     if report.failures:
         lines.append(f"frames that could not be converted ({len(report.failures)}), skipped:")
         for topic, stamp, reason in report.failures[:max_failures]:

@@ -98,7 +98,8 @@ def _ns(t):
 
 def _tensor(ft):
     assert ft.dtype == "float32"
-    return torch.from_numpy(np.frombuffer(ft.data.tobytes(), dtype="<f4").reshape(tuple(int(d) for d in ft.shape)))
+    values = np.frombuffer(ft.data.tobytes(), dtype="<f4").astype(np.float32)  # own, writable memory
+    return torch.from_numpy(values.reshape(tuple(int(d) for d in ft.shape)))
 
 
 def _decode(frame, spec_index, recording):
@@ -248,6 +249,20 @@ def test_captions_time_range_and_feature_selection(recording, model, tmp_path):
         assert tf == tc and f.camera_stamps == c.camera_stamps
         assert [x.name for x in f.tensors] == ["vision/cam0", "vision/cam1", "vision/cam2"]
     assert load_features(tmp_path / "arr")["captions"] == texts
+
+
+def test_sync_on_recording_times_and_no_set_hint(recording, tmp_path):
+    frames = recording["frames"]
+    report = ex.extract(_config(recording, tmp_path / "bagtime", stamps="bag", end="+0.35", features=["vision"]),
+                        progress="none")
+    _, msgs = _read_bag(tmp_path / "bagtime")
+    assert [[_ns(s) for s in m.camera_stamps] for _, _, m, _ in msgs] == \
+        [[frames[k][t].record_ns for k in range(3)] for t in range(4)]
+    # a slop below the cameras' stamp spread: frames but no set, and the summary says what to try
+    report = ex.extract(_config(recording, tmp_path / "none", slop=0.0001, end="+0.35"), progress="none")
+    assert report.sets_written == 0 and all(c.frames for c in report.cameras)
+    assert "no synchronized set found" in ex.format_summary(report)
+    assert _read_bag(tmp_path / "none")[1] == []
 
 
 def test_rosbags_image_data_is_a_view_of_the_record(recording):
