@@ -150,7 +150,7 @@ class BatchedQwenVL(nn.Module):
         model.visual.inv_freq = model.visual.inv_freq.float()
         model.decoder.inv_freq = model.decoder.inv_freq.float()
         model.name = str(path)
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ pieces
     def prepare(self, images, prompts, size=None) -> tuple[list, Batch]:
@@ -216,8 +216,9 @@ class BatchedQwenVL(nn.Module):
             caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
                       for _ in range(self.cfg.layers)]
         vis = self.vision_features(inputs)
-        padded = len(set(inputs.lengths)) > 1
-        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, padded, caches)
+        pads = [L - n for n in inputs.lengths]
+        padded = any(pads)
+        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads, caches)
         counts = [g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
         per_image = vis.split(counts)
         out, k = [], 0

@@ -28,30 +28,34 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(D, 2 * cfg.intermediate, bias=False)
         self.down = nn.Linear(cfg.intermediate, D, bias=False)
 
-    def forward(self, x, rope, mask, cache=None, start: int = 0):
+    def forward(self, x, rope, mask, cache=None, start: int = 0, pads=None):
         """x (B, L, D); rope (B, L, hd/2) complex; mask (B, 1, L, K) bool or None (causal).
 
-        With `cache=(k_buf, v_buf)` the new keys/values are written at [start, start + L) and
-        attention runs over the whole buffer (masked by `mask`)."""
+        With `cache=(k_buf, v_buf)` the new keys/values are written at [start, start + L); a
+        single-token step attends over the whole buffer (masked by `mask`). `pads` (host ints,
+        left padding per row) runs the prefill causally per row on its real tokens instead of
+        one masked call: half the attention work, since a mask hides the causal structure."""
         B, L, D = x.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        qkv = linear(F.rms_norm(x, (D,), self.norm1, self.eps), self.qkv.weight, self.qkv.bias)  # (B, L, (H + 2Hkv) hd)
+        qkv = linear(F.rms_norm(x, (D,), self.norm1, self.eps), self.qkv.weight, self.qkv.bias)
         q = apply_rope(qkv[..., :H * hd].view(B, L, H, hd), rope[:, :, None])  # (B, L, H, hd)
         k = apply_rope(qkv[..., H * hd:(H + Hkv) * hd].view(B, L, Hkv, hd), rope[:, :, None])
         v = qkv[..., (H + Hkv) * hd:].view(B, L, Hkv, hd)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
         if cache is not None:
-            k_buf, v_buf = cache
-            k_buf[:, :, start:start + L] = k
-            v_buf[:, :, start:start + L] = v
-            if L > 1:  # prefill attends to its own keys only
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                                   enable_gqa=H != Hkv)
-            else:
-                o = F.scaled_dot_product_attention(q, k_buf, v_buf, attn_mask=mask, enable_gqa=H != Hkv)
+            cache[0][:, :, start:start + L] = k
+            cache[1][:, :, start:start + L] = v
+            if L == 1:
+                k, v = cache
+        gqa = H != Hkv
+        if pads is not None:
+            o = q.new_zeros(B, H, L, hd)
+            for b, p in enumerate(pads):
+                o[b:b + 1, :, p:] = F.scaled_dot_product_attention(q[b:b + 1, :, p:], k[b:b + 1, :, p:],
+                                                                   v[b:b + 1, :, p:], is_causal=True, enable_gqa=gqa)
         else:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=H != Hkv)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
+                                               enable_gqa=gqa)
         o = o.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, H*hd)
         x = linear_add(o, self.o.weight, None, x)
         h = linear(F.rms_norm(x, (D,), self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
@@ -93,21 +97,25 @@ class Decoder(nn.Module):
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
         return linear(h, w)
 
-    def forward(self, x, position_ids, attention_mask, padded: bool, caches=None):
+    def forward(self, x, position_ids, attention_mask, pads: list[int], caches=None):
         """Prefill: x (B, L, D) embeddings -> last hidden states (B, L, D) after the final norm.
 
-        `padded` (known on the host) says whether any row is left padded; without padding the
-        causal flag replaces an explicit mask."""
+        `pads` (host ints) is each row's left padding. Without padding one causal call serves the
+        batch; with padding the CPU attends per row on real tokens, other devices use one masked
+        call."""
         B, L, D = x.shape
-        mask = None
-        if padded:
-            valid = attention_mask.bool()
-            causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
-            mask = causal & valid[:, None, None, :]  # (B, 1, L, L)
-            mask |= torch.eye(L, dtype=torch.bool, device=x.device)  # pad rows attend to themselves
+        mask, rows = None, None
+        if any(pads):
+            if x.device.type == "cpu":
+                rows = pads
+            else:
+                valid = attention_mask.bool()
+                causal = torch.ones(L, L, dtype=torch.bool, device=x.device).tril()
+                mask = causal & valid[:, None, None, :]  # (B, 1, L, L)
+                mask |= torch.eye(L, dtype=torch.bool, device=x.device)  # pad rows attend to themselves
         rope = self.rope(position_ids)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if caches is None else caches[i], 0)
+            x = layer(x, rope, mask, None if caches is None else caches[i], 0, rows)
         return F.rms_norm(x, (D,), self.norm, self.cfg.rms_eps)
 
     def step(self, tok, position, key_mask, caches, index: int):

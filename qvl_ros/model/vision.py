@@ -205,7 +205,7 @@ class VisionTower(nn.Module):
         return order, lengths, hpos, wpos
 
     def layout(self, grids: list) -> Layout:
-        key = tuple(grids)
+        key = (tuple(grids), self.inv_freq.device)
         lay = self._layouts.get(key)
         if lay is not None:
             return lay
