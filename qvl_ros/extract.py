@@ -84,7 +84,9 @@ class ExtractConfig:
     force: bool = False
     export: str | os.PathLike | None = None
     shard_mb: float = 512.0
-    prefetch: int = 2  # batches read ahead in a thread while the model runs (0: no thread)
+    # Batches read and decoded ahead in a thread; None: 0 on a CPU (the model keeps every core
+    # busy, and the thread's Python work would hold up the model's thread on the GIL), 2 on a GPU.
+    prefetch: int | None = None
     reader_threads: int | None = 1  # torch threads of the reading thread on a CPU device (None: torch's)
     handle_signals: bool = True  # SIGINT/SIGTERM finish the batch in flight, then stop
 
@@ -467,13 +469,14 @@ class _StopOnSignal:
 # --------------------------------------------------------------------------------- extraction
 def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | None = None,
             stop: threading.Event | None = None, stream=None, progress: str = "auto",
-            progress_interval: float | None = None) -> ExtractReport:
+            progress_interval: float | None = None, model=None) -> ExtractReport:
     """Run one extraction (see the module doc). Raises :class:`ExtractError` before starting
     when an input, topic, model or the output is unusable; otherwise returns a report, also
     when the run was interrupted (``report.interrupted``) or failed (``report.error``).
 
     ``on_progress`` is called with the report after every written batch; ``stop`` ends the run
-    after the batch in flight when set (as SIGINT does).
+    after the batch in flight when set (as SIGINT does). ``model``: an already loaded
+    ``BatchedQwenVL`` to use instead of loading ``cfg.model`` (several runs, one load).
     """
     from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for
     from .feature_msgs import check_kinds, sample_tensors
@@ -520,7 +523,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         stop_ns = _parse_time(cfg.end, bags.start_ns, "end")
         if start_ns is not None and stop_ns is not None and stop_ns <= start_ns:
             raise ExtractError("--end must be after --start")
-        model = _load_model(cfg)
+        if model is None:
+            model = _load_model(cfg)
         return _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop, stream,
                     progress, progress_interval, on_progress, FeatureBagWriter, sample_tensors)
     finally:
@@ -560,21 +564,26 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
         writer = FeatureBagWriter(output, captions=cfg.caption, custom_data=custom)
         exporter = None
         reader = None
+        pending = None  # (batch, features, texts): computed, not yet written
+        at_once = False  # a second Ctrl-C: close the files without writing more
         try:
             if export is not None:
                 exporter = FeatureExporter(export, names, [c.topic for c in bags.cameras], model.name,
                                            cfg.prompt, kinds, cfg.caption,
                                            shard_bytes=int(cfg.shard_mb * (1 << 20)))
 
-            def write_batch(batch) -> None:
+            def compute(batch):
                 images = [list(s.items) for s in batch]
                 prompts = prompts_cache.setdefault(len(batch), [cfg.prompt] * len(batch))
                 if cfg.caption:
                     feats, texts = model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens)
                 else:
                     feats, texts = model.encode(images, prompts), None
+                return batch, feats, texts
+
+            def emit(batch, feats, texts) -> None:
                 for b, s in enumerate(batch):
-                    tensors = sample_tensors(feats, b, names, kinds)
+                    tensors = sample_tensors(feats, b, names, kinds)  # waits for the device
                     msgs = []
                     for name, t in tensors:
                         dtype, shape, data = _host_storage(t)
@@ -586,24 +595,42 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
                     if exporter is not None:
                         exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)
                     report.sets_written += 1
+                progress_bar.update(source.frames_read, report.sets_written)
+                if on_progress is not None:
+                    on_progress(report)
 
-            if cfg.prefetch > 0:
+            if cfg.prefetch is None:
+                depth = 0 if model.device.type == "cpu" else 2
+            else:
+                depth = cfg.prefetch
+            if depth > 0:
                 threads = cfg.reader_threads if model.device.type == "cpu" and cfg.reader_threads else None
-                reader = _ReadAhead(source, cfg.prefetch * cfg.batch, torch_threads=threads)
+                reader = _ReadAhead(source, depth * cfg.batch, torch_threads=threads)
+            # Software pipeline in one thread: batch i+1 is read and decoded, and batch i written,
+            # while a GPU still computes batch i+1 (on a CPU the order changes nothing).
             batch: list = []
             for s in (reader if reader is not None else source):
                 batch.append(s)
                 if len(batch) == cfg.batch:
-                    write_batch(batch)
+                    result = compute(batch)
                     batch = []
-                    progress_bar.update(source.frames_read, report.sets_written)
-                    if on_progress is not None:
-                        on_progress(report)
+                    if pending is not None:
+                        done, pending = pending, None
+                        emit(*done)
+                    pending = result
                     if stopped():
                         break
             if batch and not stopped():
-                write_batch(batch)
+                result = compute(batch)
+                if pending is not None:
+                    done, pending = pending, None
+                    emit(*done)
+                pending = result
+            if pending is not None:
+                done, pending = pending, None
+                emit(*done)
         except KeyboardInterrupt:
+            at_once = True
             report.error = "stopped at once by Ctrl-C"
             if signals.signum is None:
                 signals.signum = signal.SIGINT
@@ -614,6 +641,11 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
             halt.set()
             if reader is not None:
                 reader.close()
+            if pending is not None and not at_once:
+                try:  # a batch computed before the failure is still written
+                    emit(*pending)
+                except Exception as exc:
+                    report.error = report.error or f"{type(exc).__name__}: {exc}"
             try:
                 writer.close()
             finally:
@@ -738,8 +770,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="also write the features as safetensors shards + index.json to DIR")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="approximate export shard size in MB")
-    parser.add_argument("--prefetch", type=int, default=2,
-                        help="batches read and decoded ahead in a thread (0: no thread)")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="batches read and decoded ahead in a thread (default: 0 on a CPU, 2 on a GPU)")
     parser.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT (and the export DIR)")
     parser.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
                         help="progress display on stderr (auto: a bar on a terminal, else a line every 10 s)")

@@ -215,8 +215,8 @@ def test_export_arrays_match_the_bag(run):
 
 
 def test_two_runs_are_identical_with_or_without_read_ahead(recording, run, tmp_path):
-    # also: no read-ahead thread, small export shards (several files)
-    report = ex.extract(_config(recording, tmp_path / "again", prefetch=0, export=tmp_path / "arr", shard_mb=0.05),
+    # this time with the read-ahead thread (off by default on a CPU) and small export shards
+    report = ex.extract(_config(recording, tmp_path / "again", prefetch=2, export=tmp_path / "arr", shard_mb=0.05),
                         progress="none")
     assert report.sets_written == run["report"].sets_written
     _, first = _read_bag(run["out"])
@@ -445,15 +445,16 @@ def test_sigterm_in_process_stops_after_the_batch_and_closes_output_and_export(l
     previous = signal.getsignal(signal.SIGTERM)
     report = ex.extract(ex.ExtractConfig(inputs=[long_recording["path"]], output=tmp_path / "out",
                                          topics=long_recording["topics"], device="cpu", batch=2,
-                                         export=tmp_path / "arr"),
+                                         export=tmp_path / "arr", prefetch=3),
                         on_progress=on_progress, progress="none")
     assert signal.getsignal(signal.SIGTERM) is previous  # handlers restored
     assert report.interrupted == signal.SIGTERM and report.error is None
-    # the signal arrived after batch 2; that batch was the last one
-    assert report.sets_written == sent[0] == 4
+    # the signal arrived while batch 3 was computed (batch i+1 is computed before batch i is
+    # written): batch 3 was finished and written, nothing after it
+    assert sent == [4] and report.sets_written == 6
     assert not report.reached_end
     _, msgs = _read_bag(tmp_path / "out")
-    assert len(msgs) == 4
+    assert len(msgs) == 6
     assert load_features(tmp_path / "arr")["stamp_ns"].tolist() == [t for _, t, _, _ in msgs]
     assert "interrupted by SIGTERM" in ex.format_summary(report)
     assert ex.EXIT_SIGNAL[signal.SIGTERM] == 143
