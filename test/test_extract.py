@@ -253,11 +253,12 @@ def test_captions_time_range_and_feature_selection(recording, model, tmp_path):
 
 def test_sync_on_recording_times_and_no_set_hint(recording, tmp_path):
     frames = recording["frames"]
-    report = ex.extract(_config(recording, tmp_path / "bagtime", stamps="bag", end="+0.35", features=["vision"]),
-                        progress="none")
+    report = ex.extract(_config(recording, tmp_path / "bagtime", stamps="bag", end="+0.35", features=["vision"],
+                                camera_names=["front", "left", "right"]), progress="none")
     _, msgs = _read_bag(tmp_path / "bagtime")
     assert [[_ns(s) for s in m.camera_stamps] for _, _, m, _ in msgs] == \
         [[frames[k][t].record_ns for k in range(3)] for t in range(4)]
+    assert [f.name for f in msgs[0][2].tensors] == ["vision/front", "vision/left", "vision/right"]
     # a slop below the cameras' stamp spread: frames but no set, and the summary says what to try
     report = ex.extract(_config(recording, tmp_path / "none", slop=0.0001, end="+0.35"), progress="none")
     assert report.sets_written == 0 and all(c.frames for c in report.cameras)
@@ -275,6 +276,10 @@ def test_rosbags_image_data_is_a_view_of_the_record(recording):
         # merged over both inputs in recording-time order
         times = [t for _, t, _ in bags.records()]
         assert times == sorted(times) and len(times) == 3 * TICKS - 1
+    # a bare storage file works as an input too
+    with CameraBags([recording["inputs"][0] / "raw.mcap"], TOPICS[:2]) as bags:
+        assert [c.count for c in bags.cameras] == [TICKS, TICKS - 1]
+        assert sum(1 for _ in bags.records()) == 2 * TICKS - 1
 
 
 def test_camera_names_follow_the_node_rule():
@@ -468,3 +473,23 @@ def test_console_script_runs_the_subcommand(tmp_path):
     res = subprocess.run([*cmd, "extract", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--topics", "/x"],
                          capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "qvl-ros extract: error: input not found" in res.stderr
+
+
+@pytest.mark.parametrize("shard_bytes", [1, 1 << 30], ids=["shard-per-set", "one-shard"])
+def test_export_pads_rows_of_different_length_and_records_lengths(tmp_path, shard_bytes):
+    from qvl_ros.export import FeatureExporter
+
+    exp = FeatureExporter(tmp_path / "arr", ["a"], ["/a/image"], "m", "p", ["vision", "hidden"], captions=True,
+                          shard_bytes=shard_bytes)
+    rows = [torch.arange(n * 2, dtype=torch.bfloat16).reshape(n, 2) for n in (3, 5, 3)]
+    for i, r in enumerate(rows):
+        exp.add([100 + i], [("vision/a", torch.ones(4, 2)), ("hidden", r)], caption=f"c{i}")
+    exp.close()
+    assert len(json.loads((tmp_path / "arr" / "index.json").read_text())["shards"]) == (3 if shard_bytes == 1 else 1)
+    feats = load_features(tmp_path / "arr")
+    assert feats["hidden"].dtype == torch.bfloat16 and feats["hidden"].shape == (3, 5, 2)
+    assert feats["hidden:length"].tolist() == [3, 5, 3]
+    for i, r in enumerate(rows):
+        assert torch.equal(feats["hidden"][i, : r.shape[0]], r) and not feats["hidden"][i, r.shape[0]:].any()
+    assert "vision/a:length" not in feats and feats["vision/a"].shape == (3, 4, 2)
+    assert feats["stamp_ns"].tolist() == [100, 101, 102] and feats["captions"] == ["c0", "c1", "c2"]
