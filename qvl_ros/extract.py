@@ -43,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 __all__ = ["ExtractConfig", "ExtractReport", "ExtractError", "extract", "add_arguments", "run_cli", "main"]
 
@@ -478,7 +478,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
     after the batch in flight when set (as SIGINT does). ``model``: an already loaded
     ``BatchedQwenVL`` to use instead of loading ``cfg.model`` (several runs, one load).
     """
-    from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for
+    from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore
     from .feature_msgs import check_kinds, sample_tensors
 
     stream = stream if stream is not None else sys.stderr
@@ -514,6 +514,10 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
     if export is not None:
         _check_target(export, cfg.force, "export directory", _looks_like_export)
 
+    try:
+        qvl_typestore()  # the output's message definitions, read from msg/*.msg
+    except FileNotFoundError as exc:
+        raise ExtractError(str(exc)) from None
     try:
         bags = CameraBags(inputs, topics)
     except BagInputError as exc:
