@@ -9,7 +9,7 @@ setup:
 	scripts/setup.sh
 
 demo: setup
-	$(RUN) python -m qvl_ros.model_demo
+	$(RUN) python -m qvl_ros.demo
 
 test: setup
 	$(RUN) python -m pytest -q test
