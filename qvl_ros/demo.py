@@ -6,7 +6,7 @@
    ``qvl_ros.model_demo`` prints it.
 2. ROS 2: three synthetic cameras (rgb8 320x240, yuv422 448x336, JPEG 256x192 on a
    ``/compressed`` topic) at ``--rate`` Hz with +-5 ms stamp jitter, the ``qvl_node`` node
-   (captions on) and a listener, all in this process on one multi-threaded executor, talking
+   (captions on) and a listener, all in this process on one executor, talking
    over DDS (localhost only when started through scripts/run.sh). Prints what arrives (shapes,
    stamps, latency, captions) and a summary with timings, then exits 0 if features arrived.
 
@@ -30,7 +30,7 @@ CAMERAS = [  # topic, encoding, size
 
 def run_ros(model, duration: float, rate: float, caption: bool, max_new_tokens: int, show: int) -> int:
     import rclpy
-    from rclpy.executors import MultiThreadedExecutor
+    from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
     from .listener import FeatureListener
@@ -49,7 +49,7 @@ def run_ros(model, duration: float, rate: float, caption: bool, max_new_tokens: 
         if shown[kind] <= show or shown[kind] % 10 == 0:
             print("  " + line, flush=True)
 
-    executor = MultiThreadedExecutor(num_threads=6, context=context)
+    executor = SingleThreadedExecutor(context=context)  # the model has its own thread (see qvl_ros.node)
     try:
         node = QvlNode(model=model, context=context, parameter_overrides=[
             Parameter("camera_topics", value=topics),

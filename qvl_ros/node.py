@@ -7,8 +7,7 @@ Data flow (the logic lives in the components; this module wires them to ROS):
 
 * one subscription per camera (``sensor_msgs/Image``, or ``CompressedImage`` for topics ending
   in ``/compressed`` or with ``compressed: true``), sensor-data QoS; each camera has its own
-  mutually exclusive callback group, so cameras convert in parallel and each camera's frames
-  stay in order;
+  mutually exclusive callback group, so its frames stay in order on any executor;
 * the callback converts the message to a uint8 ``(3, H, W)`` tensor on the model device
   (:mod:`qvl_ros.conversion`) and adds it to the :class:`~qvl_ros.synchronizer.Synchronizer`
   under the node's lock; complete sets go to the :class:`~qvl_ros.batcher.Batcher`. Invalid
@@ -19,6 +18,12 @@ Data flow (the logic lives in the components; this module wires them to ROS):
   cameras' frames. A failing batch is retried set by set; a set that still fails is logged
   with its stamps and dropped; the node keeps serving;
 * a steady-clock timer publishes ``/diagnostics`` (see :mod:`qvl_ros.diagnostics`).
+
+Executor: ``main`` spins the node on a ``SingleThreadedExecutor``; callbacks only convert and
+enqueue, and the model has its own thread. Prefer that when embedding the node too: rclpy's
+``MultiThreadedExecutor`` polls without blocking while a mutually exclusive callback is running
+and a new message waits, and that loop holds the GIL so much that the model thread crawls
+(measured here: batches of 12 ms took up to 10 s, camera callbacks stalled for seconds).
 
 Parameters are declared with descriptors in ``QvlNode.__init__``; ``config/multi_cam.yaml``
 documents every one. Those that need a restart (topics, QoS, synchronizer, queue depth, model)
@@ -38,7 +43,7 @@ from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParameters
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
-from rclpy.executors import ExternalShutdownException, MultiThreadedExecutor
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
@@ -469,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     code = 0
     try:
         node = QvlNode()
-        executor = MultiThreadedExecutor(num_threads=len(node.camera_names) + 2)
+        executor = SingleThreadedExecutor()  # see the module doc
         executor.add_node(node)
         try:
             executor.spin()

@@ -1,6 +1,6 @@
 """qvl_node over real DDS (rclpy in this process, localhost discovery, a random domain id).
 
-One context and one multi-threaded executor serve the module; every test runs in its own
+One context and one executor serve the module; every test runs in its own
 namespace. Cameras are `qvl_ros.synthetic.SyntheticCameras` driven tick by tick from the test
 thread, which records every message it publishes. The oracle is a second `BatchedQwenVL`
 loaded from the same tiny checkpoint: `encode` / `encode_generate` on the frames of each set
@@ -25,7 +25,7 @@ pytest.importorskip("qvl_ros.msg")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.msg import Log  # noqa: E402
-from rclpy.executors import MultiThreadedExecutor  # noqa: E402
+from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data  # noqa: E402
@@ -68,7 +68,7 @@ def oracle(tiny_path):
 def ros():
     context = rclpy.Context()
     rclpy.init(context=context, args=[])
-    executor = MultiThreadedExecutor(num_threads=8, context=context)
+    executor = SingleThreadedExecutor(context=context)  # as qvl_node's main (see qvl_ros.node)
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     yield context, executor
@@ -194,12 +194,22 @@ class Rig:
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
 
-    def settle(self, expected=None, timeout=10.0):
-        """Wait until the node is idle and the collector has what the node published."""
-        assert self.node.wait_idle(timeout)
-        target = self.node.pipeline_stats()["monitor"]["published"] if expected is None else expected
-        assert wait_for(lambda: len(self.collector.got(self.collector.features)) >= target, timeout)
-        time.sleep(0.1)
+    def settle(self, timeout=15.0):
+        """Wait until frames in flight are processed (no new set for 0.3 s, the batcher idle)
+        and the collector has every features message the node published."""
+        end = time.monotonic() + timeout
+        last, since = None, time.monotonic()
+        while time.monotonic() < end:
+            s = self.node.pipeline_stats()
+            state = (sum(s["sync"]["received"]), s["sync"]["sets"], s["monitor"]["published"])
+            if state != last:
+                last, since = state, time.monotonic()
+            idle = s["batch"]["depth"] == 0 and s["batch"]["running"] == 0
+            have = len(self.collector.got(self.collector.features)) >= s["monitor"]["published"]
+            if idle and have and time.monotonic() - since >= 0.3:
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"pipeline did not settle: {self.node.pipeline_stats()}")
 
     def close(self):
         for n in self.nodes:
@@ -282,7 +292,7 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     stats = rig.node.pipeline_stats()
     msgs = rig.collector.feature_msgs()
     # Exactly one message per synchronized set, none lost or duplicated.
-    assert stats["sync"]["sets"] == stats["batch"]["put"] == stats["monitor"]["published"] == len(msgs)
+    assert stats["sync"]["sets"] == stats["batch"]["put"] == stats["monitor"]["published"] == len(msgs), stats
     assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
     assert stats["monitor"]["model_errors"] == 0
     check_stamps(rig, msgs, ticks_expected=ticks - 3)  # best effort: a lost frame costs a set
@@ -340,30 +350,30 @@ def test_stale_camera_is_reported_and_node_serves_again_when_it_returns(rigs):
                node_params=[("diagnostics.stale_after", 0.5), ("diagnostics.period", 0.2)])
     stale_name = rig.node.camera_names[2]
     rig.drive(10)
+    rig.settle()
     before = len(rig.collector.feature_msgs())
     assert before >= 8
     rig.cameras.set_enabled(2, False)
     rig.drive(12)
-    rig.settle()
-    during = len(rig.collector.feature_msgs())
-    assert during - before <= 1  # no complete set without camera 2
-    status = rig.collector.pipeline_status(rig.fqn)
+    status = rig.collector.pipeline_status(rig.fqn)  # the last one, while cameras 0 and 1 published
     level, message, values = status[f"{rig.fqn}: pipeline"]
     assert values["stale_cameras"] == stale_name and level == 1 and stale_name in message
     c_level, c_message, c_values = status[f"{rig.fqn}: camera {stale_name}"]
     assert c_level == 1 and c_values["stale"] == "true" and "stale" in c_message
     assert status[f"{rig.fqn}: camera {rig.node.camera_names[0]}"][2]["stale"] == "false"
     assert any(stale_name in m and "stale" in m for m in rig.collector.node_logs(30, rig.fqn))
+    rig.settle()
+    assert len(rig.collector.feature_msgs()) == before  # no complete set without camera 2
     t_back = rig.node.get_clock().now().nanoseconds
     rig.cameras.set_enabled(2, True)
     rig.drive(10)
+    # The last status came out while all cameras were publishing again.
+    values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]
+    assert values["stale_cameras"] == ""
     rig.settle()
     msgs = rig.collector.feature_msgs()
     resumed = [m for m in msgs if stamp_ns(m.camera_stamps[2]) > t_back - 10_000_000]
     assert len(resumed) >= 8
-    time.sleep(0.3)
-    values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]
-    assert values["stale_cameras"] == ""
 
 
 def _image(h, w, encoding="rgb8", step=None, data_len=None, stamp=1):
@@ -488,36 +498,56 @@ def _rss_mb():
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model):
+def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypatch):
     """Cameras at 40 Hz, the model needs 150 ms per batch of at most 2 sets: the set queue sits
     at its limit, the oldest sets are dropped and counted, memory does not grow and latency
     stays bounded (it does not creep up over the run)."""
-    depth, max_size, model_s = 3, 2, 0.15
-    rig = rigs(topics=["l0/image_raw", "l1/image_raw", "l2/image_raw"], sizes=["320x240"], jitter_ms=2.0,
+    import weakref
+
+    import qvl_ros.node as node_module
+
+    depth, max_size, model_s, queue_size, n_cams = 3, 2, 0.15, 5, 3
+    frames_alive = weakref.WeakSet()  # every frame tensor the node has made and still holds
+
+    def tracked_conversion(*args, **kwargs):
+        frame = node_module_conversion(*args, **kwargs)
+        frames_alive.add(frame)
+        return frame
+
+    node_module_conversion = node_module.msg_to_tensor
+    monkeypatch.setattr(node_module, "msg_to_tensor", tracked_conversion)
+    rig = rigs(topics=[f"l{k}/image_raw" for k in range(n_cams)], sizes=["448x336"], jitter_ms=2.0,
                node_model=SlowModel(model, model_s), keep_frames=False,
                node_params=[("batch.max_size", max_size), ("batch.queue_depth", depth),
-                            ("batch.max_wait_ms", 5.0), ("sync.queue_size", 5), ("sync.slop", 0.01)])
-    samples = []
+                            ("batch.max_wait_ms", 5.0), ("sync.queue_size", queue_size), ("sync.slop", 0.01)])
+    samples = []  # (batch queue depth, largest synchronizer queue, frames alive, RSS MB)
 
     def sample(i):
         if i % 4 == 0:
             s = rig.node.pipeline_stats()
-            samples.append((time.monotonic(), s["batch"]["depth"], max(s["sync"]["pending"]), _rss_mb()))
+            samples.append((s["batch"]["depth"], max(s["sync"]["pending"]), len(frames_alive), _rss_mb()))
 
     ticks = 160  # 4 s at 40 Hz
     rig.drive(ticks, period=0.025, each=sample)
-    rig.settle(timeout=15)
+    rig.settle(timeout=30.0)
     stats = rig.node.pipeline_stats()
-    assert max(d for _, d, _, _ in samples) <= depth
+    assert max(x[0] for x in samples) <= depth
     assert stats["batch"]["max_depth_seen"] == depth  # the queue did reach its limit
-    assert max(p for _, _, p, _ in samples) <= 5
+    assert max(x[1] for x in samples) <= queue_size
     assert stats["batch"]["drops"]["queue_full"] > 0
     assert stats["sync"]["sets"] == stats["batch"]["put"] == (
         stats["batch"]["processed"] + stats["batch"]["drops"]["queue_full"] + stats["batch"]["drops"]["shutdown"])
-    # Memory: after the first second the resident size stays flat (a leak of the 40 Hz x 3
-    # frames of 230 KB that arrive would add ~80 MB over the remaining 3 s).
-    rss_after_1s = next(r for t, _, _, r in samples if t - samples[0][0] >= 1.0)
-    assert max(r for _, _, _, r in samples) - rss_after_1s < 40, samples
+    # Memory. The frames are what a leak would be made of: the node holds at most the
+    # synchronizer queues, the set queue, the batch in flight and one conversion per camera.
+    frame_bound = n_cams * (queue_size + depth + max_size + 1)
+    assert max(x[2] for x in samples) <= frame_bound, [x[2] for x in samples]
+    assert n_cams * stats["sync"]["sets"] > 4 * frame_bound  # far more frames went through
+    # The resident size levels off: over the last third of the run it grows by less than what
+    # keeping that third's frames would take (53 ticks x 3 frames x 452 KB = 72 MB).
+    third = len(samples) // 3
+    rss_mid = max(x[3] for x in samples[third:2 * third])
+    rss_end = max(x[3] for x in samples[2 * third:])
+    assert rss_end - rss_mid < 30, [round(x[3]) for x in samples]
     # Latency: bounded by the queue (depth / max_size batches) plus the batch in flight.
     # In units of the measured batch time (>= model_s; more when the CPU is shared): the batch
     # in flight, then at most ceil(depth / max_size) batches including the set's own; one more
