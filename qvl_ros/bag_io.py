@@ -23,6 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .topics import camera_names as camera_names_for
+
 __all__ = [
     "IMAGE_TYPES",
     "BagInputError",
@@ -96,38 +98,6 @@ def _image_typestore():
 
 
 # ----------------------------------------------------------------------------------------- input
-def camera_names_for(topics: Sequence[str]) -> list[str]:
-    """Camera names from topic names, by the rule the node uses for its default camera_names.
-
-    The last path element that is not ``image*`` or ``compressed``
-    (``/robot/front/image_raw/compressed`` -> ``front``), made unique by prefixing parent
-    elements where two topics would give the same name, then by numbering.
-    """
-    parts = []
-    for topic in topics:
-        p = [x for x in str(topic).strip("/").split("/") if x]
-        while len(p) > 1 and (p[-1] == "compressed" or p[-1].startswith("image")):
-            p.pop()
-        parts.append(p or ["camera"])
-    names = []
-    for i, p in enumerate(parts):
-        depth = 1
-        while True:
-            name = "_".join(p[-depth:])
-            clash = any("_".join(q[-depth:]) == name for j, q in enumerate(parts) if j != i)
-            if not clash or depth >= len(p):
-                break
-            depth += 1
-        names.append(name)
-    repeated = {name for name in names if names.count(name) > 1}  # identical topics: number them
-    counters: dict[str, int] = {}
-    for i, name in enumerate(names):
-        if name in repeated:
-            counters[name] = counters.get(name, -1) + 1
-            names[i] = f"{name}_{counters[name]}"
-    return names
-
-
 @dataclass
 class CameraTopic:
     """One requested camera topic: its type and where it is recorded."""

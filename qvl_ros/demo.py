@@ -120,9 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from . import model_demo
     from .model import BatchedQwenVL
-    from .node import resolve_model_path
+    from .model.checkpoint import resolve_checkpoint
 
-    path = resolve_model_path(args.model or "")
+    path = resolve_checkpoint(args.model or "")
     print("[library] batched model on generated frames")
     model_demo.run(str(path), batch=2, cameras=3, device=args.device, max_new_tokens=args.max_new_tokens)
     model = BatchedQwenVL.from_pretrained(path, device=args.device, dtype="auto")

@@ -180,27 +180,13 @@ def _remove(path: Path) -> None:
 
 
 def _resolve_model_path(spec: str | None) -> Path:
-    """None, "tiny" -> bundled tiny Qwen2.5-VL; "tiny-qwen2-vl" -> tiny Qwen2-VL; a directory;
-    or "org/name" found in the local Hugging Face cache (never downloads). Same as the node."""
-    from .model import default_tiny_checkpoint
+    """As the node resolves model.path (see qvl_ros.model.checkpoint.resolve_checkpoint)."""
+    from .model.checkpoint import resolve_checkpoint
 
-    text = str(spec or "").strip()
-    if text in ("", "tiny", "tiny-qwen2.5-vl", "tiny-qwen2_5_vl"):
-        return Path(default_tiny_checkpoint("qwen2_5_vl"))
-    if text in ("tiny-qwen2-vl", "tiny-qwen2_vl"):
-        return Path(default_tiny_checkpoint("qwen2_vl"))
-    path = Path(text).expanduser()
-    if path.exists():
-        return path
-    if text.count("/") == 1 and not text.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(text, local_files_only=True))
-        except Exception:
-            raise ExtractError(f"cannot load model {text}: no such directory, and not a Hugging Face id "
-                               f"in the local cache (nothing is downloaded)") from None
-    raise ExtractError(f"cannot load model {text}: no such directory")
+    try:
+        return resolve_checkpoint(spec)
+    except FileNotFoundError as exc:
+        raise ExtractError(f"cannot load model: {exc}") from None
 
 
 def _load_model(cfg: ExtractConfig):

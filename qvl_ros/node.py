@@ -52,9 +52,11 @@ from .batcher import Batcher
 from .conversion import msg_to_tensor
 from .diagnostics import LogThrottle, PipelineMonitor, reason_key, to_diagnostic_array
 from .feature_msgs import caption_msg, check_kinds, vision_features_msg
+from .model.checkpoint import resolve_checkpoint
 from .synchronizer import SyncSet, Synchronizer
+from .topics import camera_names as default_camera_names
 
-__all__ = ["QvlNode", "main", "default_camera_names", "resolve_model_path"]
+__all__ = ["QvlNode", "main", "default_camera_names"]
 
 NODE_NAME = "qvl_node"
 # The model needs at least 28 px per side (one merged 2x2 patch of 14 px) and an aspect ratio
@@ -64,60 +66,6 @@ MAX_ASPECT = 200.0
 
 _STRING, _STRINGS = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_STRING_ARRAY
 _INT, _DOUBLE, _BOOL = ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
-
-
-def default_camera_names(topics: Sequence[str]) -> List[str]:
-    """Camera names from topic names: the last path element that is not ``image*`` or
-    ``compressed`` (``/robot/front/image_raw/compressed`` -> ``front``), made unique by
-    prefixing parent elements (or an index) where two topics would give the same name."""
-    parts = []
-    for t in topics:
-        p = [x for x in str(t).strip("/").split("/") if x]
-        while len(p) > 1 and (p[-1] == "compressed" or p[-1].startswith("image")):
-            p.pop()
-        parts.append(p or ["camera"])
-    names = []
-    for i, p in enumerate(parts):
-        depth = 1
-        while True:
-            name = "_".join(p[-depth:])
-            clash = any("_".join(q[-depth:]) == name for j, q in enumerate(parts) if j != i)
-            if not clash or depth >= len(p):
-                break
-            depth += 1
-        names.append(name)
-    seen: dict = {}
-    original = list(names)
-    for i, n in enumerate(original):  # still equal (identical topics): number them
-        if original.count(n) > 1:
-            seen[n] = seen.get(n, -1) + 1
-            names[i] = f"{n}_{seen[n]}"
-    return names
-
-
-def resolve_model_path(path: str) -> Path:
-    """``""``/``"tiny"`` -> the bundled tiny Qwen2.5-VL; ``"tiny-qwen2-vl"`` -> tiny Qwen2-VL;
-    a directory -> itself; ``org/name`` -> that model's snapshot in the local Hugging Face cache
-    (no download)."""
-    from .model import default_tiny_checkpoint
-
-    p = str(path).strip()
-    if p in ("", "tiny", "tiny-qwen2.5-vl", "tiny-qwen2_5_vl"):
-        return default_tiny_checkpoint("qwen2_5_vl")
-    if p in ("tiny-qwen2-vl", "tiny-qwen2_vl"):
-        return default_tiny_checkpoint("qwen2_vl")
-    local = Path(p).expanduser()
-    if local.is_dir():
-        return local
-    if p.count("/") == 1 and not p.startswith((".", "/", "~")):
-        try:
-            from huggingface_hub import snapshot_download
-
-            return Path(snapshot_download(p, local_files_only=True))
-        except Exception as exc:
-            raise FileNotFoundError(
-                f"model {p!r} is neither a directory nor in the local Hugging Face cache ({exc})") from exc
-    raise FileNotFoundError(f"model path {p!r} is not a checkpoint directory")
 
 
 def _stamps_text(stamps_ns: Sequence[int]) -> str:
@@ -308,7 +256,7 @@ class QvlNode(Node):
         from .model import BatchedQwenVL
 
         v = self._value
-        path = resolve_model_path(str(v("model.path")))
+        path = resolve_checkpoint(str(v("model.path")))
         dtype = str(v("model.dtype"))
         if dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")

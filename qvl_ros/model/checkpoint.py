@@ -298,3 +298,26 @@ def default_tiny_checkpoint(family: str = "qwen2_5_vl") -> Path:
         except OSError:  # another process finished first
             shutil.rmtree(tmp, ignore_errors=True)
     return path
+
+
+def resolve_checkpoint(spec: str | os.PathLike | None) -> Path:
+    """Where a model lives: ``""``/``"tiny"`` -> the bundled tiny Qwen2.5-VL; ``"tiny-qwen2-vl"`` ->
+    tiny Qwen2-VL; a directory -> itself; ``org/name`` -> that model's snapshot in the local Hugging
+    Face cache (never downloads). Raises FileNotFoundError otherwise."""
+    p = str(spec or "").strip()
+    if p in ("", "tiny", "tiny-qwen2.5-vl", "tiny-qwen2_5_vl"):
+        return default_tiny_checkpoint("qwen2_5_vl")
+    if p in ("tiny-qwen2-vl", "tiny-qwen2_vl"):
+        return default_tiny_checkpoint("qwen2_vl")
+    local = Path(p).expanduser()
+    if local.is_dir():
+        return local
+    if p.count("/") == 1 and not p.startswith((".", "/", "~")):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(p, local_files_only=True))
+        except Exception as exc:
+            raise FileNotFoundError(f"model {p!r} is neither a directory nor in the local Hugging Face cache "
+                                    f"(nothing is downloaded): {exc}") from None
+    raise FileNotFoundError(f"model {p!r}: no such directory")
