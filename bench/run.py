@@ -358,12 +358,61 @@ def markdown(report: dict) -> str:
         mem = r.get("peak_mem_mb") or {}
         memtxt = "-" if mem.get("ours") is None else f"{mem['ours']:.0f} / {mem['reference']:.0f}"
         lines.append(f"| {r['name']} | {p} | {r['ours']:.2f} | {ref} | {r['unit']} | {ratio} | {err or '-'} | {memtxt} |")
+    lines += ["", "| target | measured | met |", "|---|---|---|"]
+    for name, measured, met in targets(report):
+        lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
     extra = [r for r in report["results"] if r["name"] == "ops"]
     for r in extra:
         lines.append("")
         lines.append(f"Operator calls per vision forward (12 × 448²): ours {r['attention_calls']['ours']}, "
                      f"reference {r['attention_calls']['reference']} ({r['fewer_ops_factor']}× fewer).")
     return "\n".join(lines) + "\n"
+
+
+def targets(report: dict) -> list[tuple[str, str, bool | None]]:
+    """The targets of the benchmark issue, evaluated on this run: (target, measured, met)."""
+    res = report["results"]
+
+    def find(name, **params):
+        return [r for r in res if r["name"] == name and all(r["params"].get(k) == v for k, v in params.items())]
+
+    out = []
+    v12 = find("vision", frames=12, size="448x448")
+    if v12:
+        out.append(("vision tower >= 1.5x transformers at 12 x 448²", f"{v12[0]['ratio']:.2f}x", v12[0]["ratio"] >= 1.5))
+    vis = find("vision")
+    if vis:
+        worst = min(vis, key=lambda r: r["ratio"])
+        out.append(("vision tower never slower at any size", f"slowest {worst['ratio']:.2f}x at "
+                    f"{worst['params']['frames']} x {worst['params']['size']}", worst["ratio"] >= 1.0))
+    roof = find("roofline")
+    if roof:
+        out.append(("vision tower >= 85% of the 2048² matmul rate", f"{roof[0]['ours']:.0f}% "
+                    f"({roof[0]['achieved_gflops']['ours']} of {roof[0]['params']['matmul_2048_gflops']} GFLOP/s)",
+                    roof[0]["ours"] >= 85))
+    enc = find("encode", B=4, N=3, reference="HF per sample")
+    if enc:
+        out.append(("encode >= 1.5x the HF per-sample path at B=4 x N=3, 448²", f"{enc[0]['ratio']:.2f}x",
+                    enc[0]["ratio"] >= 1.5))
+    gen = find("generate")
+    if gen:
+        g = gen[0]
+        out.append((f"captions >= 1.5x HF generate at B={g['params']['B']} x N={g['params']['N']}, "
+                    f"{g['params']['new_tokens']} tokens, identical tokens",
+                    f"{g['ratio']:.2f}x, {g['error']}", g["ratio"] >= 1.5 and g["error"] == "identical tokens"))
+    ops = find("ops")
+    if ops:
+        out.append((">= 10x fewer operator calls per vision forward (12 x 448²)",
+                    f"{ops[0]['ratio']:.1f}x ({ops[0]['ours']:.0f} vs {ops[0]['reference']:.0f}; attention calls "
+                    f"{ops[0]['attention_calls']['ours']['attention_calls']} vs "
+                    f"{ops[0]['attention_calls']['reference']['attention_calls']})", ops[0]["ratio"] >= 10))
+    for r in find("node"):
+        out.append((f"node >= 90% of encode sets/s at saturation ({r['params'].get('size', '')})",
+                    f"{r['ratio']:.0%}", r["ratio"] >= 0.9))
+    for r in find("extract"):
+        out.append((f"extraction >= 90% of encode sets/s ({r['params']['size']})", f"{r['ratio']:.0%}",
+                    r["ratio"] >= 0.9))
+    return out
 
 
 def plot(report: dict, path: Path) -> None:
