@@ -10,7 +10,7 @@ command -v "$PY" >/dev/null || PY=python3
 
 stamp=$VENV/.qvl_setup_done
 req=$ROOT/scripts/requirements.txt
-want=$(sha256sum "$req" "$0" | sha256sum | cut -c1-16)
+want=$(sha256sum "$req" "$ROOT/setup.py" "$0" | sha256sum | cut -c1-16)
 
 if [ ! -x "$VENV/bin/python" ]; then
   echo "[setup] creating venv $VENV"
