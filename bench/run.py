@@ -387,9 +387,11 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
                     f"{worst['params']['frames']} x {worst['params']['size']}", worst["ratio"] >= 1.0))
     roof = find("roofline")
     if roof:
-        out.append(("vision tower >= 85% of the 2048² matmul rate", f"{roof[0]['ours']:.0f}% "
-                    f"({roof[0]['achieved_gflops']['ours']} of {roof[0]['params']['matmul_2048_gflops']} GFLOP/s)",
-                    roof[0]["ours"] >= 85))
+        r = roof[0]
+        got, mm = r["achieved_gflops"]["ours"], r["matmul_gflops"]
+        out.append(("vision tower >= 85% of the 2048² matmul rate (the faster kernel)",
+                    f"{r['ours']:.0f}% ({got} of {r['params']['matmul_2048_gflops']} GFLOP/s; "
+                    f"{100 * got / mm['torch.mm']:.0f}% of torch.mm's {mm['torch.mm']})", r["ours"] >= 85))
     enc = find("encode", B=4, N=3, reference="HF per sample")
     if enc:
         out.append(("encode >= 1.5x the HF per-sample path at B=4 x N=3, 448²", f"{enc[0]['ratio']:.2f}x",
