@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from .feature_msgs import ros_string
 from .topics import camera_names as camera_names_for
 
 __all__ = [
@@ -323,7 +324,7 @@ class FeatureBagWriter:
             header=_header(self.store, stamp, frame_id),
             camera_names=list(camera_names),
             camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, text=text)
+            model=model, prompt=prompt, text=ros_string(text))
         self._writer.write(self._caption, stamp, self.store.serialize_cdr(msg, CAPTION_TYPE))
         self.counts[CAPTION_TOPIC] += 1
 

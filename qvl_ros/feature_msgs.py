@@ -13,6 +13,11 @@ from .tensor_msg import from_tensor
 FEATURE_KINDS = ("vision", "hidden")
 
 
+def ros_string(text: str) -> str:
+    """Text safe for a ROS string field: those end at a NUL byte, and a model may emit one."""
+    return text.replace("\x00", "")
+
+
 def time_msg(stamp_ns: int):
     from builtin_interfaces.msg import Time
 
@@ -71,5 +76,5 @@ def caption_msg(text: str, camera_names: Sequence[str], camera_stamps_ns: Sequen
     msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
     msg.model = model
     msg.prompt = prompt
-    msg.text = text
+    msg.text = ros_string(text)
     return msg

@@ -350,9 +350,7 @@ class QvlNode(Node):
                                       settings["prompt"], settings["frame_id"])
             self._features_pub.publish(msg)
             if texts is not None:
-                # ROS strings end at a NUL byte; a model may emit one (token for byte 0).
-                text = texts[b].replace("\x00", "")
-                self._caption_pub.publish(caption_msg(text, self._names, stamps, self._model_name,
+                self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
                                                       settings["prompt"], settings["frame_id"]))
             latency_s = (self.get_clock().now().nanoseconds - s.stamp) * 1e-9
             self._monitor.set_published(latency_s)
