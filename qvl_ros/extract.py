@@ -780,6 +780,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     """Run from parsed arguments; print progress and the summary on stderr; return the exit code."""
+    from .model.kernels import tune_cpu_allocator
+
+    tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
     try:
         report = extract(config_from_args(args), progress=args.progress, progress_interval=args.progress_interval)
     except ExtractError as exc:

@@ -414,6 +414,9 @@ class QvlNode(Node):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``qvl_node`` / ``python -m qvl_ros.node``; returns the exit code."""
+    from .model.kernels import tune_cpu_allocator
+
+    tune_cpu_allocator()  # before the model thread allocates (see its docstring)
     args = list(sys.argv if argv is None else argv)
     rclpy.init(args=args)
     node = None
