@@ -342,7 +342,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# qvl_ros benchmark: {report['name']}", "",
              f"- machine: {m['cpu']}, {m['cores']} cores, torch threads {m['torch_threads']}, "
-             f"torch {m['torch']}, transformers {m['transformers']}, device **{m['device']}**, float32",
+             f"torch {m['torch']}, transformers {m['transformers']}, device **{m['device']}**, float32, "
+             f"glibc malloc {m.get('malloc', 'default')} (same for both sides)",
              "- 2048² float32 matmul: " + ", ".join(f"{k} {v:.1f}" for k, v in report["matmul_gflops"].items())
              + " GFLOP/s (roofline % uses the faster)",
              f"- config: {report['config']['description']}",
@@ -449,9 +450,15 @@ def main(argv=None) -> int:
     ap.add_argument("--name", default=None, help="results file name (default: quick or full)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    ap.add_argument("--malloc", choices=["tuned", "default"], default="tuned",
+                    help="glibc malloc: tuned = what qvl_ros's entry points set (applies to both sides)")
     ap.add_argument("--only", nargs="*", default=None,
                     help="rows to run: preprocess vision roofline encode generate extract")
     a = ap.parse_args(argv)
+    if a.malloc == "tuned":
+        from qvl_ros.model.kernels import tune_cpu_allocator
+
+        tune_cpu_allocator()  # before anything large is allocated; the reference runs under it too
     torch.set_num_threads(a.threads)
     name = a.name or ("quick" if a.quick else "full")
     t0 = time.time()
@@ -472,7 +479,7 @@ def main(argv=None) -> int:
         b.generate()
     if "extract" in only:
         b.extract_and_node()
-    report = {"name": name, "machine": machine(a.threads), "matmul_gflops": peak,
+    report = {"name": name, "machine": {**machine(a.threads), "malloc": a.malloc}, "matmul_gflops": peak,
               "config": {"preset": "small", "description": SMALL}, "results": b.results,
               "seconds": round(time.time() - t0, 1)}
     out = Path(a.out)
