@@ -50,17 +50,22 @@ def sample_tensors(features, b: int, camera_names: Sequence[str], kinds: Sequenc
     return out
 
 
-def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
-                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = ""):
-    from qvl_ros.msg import VisionFeatures
-
-    msg = VisionFeatures()
+def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, frame_id: str):
+    """The fields VisionFeatures and Caption share: header (newest stamp), cameras, model, prompt."""
     msg.header.stamp = time_msg(max(camera_stamps_ns))
     msg.header.frame_id = frame_id
     msg.camera_names = list(camera_names)
     msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
     msg.model = model
     msg.prompt = prompt
+    return msg
+
+
+def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
+                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = ""):
+    from qvl_ros.msg import VisionFeatures
+
+    msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id)
     msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
     return msg
 
@@ -69,12 +74,6 @@ def caption_msg(text: str, camera_names: Sequence[str], camera_stamps_ns: Sequen
                 prompt: str, frame_id: str = ""):
     from qvl_ros.msg import Caption
 
-    msg = Caption()
-    msg.header.stamp = time_msg(max(camera_stamps_ns))
-    msg.header.frame_id = frame_id
-    msg.camera_names = list(camera_names)
-    msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
-    msg.model = model
-    msg.prompt = prompt
+    msg = _set_fields(Caption(), camera_names, camera_stamps_ns, model, prompt, frame_id)
     msg.text = ros_string(text)
     return msg
