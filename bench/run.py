@@ -19,7 +19,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -167,6 +166,14 @@ class Bench:
         text = self.proc.apply_chat_template(conversation(len(cams), prompt), add_generation_prompt=True, tokenize=False)
         return self.proc(text=[text], images=[im.permute(1, 2, 0).numpy() for im in cams], return_tensors="pt")
 
+    def hf_batched_inputs(self, imgs, prompts):
+        """() -> the reference processor's left-padded inputs for the whole batch (timed by callers)."""
+        texts = [self.proc.apply_chat_template(conversation(len(cams), p), add_generation_prompt=True,
+                                               tokenize=False) for cams, p in zip(imgs, prompts)]
+        self.proc.tokenizer.padding_side = "left"
+        flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+        return lambda: self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+
     def hf_encode_one(self, cams, prompt):
         """The model-card path for one sample: processor, then the model (vision + decoder)."""
         inp = self.hf_inputs(cams, prompt)
@@ -276,13 +283,10 @@ class Bench:
             B, N = 4, 3
             imgs = frames(B, N, (448, 448), seed=43)
             prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
-            texts = [self.proc.apply_chat_template(conversation(N, p), add_generation_prompt=True, tokenize=False)
-                     for p in prompts]
-            self.proc.tokenizer.padding_side = "left"
-            flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+            hf_inputs = self.hf_batched_inputs(imgs, prompts)
 
             def f_ref_batched():
-                inp = self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+                inp = hf_inputs()
                 return inp, self.ref.model(**inp).last_hidden_state
 
             f_ours = lambda: self.ours.encode(imgs, prompts)
@@ -297,14 +301,11 @@ class Bench:
         B, N, T = (4, 3, 32) if not self.quick else (2, 3, 16)
         imgs = frames(B, N, (448, 448), seed=7)
         prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
-        texts = [self.proc.apply_chat_template(conversation(N, p), add_generation_prompt=True, tokenize=False)
-                 for p in prompts]
-        self.proc.tokenizer.padding_side = "left"
-        flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+        hf_inputs = self.hf_batched_inputs(imgs, prompts)
         eos = self.ours.eos_ids
 
         def f_ref():
-            inp = self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+            inp = hf_inputs()
             # a fixed number of new tokens on both sides: no early stop
             out = self.ref.generate(**inp, max_new_tokens=T, min_new_tokens=T, do_sample=False)
             return out[:, inp["input_ids"].shape[1]:]

@@ -35,7 +35,6 @@ from __future__ import annotations
 import sys
 import threading
 import time
-from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
 import rclpy
