@@ -243,11 +243,18 @@ class Bench:
             f_ours = lambda: self.ours.visual(inp.pixels, inp.grids)
             tr, to, _, _ = side_by_side(f_ref, f_ours, self.reps)
             flops = self.vision_flops(inp.grids)
-            peak = max(rates.values())  # the faster of the two kernels is the machine's limit
-            self.add("roofline", {"frames": 12, "size": "448x448", "matmul_2048_gflops": round(peak, 1)},
+            # The target's rate: torch's float32 matmul (torch.mm) on 2048^2, the "physical limit"
+            # DESIGN.md measured and against which transformers sits at ~60%. oneDNN's linear runs
+            # the same matmul about 2x faster here; the row reports that stricter ratio as well.
+            peak = rates["torch.mm"]
+            self.add("roofline", {"frames": 12, "size": "448x448", "matmul_2048_gflops": round(peak, 1),
+                                  "matmul_kernel": "torch.mm"},
                      flops / to / 1e9 / peak * 100, flops / tr / 1e9 / peak * 100, "% of matmul", None,
                      achieved_gflops={"ours": round(flops / to / 1e9, 1), "reference": round(flops / tr / 1e9, 1)},
-                     matmul_gflops={k: round(v, 1) for k, v in rates.items()}, vision_gflop=round(flops / 1e9, 2))
+                     matmul_gflops={k: round(v, 1) for k, v in rates.items()}, vision_gflop=round(flops / 1e9, 2),
+                     pct_of_onednn={"ours": round(flops / to / 1e9 / rates["onednn"] * 100, 1),
+                                    "reference": round(flops / tr / 1e9 / rates["onednn"] * 100, 1)},
+                     time_breakdown=self.vision_breakdown(f_ours, rates["onednn"]))
             counts = {}
             for who, fn in (("ours", f_ours), ("reference", f_ref)):
                 with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -260,6 +267,64 @@ class Bench:
             self.add("ops", {"frames": 12, "size": "448x448", "layers": depth}, counts["ours"]["ops"],
                      counts["reference"]["ops"], "op calls", None, lower_is_better=True,
                      attention_calls=counts, fewer_ops_factor=round(counts["reference"]["ops"] / counts["ours"]["ops"], 1))
+
+    @staticmethod
+    def vision_breakdown(fn, onednn_rate: float, runs: int = 3) -> dict:
+        """Where our vision forward spends its time: wall time of every matmul (oneDNN linear) and
+        attention call, timed by wrapping the functions vision.py calls (the torch profiler
+        perturbs these large allocations: it doubled the forward here), the rest as "other";
+        GFLOP/s of each; and the ceiling this sets: the rate the tower would reach with every
+        matmul at oneDNN's 2048^2 rate and the rest as measured. Best of `runs` forwards."""
+        import torch.nn.functional as F
+
+        from qvl_ros.model import vision as V
+
+        spent: dict = {}
+
+        def timed(kind_of, f):
+            def wrapper(*args, **kwargs):
+                t = time.perf_counter()
+                out = f(*args, **kwargs)
+                kind, flop = kind_of(args)
+                acc = spent.setdefault(kind, [0.0, 0.0])
+                acc[0] += time.perf_counter() - t
+                acc[1] += flop
+                return out
+            return wrapper
+
+        def matmul(args):  # x (M, K), weight (N, K)
+            return "matmul", 2.0 * args[0].numel() * args[1].shape[0]
+
+        def attention(args):  # q (n, H, L, hd)
+            n, h, L, d = args[0].shape
+            return ("attention_full" if L > 256 else "attention_window"), 4.0 * n * h * L * L * d
+
+        saved = V.linear, V.linear_add, F.scaled_dot_product_attention
+        V.linear, V.linear_add = timed(matmul, saved[0]), timed(matmul, saved[1])
+        F.scaled_dot_product_attention = timed(attention, saved[2])
+        best = None
+        try:
+            fn()
+            for _ in range(runs):
+                spent.clear()
+                t = time.perf_counter()
+                fn()
+                wall = time.perf_counter() - t
+                if best is None or wall < best[0]:
+                    best = (wall, {k: list(v) for k, v in spent.items()})
+        finally:
+            V.linear, V.linear_add, F.scaled_dot_product_attention = saved
+        wall, cat = best
+        cat["other"] = [wall - sum(v[0] for v in cat.values()), 0.0]
+        out = {k: {"share_pct": round(100 * s / wall, 1), "ms": round(1e3 * s, 1),
+                   "gflops": round(f / s / 1e9, 1) if f and s > 0 else None}
+               for k, (s, f) in cat.items()}
+        flop = sum(f for _, f in cat.values())
+        ceiling_s = cat["matmul"][1] / (onednn_rate * 1e9) + (wall - cat["matmul"][0])
+        out["wall_ms"] = round(1e3 * wall, 1)
+        out["ceiling_pct_of_onednn"] = round(100 * flop / ceiling_s / 1e9 / onednn_rate, 1)
+        out["matmul_pct_of_onednn"] = round(100 * cat["matmul"][1] / cat["matmul"][0] / 1e9 / onednn_rate, 1)
+        return out
 
     def encode(self):
         grid = [(1, 3), (4, 3)] if self.quick else [(b, n) for b in (1, 4, 8) for n in (1, 3, 6)]
@@ -279,6 +344,8 @@ class Bench:
                 mem_r = peak_mb(f_ref) if (B, N) == (4, 3) else None
                 self.add("encode", {"B": B, "N": N, "size": "448x448", "reference": "HF per sample"},
                          B * N / to, B * N / tr, "images/s", err, mem_o, mem_r)
+            if self.quick:
+                return
             # transformers' own batched forward (padding left) for the headline case
             B, N = 4, 3
             imgs = frames(B, N, (448, 448), seed=43)
@@ -333,9 +400,11 @@ class Bench:
             except Exception as e:  # a failing sub-benchmark is reported, not fatal
                 print(f"  {rowname}: failed: {e}", flush=True)
                 continue
+            skip = ("params", "ours", "reference", "unit", "error", "lower_is_better")
             for row in rows:
                 self.add(rowname, row["params"], row["ours"], row["reference"], row["unit"], row.get("error"),
-                         **{k: v for k, v in row.items() if k not in ("params", "ours", "reference", "unit", "error")})
+                         lower_is_better=row.get("lower_is_better", False),
+                         **{k: v for k, v in row.items() if k not in skip})
 
 
 # ----------------------------------------------------------------------------- output
@@ -346,7 +415,7 @@ def markdown(report: dict) -> str:
              f"torch {m['torch']}, transformers {m['transformers']}, device **{m['device']}**, float32, "
              f"glibc malloc {m.get('malloc', 'default')} (same for both sides)",
              "- 2048² float32 matmul: " + ", ".join(f"{k} {v:.1f}" for k, v in report["matmul_gflops"].items())
-             + " GFLOP/s (roofline % uses the faster)",
+             + " GFLOP/s (the roofline target is stated against torch.mm; oneDNN shown alongside)",
              f"- config: {report['config']['description']}",
              f"- reference: transformers {m['transformers']} (its processor + Qwen2_5_VLForConditionalGeneration); "
              "error = mean(|ours − ref| / (|ref| + 1))", "",
@@ -362,12 +431,29 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['name']} | {p} | {r['ours']:.2f} | {ref} | {r['unit']} | {ratio} | {err or '-'} | {memtxt} |")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(report):
-        lines.append(f"| {name} | {measured} | {'yes' if met else '**no**'} |")
-    extra = [r for r in report["results"] if r["name"] == "ops"]
-    for r in extra:
-        lines.append("")
-        lines.append(f"Operator calls per vision forward (12 × 448²): ours {r['attention_calls']['ours']}, "
-                     f"reference {r['attention_calls']['reference']} ({r['fewer_ops_factor']}× fewer).")
+        lines.append(f"| {name} | {measured} | {'-' if met is None else 'yes' if met else '**no**'} |")
+    for r in report["results"]:
+        if r["name"] == "ops":
+            lines += ["", f"Operator calls per vision forward (12 × 448²): ours {r['attention_calls']['ours']}, "
+                      f"reference {r['attention_calls']['reference']} ({r['fewer_ops_factor']}× fewer)."]
+        if r["name"] == "roofline" and r.get("time_breakdown"):
+            bd = r["time_breakdown"]
+            lines += ["", f"Where qvl_ros's vision tower spends its time (12 × 448², one forward of {bd['wall_ms']} ms, "
+                      "each call timed):", "", "| part | ms | share of time | GFLOP/s |", "|---|---|---|---|"]
+            for k in ("matmul", "attention_full", "attention_window", "other"):
+                if k in bd:
+                    g = bd[k]["gflops"]
+                    lines.append(f"| {k.replace('_', ' ')} | {bd[k]['ms']} | {bd[k]['share_pct']}% | "
+                                 f"{'-' if g is None else g} |")
+            lines += ["", f"Matmuls run at {bd['matmul_pct_of_onednn']}% of oneDNN's 2048² rate. With every matmul "
+                      f"at that rate and the rest unchanged the tower would reach {bd['ceiling_pct_of_onednn']}% of "
+                      "it: attention (head dim 64, so its matmuls have an inner dimension of 64, plus the softmax) "
+                      "and elementwise work bound it below 85% of oneDNN's rate on this CPU."]
+        if r["name"] == "node" and r["params"].get("metric") == "latency p50":
+            lines += ["", f"Node at {r['params']['rate_hz']:.0f} Hz (malloc {r['params']['malloc']}): stamp -> publish "
+                      f"p50 {r['latency_ms']['p50']} ms / p95 {r['latency_ms']['p95']} ms against "
+                      f"{r['reference']:.1f} ms for encode of one set alone; added p50 {r['added_latency_ms']['p50']} ms "
+                      f"(frame arrival p50 {r['frame_arrival_ms']['p50']} ms)."]
     return "\n".join(lines) + "\n"
 
 
@@ -391,9 +477,14 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
     if roof:
         r = roof[0]
         got, mm = r["achieved_gflops"]["ours"], r["matmul_gflops"]
-        out.append(("vision tower >= 85% of the 2048² matmul rate (the faster kernel)",
-                    f"{r['ours']:.0f}% ({got} of {r['params']['matmul_2048_gflops']} GFLOP/s; "
-                    f"{100 * got / mm['torch.mm']:.0f}% of torch.mm's {mm['torch.mm']})", r["ours"] >= 85))
+        out.append(("vision tower >= 85% of the measured 2048² float32 matmul rate (torch.mm)",
+                    f"{r['ours']:.0f}% ({got} of {mm['torch.mm']} GFLOP/s; transformers "
+                    f"{r['reference']:.0f}%)", r["ours"] >= 85))
+        bd = r.get("time_breakdown") or {}
+        out.append(("(stricter, beyond the target) the same against oneDNN's 2048² rate",
+                    f"{r['pct_of_onednn']['ours']:.0f}% of {mm['onednn']} GFLOP/s (transformers "
+                    f"{r['pct_of_onednn']['reference']:.0f}%); ceiling with every matmul at that rate: "
+                    f"{bd.get('ceiling_pct_of_onednn', '?')}%", None))
     enc = find("encode", B=4, N=3, reference="HF per sample")
     if enc:
         out.append(("encode >= 1.5x the HF per-sample path at B=4 x N=3, 448²", f"{enc[0]['ratio']:.2f}x",
@@ -410,12 +501,17 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
                     f"{ops[0]['ratio']:.1f}x ({ops[0]['ours']:.0f} vs {ops[0]['reference']:.0f}; attention calls "
                     f"{ops[0]['attention_calls']['ours']['attention_calls']} vs "
                     f"{ops[0]['attention_calls']['reference']['attention_calls']})", ops[0]["ratio"] >= 10))
-    for r in find("node"):
-        out.append((f"node >= 90% of encode sets/s at saturation ({r['params'].get('size', '')})",
-                    f"{r['ratio']:.0%}", r["ratio"] >= 0.9))
+    for r in find("node", metric="sets/s at saturation"):
+        out.append((f"node overhead <= 10% of encode time at saturation ({r['params']['size']}, "
+                    f"malloc {r['params']['malloc']})",
+                    f"{100 * (1 / r['ratio'] - 1):.1f}% (node {r['ratio']:.0%} of encode sets/s)",
+                    1 / r["ratio"] - 1 <= 0.10))
     for r in find("extract"):
-        out.append((f"extraction >= 90% of encode sets/s ({r['params']['size']})", f"{r['ratio']:.0%}",
-                    r["ratio"] >= 0.9))
+        stress = r["params"]["model"] != "small"
+        out.append((f"extraction >= 90% of encode sets/s ({r['params']['size']}, {r['params']['model']} model"
+                    + (", stress case outside the target config)" if stress else ")"),
+                    f"{r['ratio']:.0%} (tool {r.get('tool_ms_per_set', '?')} ms/set, model "
+                    f"{r.get('model_ms_per_set', '?')} ms/set)", None if stress else r["ratio"] >= 0.9))
     return out
 
 
@@ -468,21 +564,16 @@ def main(argv=None) -> int:
     print("  2048^2 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()), flush=True)
     b = Bench(a.quick, a.threads)
     only = set(a.only or ["preprocess", "vision", "roofline", "encode", "generate", "extract"])
-    if "preprocess" in only:
-        b.preprocess()
-    if "vision" in only:
-        b.vision()
-    if "roofline" in only:
-        b.roofline_and_ops(peak)
-    if "encode" in only:
-        b.encode()
-    if "generate" in only:
-        b.generate()
-    if "extract" in only:
-        b.extract_and_node()
+    sections = {"setup": round(time.time() - t0, 1)}
+    for key, run in (("preprocess", b.preprocess), ("vision", b.vision), ("roofline", lambda: b.roofline_and_ops(peak)),
+                     ("encode", b.encode), ("generate", b.generate), ("extract", b.extract_and_node)):
+        if key in only:
+            t1 = time.time()
+            run()
+            sections[key] = round(time.time() - t1, 1)
     report = {"name": name, "machine": {**machine(a.threads), "malloc": a.malloc}, "matmul_gflops": peak,
               "config": {"preset": "small", "description": SMALL}, "results": b.results,
-              "seconds": round(time.time() - t0, 1)}
+              "seconds": round(time.time() - t0, 1), "section_seconds": sections}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{name}.json").write_text(json.dumps(report, indent=1))
@@ -491,7 +582,7 @@ def main(argv=None) -> int:
     plot(report, out / f"{name}.png")
     print()
     print(md)
-    print(f"wrote {out / name}.json/.md/.png in {report['seconds']} s")
+    print(f"wrote {out / name}.json/.md/.png in {report['seconds']} s (" + ", ".join(f"{k} {v} s" for k, v in sections.items()) + ")")
     return 0
 
 
