@@ -24,6 +24,7 @@ message), :meth:`~SyntheticCameras.set_enabled` (stop/resume a camera) and
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import threading
 from typing import Any, Callable, List, Optional, Sequence, Tuple
@@ -53,14 +54,24 @@ def parse_size(text: str) -> Tuple[int, int]:
     return w, h
 
 
-def render_frame(width: int, height: int, tick: int, camera: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3): a gradient tinted per camera with a square moving with ``tick``."""
+@functools.lru_cache(maxsize=32)
+def _background(width: int, height: int, camera: int) -> np.ndarray:
+    """The static part of a frame, computed once per size and camera (read-only)."""
     y = np.linspace(0, 255, height, dtype=np.float32)[:, None]
     x = np.linspace(0, 255, width, dtype=np.float32)[None, :]
     img = np.empty((height, width, 3), dtype=np.uint8)
     img[..., 0] = (y + 0 * x).astype(np.uint8)
     img[..., 1] = (x + 0 * y).astype(np.uint8)
     img[..., 2] = ((x + y) * 0.5 + 60 * camera).astype(np.int64) % 256
+    img.flags.writeable = False
+    return img
+
+
+def render_frame(width: int, height: int, tick: int, camera: int) -> np.ndarray:
+    """RGB uint8 (H, W, 3): a gradient tinted per camera with a square moving with ``tick``.
+    One copy of a cached background per frame, so the stand-in cameras cost about what a driver
+    copying a capture buffer does, not a render."""
+    img = _background(width, height, camera).copy()
     side = max(2, min(width, height) // 4)
     span_x, span_y = max(1, width - side), max(1, height - side)
     x0 = (tick * 7 + 31 * camera) % span_x
