@@ -32,6 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.memory import peak_mb  # noqa: E402
 from qvl_ros import extract as ex  # noqa: E402
 from qvl_ros.bag_io import CameraBags  # noqa: E402
 from qvl_ros.conversion import msg_to_tensor  # noqa: E402
@@ -93,6 +94,8 @@ def _measure(model, device, h: int, w: int, sets_n: int, batch: int, repeats: in
             extract_s.append(run_extract(r))
             encode_s.append(_time_encode(model, sets, batch))
     read_s = min(_time_read_only(bag, device) for _ in range(2))
+    mem_extract = peak_mb(lambda: run_extract(repeats))
+    mem_encode = peak_mb(lambda: _time_encode(model, sets, batch))
     pair_ratios = [e / x for e, x in zip(encode_s, extract_s)]  # = (extract sets/s) / (encode sets/s)
     return {
         "size": f"{h}x{w}", "sets": sets_n, "encode_s": encode_s, "extract_s": extract_s,
@@ -100,6 +103,7 @@ def _measure(model, device, h: int, w: int, sets_n: int, batch: int, repeats: in
         "ratio_best": min(encode_s) / min(extract_s), "ratio_median_of_pairs": statistics.median(pair_ratios),
         "read_decode_sync_ms_per_set": 1000 * read_s / sets_n,
         "model_ms_per_set": 1000 * min(encode_s) / sets_n,
+        "peak_mem_mb": {"ours": mem_extract, "reference": mem_encode},
     }
 
 
@@ -133,7 +137,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
                          "ratio_median_of_pairs": round(r["ratio_median_of_pairs"], 3),
                          "read_decode_sync_ms_per_set": round(r["read_decode_sync_ms_per_set"], 2),
                          "model_ms_per_set": round(r["model_ms_per_set"], 2),
-                         "tool_ms_per_set": round(1000 / r["extract_sets_per_s_best"] - r["model_ms_per_set"], 2)})
+                         "tool_ms_per_set": round(1000 / r["extract_sets_per_s_best"] - r["model_ms_per_set"], 2),
+                         "peak_mem_mb": r["peak_mem_mb"]})
     return rows
 
 

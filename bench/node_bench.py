@@ -21,7 +21,7 @@ Measured, in alternation so that background load hits both alike:
   node     the cameras publish at 1.5x the encode-alone rate; sets/s is counted between batch
            completions over a window that starts once batches are full (the queue fills only
            gradually after a start or a pause); the camera process is paused (SIGSTOP) and the
-           node drained while encode is timed between windows (quick: one window of ~11 s,
+           node drained while encode is timed between windows (quick: one window of ~9 s,
            full: two of ~20 s);
   light    a second camera process at 1 Hz (started paused at the beginning): every set is a
            batch of one; added latency = latency - encode time of one set alone.
@@ -517,14 +517,15 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
+    from bench.memory import process_peak_mb, reset_peak
     from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint
     from qvl_ros.node import QvlNode
 
     if threads:
         torch.set_num_threads(int(threads))
     # A window ends at the first batch completion after segment_s, i.e. about half a batch later.
-    plan = {"segments": 1 if quick else 2, "segment_s": 10.0 if quick else 19.0, "warmup_batches": 2,
-            "encode_main": 2, "encode_thread": 1, "encode_single": 2, "light_sets": 4 if quick else 6}
+    plan = {"segments": 1 if quick else 2, "segment_s": 8.0 if quick else 19.0, "warmup_batches": 2,
+            "encode_main": 2, "encode_thread": 1, "encode_single": 2, "light_sets": 3 if quick else 6}
     device = torch.device("cpu")
     tmp = tempfile.TemporaryDirectory(prefix="node_bench_")
     ckpt = save_tiny_checkpoint(Path(tmp.name) / "small", config=PRESETS["small"], seed=0)
@@ -575,15 +576,18 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
         _wait(lambda: probe.worker_tid is not None and bool(exec_tid), 5, "thread ids")
         roles.update({exec_tid[0]: "executor thread", probe.worker_tid: "batch worker thread"})
         segments = []
+        peak_rss = {"node": 0.0, "encode": 0.0}  # process peak RSS, MB, during node windows / encode alone
         for seg in range(plan["segments"]):
             if seg:
                 cams.resume()
                 probe.wait_full(1, 120)  # the queue refills after the pause
             t0 = probe.wait_batches(1, 60)
+            reset_peak()
             a = CpuSnapshot(cams.pid)
             stats0 = node.pipeline_stats()
             time.sleep(max(0.0, plan["segment_s"] - (time.perf_counter() - t0)))
             t1 = probe.wait_batches(1, 60)
+            peak_rss["node"] = max(peak_rss["node"], process_peak_mb())
             b = CpuSnapshot(cams.pid)
             stats1 = node.pipeline_stats()
             cams.pause()
@@ -595,7 +599,9 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
             if not node.wait_idle(60):
                 raise TimeoutError("the node did not drain")
             time.sleep(0.2)
+            reset_peak()
             enc.block(plan["encode_main"], plan["encode_thread"], plan["encode_single"])
+            peak_rss["encode"] = max(peak_rss["encode"], process_peak_mb())
         cams.stop()
         cams = None
 
@@ -613,6 +619,7 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
             s["counter_latency"] = counter.latencies(w["stamps"])
         light["counter_latency"] = counter.latencies(light["stamps"])
         result = _summarize(plan, segments, light, enc, rate, encode_rate0)
+        result["process_peak_rss_mb"] = peak_rss
     finally:
         if cams is not None:
             cams.stop()
@@ -782,6 +789,9 @@ def _row(r: dict) -> dict:
                    "reference": "BatchedQwenVL.encode alone, main thread, same frames, same process"},
         "ours": r["node_sets_per_s"], "reference": r["encode_sets_per_s"], "unit": "sets/s",
         "error": "encode within 1e-4 (test_node)",
+        "peak_mem_mb": {"ours": round(r["process_peak_rss_mb"]["node"], 1),
+                        "reference": round(r["process_peak_rss_mb"]["encode"], 1)},
+        "peak_mem_kind": "process peak RSS (model, torch, rclpy included) during node windows / encode alone",
         "overhead_pct_of_encode_time": round(r["overhead_pct_of_encode_time"], 1),
         "target_overhead_pct": 100 * TARGET_OVERHEAD, "target_met": r["target_met"],
         "encode_thread_sets_per_s": round(r["encode_thread_sets_per_s"], 3),
@@ -821,14 +831,15 @@ def _latency_row(r: dict) -> dict:
 def run(quick: bool = False) -> list[dict]:
     """Rows for bench/run.py, per malloc mode: node sets/s at saturation ("ours") against encode
     alone ("reference"), and stamp -> publish latency at 1 Hz against encode of one set alone.
-    Quick: glibc malloc defaults; full: also the tuned malloc mode. Each in a fresh process."""
+    Quick: the tuned glibc malloc mode (what qvl_node sets); full: also glibc's defaults. Each mode
+    runs in a fresh process."""
     try:
         import torch
 
         threads = torch.get_num_threads()
     except ImportError:
         threads = None
-    modes = ["default"] if quick else ["default", "tuned"]
+    modes = ["tuned"] if quick else ["tuned", "default"]  # tuned: what qvl_node's entry point runs with
     rows = []
     for m in modes:
         r = _child(quick, m, threads, 150 if quick else 300)
@@ -928,9 +939,9 @@ def report(results: list[dict]) -> str:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="one 15 s window (else two of 20 s)")
+    ap.add_argument("--quick", action="store_true", help="one window of ~9 s (else two of ~20 s)")
     ap.add_argument("--malloc", nargs="+", choices=MALLOC_MODES, default=None,
-                    help="malloc modes, one process each (default: 'default' with --quick, else default and tuned)")
+                    help="malloc modes, one process each (default: tuned with --quick, else tuned and default)")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     ap.add_argument("--transport", choices=TRANSPORTS, default="shm",
                     help="shm: Fast DDS shared memory with segments large enough for a frame (default); "
@@ -946,7 +957,7 @@ def main(argv=None) -> int:
         result = measure(args.quick, mode, args.threads, args.transport)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         return 0
-    modes = args.malloc or (["default"] if args.quick else ["default", "tuned"])
+    modes = args.malloc or (["tuned"] if args.quick else ["tuned", "default"])
     print(f"1-min load average at start: {os.getloadavg()[0]:.2f} ({os.cpu_count()} cores)", flush=True)
     results = []
     for m in modes:
