@@ -480,10 +480,12 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
                     f"{ops[0]['attention_calls']['ours']['attention_calls']} vs "
                     f"{ops[0]['attention_calls']['reference']['attention_calls']})", ops[0]["ratio"] >= 10))
     for r in find("node", metric="sets/s at saturation"):
+        shipped = r["params"]["malloc"] == "tuned"  # qvl_node's entry point tunes malloc
         out.append((f"node overhead <= 10% of encode time at saturation ({r['params']['size']}, "
-                    f"malloc {r['params']['malloc']})",
+                    + ("malloc tuned, as qvl_node runs)" if shipped else
+                       "glibc malloc defaults, as in a process that embeds QvlNode without tuning; not the shipped setup)"),
                     f"{100 * (1 / r['ratio'] - 1):.1f}% (node {r['ratio']:.0%} of encode sets/s)",
-                    1 / r["ratio"] - 1 <= 0.10))
+                    (1 / r["ratio"] - 1 <= 0.10) if shipped else None))
     for r in find("extract"):
         stress = r["params"]["model"] != "small"
         out.append((f"extraction >= 90% of encode sets/s ({r['params']['size']}, {r['params']['model']} model"
