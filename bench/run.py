@@ -496,27 +496,37 @@ def targets(report: dict) -> list[tuple[str, str, bool | None]]:
 
 
 def plot(report: dict, path: Path) -> None:
+    """Throughput against frames per call: encode (one line per camera count N, x = B x N) and the
+    vision tower, qvl_ros solid, transformers dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in report["results"] if r["name"] == "encode" and r["params"].get("reference") == "HF per sample"]
-    vis = [r for r in report["results"] if r["name"] == "vision" and r["params"]["size"] == "448x448"]
+    res = report["results"]
+    enc = [r for r in res if r["name"] == "encode" and r["params"].get("reference") == "HF per sample"]
+    vis = [r for r in res if r["name"] == "vision" and r["params"]["size"] == "448x448"]
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, data, xkey, title in ((axes[0], rows, None, "encode, 448² frames"),
-                                  (axes[1], vis, "frames", "vision tower, 448² frames")):
-        xs = [r["params"]["B"] * r["params"]["N"] if xkey is None else r["params"][xkey] for r in data]
-        order = sorted(range(len(xs)), key=lambda i: xs[i])
-        ax.plot([xs[i] for i in order], [data[i]["ours"] for i in order], "o-", label="qvl_ros")
-        ax.plot([xs[i] for i in order], [data[i]["reference"] for i in order], "s--", label="transformers")
+    series = [(axes[0], f"N={n}", sorted((r["params"]["B"] * n, r) for r in enc if r["params"]["N"] == n))
+              for n in sorted({r["params"]["N"] for r in enc})]
+    series.append((axes[1], None, sorted((r["params"]["frames"], r) for r in vis)))
+    for i, (ax, label, pts) in enumerate(series):
+        if not pts:
+            continue
+        xs = [x for x, _ in pts]
+        line, = ax.plot(xs, [r["ours"] for _, r in pts], "o-", label=f"qvl_ros {label or ''}".strip())
+        ax.plot(xs, [r["reference"] for _, r in pts], "s--", color=line.get_color(),
+                label=f"transformers {label or ''}".strip())
+    for ax, xlabel, title in ((axes[0], "B × N frames per call (B = 1, 4, 8)", "encode, 448² frames, HF one sample at a time"),
+                              (axes[1], "frames per call", "vision tower, 448² frames")):
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("B × N frames per call" if xkey is None else "frames per call")
-        ax.set_ylabel("images/s (cpu, float32)")
-        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(f"images/s ({report['machine']['device']}, float32)")
+        ax.set_title(title, fontsize=10)
         ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(f"{report['machine']['cpu']} — {report['machine']['torch_threads']} threads", fontsize=9)
+        ax.legend(fontsize=8)
+    m = report["machine"]
+    fig.suptitle(f"{m['cpu']}, {m['torch_threads']} threads, device {m['device']}, small config", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
