@@ -116,7 +116,7 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     dev = torch.device(device)
     cases = [("small", 480, 640, 8, 3), ("small", 240, 320, 16, 3), ("tiny", 480, 640, 24, 5), ("tiny", 240, 320, 48, 5)]
     if quick:
-        cases = [("small", 240, 320, 8, 2)]
+        cases = [("small", 240, 320, 12, 3)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {}

@@ -525,7 +525,7 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
         torch.set_num_threads(int(threads))
     # A window ends at the first batch completion after segment_s, i.e. about half a batch later.
     plan = {"segments": 1 if quick else 2, "segment_s": 8.0 if quick else 19.0, "warmup_batches": 2,
-            "encode_main": 2, "encode_thread": 1, "encode_single": 2, "light_sets": 3 if quick else 6}
+            "encode_main": 2, "encode_thread": 1, "encode_single": 2, "light_sets": 2 if quick else 6}
     device = torch.device("cpu")
     tmp = tempfile.TemporaryDirectory(prefix="node_bench_")
     ckpt = save_tiny_checkpoint(Path(tmp.name) / "small", config=PRESETS["small"], seed=0)
