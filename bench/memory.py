@@ -20,10 +20,7 @@ def peak_rss_reset() -> int:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-    try:
-        Path(f"/proc/{os.getpid()}/clear_refs").write_text("5")
-    except OSError:
-        pass
+    reset_peak()
     return _status("VmRSS")
 
 

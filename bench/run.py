@@ -511,7 +511,7 @@ def plot(report: dict, path: Path) -> None:
     series = [(axes[0], f"N={n}", sorted((r["params"]["B"] * n, r) for r in enc if r["params"]["N"] == n))
               for n in sorted({r["params"]["N"] for r in enc})]
     series.append((axes[1], None, sorted((r["params"]["frames"], r) for r in vis)))
-    for i, (ax, label, pts) in enumerate(series):
+    for ax, label, pts in series:
         if not pts:
             continue
         xs = [x for x, _ in pts]
