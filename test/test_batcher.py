@@ -1,10 +1,10 @@
-"""qvl_ros.batcher: batch forming, fill wait, drop-oldest bound, errors, shutdown, load."""
+"""qvl_ros.core.batcher: batch forming, fill wait, drop-oldest bound, errors, shutdown, load."""
 import threading
 import time
 
 import pytest
 
-from qvl_ros.batcher import Batcher
+from qvl_ros.core.batcher import Batcher
 
 
 class Recorder:

@@ -1,9 +1,9 @@
-"""qvl_ros.diagnostics: rate and latency windows, log throttling, staleness, status levels."""
+"""qvl_ros.core.diagnostics: rate and latency windows, log throttling, staleness, status levels."""
 import math
 
 import pytest
 
-from qvl_ros.diagnostics import (ERROR, OK, WARN, LatencyWindow, LogThrottle, PipelineMonitor, RateMeter,
+from qvl_ros.core.diagnostics import (ERROR, OK, WARN, LatencyWindow, LogThrottle, PipelineMonitor, RateMeter,
                                  percentile, reason_key, to_diagnostic_array)
 
 

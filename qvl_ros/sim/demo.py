@@ -1,9 +1,9 @@
 """The README demo: the library on its own, then synthetic cameras -> qvl_node -> a listener.
 
-    python -m qvl_ros.demo [--duration 4] [--rate 10] [--no-caption] [--model DIR] [--device auto]
+    python -m qvl_ros.sim.demo [--duration 4] [--rate 10] [--no-caption] [--model DIR] [--device auto]
 
 1. Library: the model on generated frames (feature shapes, encode timing, captions), as
-   ``qvl_ros.model_demo`` prints it.
+   ``qvl_ros.sim.model_demo`` prints it.
 2. ROS 2: three synthetic cameras (rgb8 320x240, yuv422 448x336, JPEG 256x192 on a
    ``/compressed`` topic) at ``--rate`` Hz with +-5 ms stamp jitter, the ``qvl_node`` node
    (captions on) and a listener, all in this process on one executor, talking
@@ -33,8 +33,8 @@ def run_ros(model, duration: float, rate: float, caption: bool, max_new_tokens: 
     from rclpy.executors import SingleThreadedExecutor
     from rclpy.parameter import Parameter
 
-    from .listener import FeatureListener
-    from .node import QvlNode
+    from ..ros.listener import FeatureListener
+    from ..ros.node import QvlNode
     from .synthetic import SyntheticCameras
 
     topics = [c[0] for c in CAMERAS]
@@ -49,7 +49,7 @@ def run_ros(model, duration: float, rate: float, caption: bool, max_new_tokens: 
         if shown[kind] <= show or shown[kind] % 10 == 0:
             print("  " + line, flush=True)
 
-    executor = SingleThreadedExecutor(context=context)  # the model has its own thread (see qvl_ros.node)
+    executor = SingleThreadedExecutor(context=context)  # the model has its own thread (see qvl_ros.ros.node)
     try:
         node = QvlNode(model=model, context=context, parameter_overrides=[
             Parameter("camera_topics", value=topics),
@@ -119,8 +119,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     from . import model_demo
-    from .model import BatchedQwenVL
-    from .model.checkpoint import resolve_checkpoint
+    from ..model import BatchedQwenVL
+    from ..model.checkpoint import resolve_checkpoint
 
     path = resolve_checkpoint(args.model or "")
     print("[library] batched model on generated frames")

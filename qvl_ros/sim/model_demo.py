@@ -1,6 +1,6 @@
 """Library demo: features and captions for a few generated camera frames with the tiny model.
 
-    python -m qvl_ros.model_demo [--model DIR] [--batch 2] [--cameras 3] [--device auto]
+    python -m qvl_ros.sim.model_demo [--model DIR] [--batch 2] [--cameras 3] [--device auto]
 
 Prints shapes, timings and captions. Without --model it uses the bundled tiny checkpoint
 (random weights, so captions are noise; the point is shapes, speed and the API).

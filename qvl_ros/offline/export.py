@@ -1,6 +1,6 @@
 """Feature arrays on disk for ML use: safetensors shards plus a JSON index, loadable in one line.
 
-    from qvl_ros.export import load_features
+    from qvl_ros.offline.export import load_features
     feats = load_features("features_dir")
     feats["vision/front"]      # torch tensor (S, tokens, D), one row per synchronized set
     feats["hidden"]            # (S, L, D) decoder states of the real tokens (right padded)

@@ -23,8 +23,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .feature_msgs import ros_string
-from .topics import camera_names as camera_names_for
+from ..ros.feature_msgs import ros_string
+from ..core.topics import camera_names as camera_names_for
 
 __all__ = [
     "IMAGE_TYPES",
@@ -61,7 +61,7 @@ def find_msg_dir() -> Path:
     Looked up next to the package (a source checkout or an editable install), then in
     ``share/qvl_ros/msg`` of every prefix on ``AMENT_PREFIX_PATH`` (a colcon install).
     """
-    candidates = [Path(__file__).resolve().parent.parent / "msg"]
+    candidates = [Path(__file__).resolve().parents[2] / "msg"]
     for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
         if prefix:
             candidates.append(Path(prefix) / "share" / "qvl_ros" / "msg")

@@ -1,16 +1,16 @@
 """Offline feature extraction: camera rosbag2 recordings in, a feature bag (and arrays) out.
 
     qvl-ros extract INPUT [INPUT ...] --out OUTPUT --topics /cam0/image_raw /cam1/image_raw ...
-    python -m qvl_ros.extract INPUT ... --out OUTPUT --topics ...
+    python -m qvl_ros.offline.extract INPUT ... --out OUTPUT --topics ...
 
 Reads the camera topics of one or more rosbag2 recordings (sqlite3 or mcap; several inputs are
-merged in recording-time order), converts every frame with :mod:`qvl_ros.conversion`, matches
-frames into synchronized sets with :class:`qvl_ros.synchronizer.Synchronizer` (the node's own
+merged in recording-time order), converts every frame with :mod:`qvl_ros.core.conversion`, matches
+frames into synchronized sets with :class:`qvl_ros.core.synchronizer.Synchronizer` (the node's own
 components), runs the model on ``--batch`` sets at a time and writes OUTPUT, an mcap rosbag2 with
 one ``/qvl/features`` (qvl_ros/msg/VisionFeatures) message per set and, with ``--caption``, one
 ``/qvl/caption`` (qvl_ros/msg/Caption) message per set. A message's recording time is the set's
 stamp (its newest camera stamp). Message definitions are stored in the bag. ``--export DIR``
-also writes the features as safetensors shards (see :mod:`qvl_ros.export`).
+also writes the features as safetensors shards (see :mod:`qvl_ros.offline.export`).
 
 Nothing is dropped for lack of time: every set the recordings contain is processed, in stamp
 order, with batches of fixed composition, so two runs give identical output. Frames that fit no
@@ -181,7 +181,7 @@ def _remove(path: Path) -> None:
 
 def _resolve_model_path(spec: str | None) -> Path:
     """As the node resolves model.path (see qvl_ros.model.checkpoint.resolve_checkpoint)."""
-    from .model.checkpoint import resolve_checkpoint
+    from ..model.checkpoint import resolve_checkpoint
 
     try:
         return resolve_checkpoint(spec)
@@ -190,7 +190,7 @@ def _resolve_model_path(spec: str | None) -> Path:
 
 
 def _load_model(cfg: ExtractConfig):
-    from .model import BatchedQwenVL
+    from ..model import BatchedQwenVL
 
     path = _resolve_model_path(cfg.model)
     try:
@@ -203,7 +203,7 @@ def _load_model(cfg: ExtractConfig):
 
 def _host_storage(tensor):
     """(dtype name, shape, uint8 numpy bytes) of a host tensor, C order little-endian."""
-    from .tensor_msg import _storage_array
+    from ..ros.tensor_msg import _storage_array
 
     arr, dtype = _storage_array(tensor, None)
     return dtype, arr.shape, arr.reshape(-1).view("u1")
@@ -284,7 +284,7 @@ class _SetSource:
 
     def __init__(self, bags, cfg: ExtractConfig, device, start_ns=None, stop_ns=None,
                  stopped: Callable[[], bool] = lambda: False) -> None:
-        from .synchronizer import Synchronizer
+        from ..core.synchronizer import Synchronizer
 
         self.bags = bags
         self.cfg = cfg
@@ -311,7 +311,7 @@ class _SetSource:
         self.failures.append((self.bags.cameras[k].topic, stamp_ns, reason))
 
     def __iter__(self) -> Iterator:
-        from .conversion import ConversionError, msg_to_tensor
+        from ..core.conversion import ConversionError, msg_to_tensor
 
         use_header = self.cfg.stamps == "header"
         sync, bags, device = self.sync, self.bags, self.device
@@ -465,7 +465,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
     ``BatchedQwenVL`` to use instead of loading ``cfg.model`` (several runs, one load).
     """
     from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore
-    from .feature_msgs import check_kinds, sample_tensors
+    from ..ros.feature_msgs import check_kinds, sample_tensors
 
     stream = stream if stream is not None else sys.stderr
     stop = stop if stop is not None else threading.Event()
@@ -534,7 +534,7 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
             _remove(export)
     custom = {
         "qvl_ros.inputs": " ".join(str(p) for p in bags.paths),
-        "qvl_ros.topics": " ".join(c.topic for c in bags.cameras),
+        "qvl_ros.core.topics": " ".join(c.topic for c in bags.cameras),
         "qvl_ros.camera_names": " ".join(names),
         "qvl_ros.model": model.name,
         "qvl_ros.prompt": cfg.prompt,
@@ -722,7 +722,7 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
 
 # ------------------------------------------------------------------------------------------ CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `qvl-ros extract` (shared by `python -m qvl_ros.extract`)."""
+    """The options of `qvl-ros extract` (shared by `python -m qvl_ros.offline.extract`)."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="rosbag2 recording (directory, or .mcap/.db3 file); several are merged in time order")
     parser.add_argument("-o", "--out", required=True, metavar="OUTPUT",
@@ -780,7 +780,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     """Run from parsed arguments; print progress and the summary on stderr; return the exit code."""
-    from .model.kernels import tune_cpu_allocator
+    from ..model.kernels import tune_cpu_allocator
 
     tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
     try:
@@ -795,7 +795,7 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     return EXIT_FAILED if report.error else EXIT_OK
 
 
-def build_parser(prog: str = "python -m qvl_ros.extract") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m qvl_ros.offline.extract") -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=prog, description="Extract Qwen-VL features from camera topics of rosbag2 recordings.")
     add_arguments(parser)

@@ -1,12 +1,12 @@
 """Print what ``qvl_node`` publishes: feature shapes, stamps, captions and latency.
 
     qvl-listener                                  # features + caption in the current namespace
-    python -m qvl_ros.listener --count 20         # exit after 20 feature messages
+    python -m qvl_ros.ros.listener --count 20         # exit after 20 feature messages
     ros2 run qvl_ros listener --ros-args -r __ns:=/robot1
 
 One line per ``VisionFeatures`` message (set stamp, per-camera stamps relative to it, tensor
 shapes and dtypes, latency = receive time on this node's clock minus the set stamp), one per
-``Caption``. The tensors are rebuilt with :func:`qvl_ros.tensor_msg.to_numpy`, exactly as a
+``Caption``. The tensors are rebuilt with :func:`qvl_ros.ros.tensor_msg.to_numpy`, exactly as a
 consumer would. With ``--count``/``--duration`` it exits by itself and prints a summary.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any, Callable, List, Optional, Sequence
 
 from rclpy.node import Node
 
-from .diagnostics import percentile
+from ..core.diagnostics import percentile
 from .feature_msgs import stamp_ns
 from .tensor_msg import to_numpy
 

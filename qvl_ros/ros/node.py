@@ -1,6 +1,6 @@
 """ROS 2 node ``qvl_node``: synchronized multi-camera frames -> batched Qwen-VL -> features/captions.
 
-    python -m qvl_ros.node --ros-args --params-file config/multi_cam.yaml
+    python -m qvl_ros.ros.node --ros-args --params-file config/multi_cam.yaml
     ros2 run qvl_ros qvl_node --ros-args -p camera_topics:="[front/image_raw, left/image_raw]"
 
 Data flow (the logic lives in the components; this module wires them to ROS):
@@ -9,15 +9,15 @@ Data flow (the logic lives in the components; this module wires them to ROS):
   in ``/compressed`` or with ``compressed: true``), sensor-data QoS; each camera has its own
   mutually exclusive callback group, so its frames stay in order on any executor;
 * the callback converts the message to a uint8 ``(3, H, W)`` tensor on the model device
-  (:mod:`qvl_ros.conversion`) and adds it to the :class:`~qvl_ros.synchronizer.Synchronizer`
-  under the node's lock; complete sets go to the :class:`~qvl_ros.batcher.Batcher`. Invalid
+  (:mod:`qvl_ros.core.conversion`) and adds it to the :class:`~qvl_ros.core.synchronizer.Synchronizer`
+  under the node's lock; complete sets go to the :class:`~qvl_ros.core.batcher.Batcher`. Invalid
   frames are dropped, counted and logged (throttled per topic and reason);
 * the batcher's worker thread runs ``encode`` (or ``encode_generate`` when captions are on) on
   up to ``batch.max_size`` sets and publishes one ``VisionFeatures`` (and one ``Caption``) per
   set on ``features`` / ``caption`` (relative to the node namespace), stamps copied from the
   cameras' frames. A failing batch is retried set by set; a set that still fails is logged
   with its stamps and dropped; the node keeps serving;
-* a steady-clock timer publishes ``/diagnostics`` (see :mod:`qvl_ros.diagnostics`).
+* a steady-clock timer publishes ``/diagnostics`` (see :mod:`qvl_ros.core.diagnostics`).
 
 Executor: ``main`` spins the node on a ``SingleThreadedExecutor``; callbacks only convert and
 enqueue, and the model has its own thread. Prefer that when embedding the node too: rclpy's
@@ -47,13 +47,13 @@ from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
-from .batcher import Batcher
-from .conversion import msg_to_tensor
-from .diagnostics import LogThrottle, PipelineMonitor, reason_key, to_diagnostic_array
+from ..core.batcher import Batcher
+from ..core.conversion import msg_to_tensor
+from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key, to_diagnostic_array
 from .feature_msgs import caption_msg, check_kinds, vision_features_msg
-from .model.checkpoint import resolve_checkpoint
-from .synchronizer import SyncSet, Synchronizer
-from .topics import camera_names as default_camera_names
+from ..model.checkpoint import resolve_checkpoint
+from ..core.synchronizer import SyncSet, Synchronizer
+from ..core.topics import camera_names as default_camera_names
 
 __all__ = ["QvlNode", "main", "default_camera_names"]
 
@@ -252,7 +252,7 @@ class QvlNode(Node):
     def _load_model(self):
         import torch
 
-        from .model import BatchedQwenVL
+        from ..model import BatchedQwenVL
 
         v = self._value
         path = resolve_checkpoint(str(v("model.path")))
@@ -412,8 +412,8 @@ class QvlNode(Node):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``qvl_node`` / ``python -m qvl_ros.node``; returns the exit code."""
-    from .model.kernels import tune_cpu_allocator
+    """Entry point of ``qvl_node`` / ``python -m qvl_ros.ros.node``; returns the exit code."""
+    from ..model.kernels import tune_cpu_allocator
 
     tune_cpu_allocator()  # before the model thread allocates (see its docstring)
     args = list(sys.argv if argv is None else argv)

@@ -1,7 +1,7 @@
 """Synthetic multi-camera publisher: N image topics with chosen sizes, rate, encodings and jitter.
 
     qvl-synthetic-cameras --cameras 3 --rate 10 --size 320x240 --encodings rgb8 bgr8 jpeg
-    python -m qvl_ros.synthetic --topics front/image_raw rear/image_raw/compressed --jitter-ms 5
+    python -m qvl_ros.sim.synthetic --topics front/image_raw rear/image_raw/compressed --jitter-ms 5
     ros2 run qvl_ros synthetic_cameras --ros-args -p rate:=15.0 -p encodings:="[rgb8, mono8]"
 
 Behaves like a hardware-triggered rig: one timer tick publishes a frame on every camera; each
