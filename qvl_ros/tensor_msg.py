@@ -1,0 +1,5 @@
+"""`import qvl_ros.tensor_msg`: the module lives in :mod:`qvl_ros.ros.tensor_msg`; this name gives that module itself."""
+import importlib
+import sys
+
+sys.modules[__name__] = importlib.import_module("qvl_ros.ros.tensor_msg")
