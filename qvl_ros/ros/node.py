@@ -49,7 +49,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
 from ..core.conversion import msg_to_tensor
-from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key, to_diagnostic_array
+from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key
+from .diagnostic_array import to_diagnostic_array
 from .feature_msgs import caption_msg, check_kinds, vision_features_msg
 from ..model.checkpoint import resolve_checkpoint
 from ..core.synchronizer import SyncSet, Synchronizer
