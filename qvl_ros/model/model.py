@@ -18,7 +18,7 @@ from torch import nn
 
 from .checkpoint import read_weights
 from .config import QwenVLConfig
-from .processor import Batch, TensorProcessor
+from .processor import Batch, TensorProcessor, image_size_problem
 from .text import Decoder
 from .vision import VisionTower
 
@@ -37,6 +37,9 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -44,10 +47,9 @@ def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> tor
         if device.type == "cpu":
             return torch.float32
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config_dtype or "", torch.bfloat16)
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
+    if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return table[dtype]
+    return DTYPES[dtype]
 
 
 def check_images(images, prompts) -> list[list[torch.Tensor]]:
@@ -84,11 +86,9 @@ def check_images(images, prompts) -> list[list[torch.Tensor]]:
                 raise ValueError(f"image [{b}][{n}] must be uint8, got {im.dtype}")
             if im.dim() != 3 or im.shape[0] != 3:
                 raise ValueError(f"image [{b}][{n}] must have shape (3, H, W), got {tuple(im.shape)}")
-            h, w = im.shape[1:]
-            if min(h, w) < 28:
-                raise ValueError(f"image [{b}][{n}] is {h}x{w} px: smaller than 28 px on a side")
-            if max(h, w) / min(h, w) > 200:
-                raise ValueError(f"image [{b}][{n}] is {h}x{w} px: aspect ratio over 200")
+            problem = image_size_problem(*im.shape[1:])
+            if problem:
+                raise ValueError(f"image [{b}][{n}]: {problem}")
     return batch
 
 

@@ -23,6 +23,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from ..core.stamps import sec_nanosec
 from ..ros.feature_msgs import ros_string
 from ..core.topics import camera_names as camera_names_for
 
@@ -268,7 +269,8 @@ class CameraBags:
 # ---------------------------------------------------------------------------------------- output
 def _time(store, stamp_ns: int):
     Time = store.types["builtin_interfaces/msg/Time"]
-    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+    sec, nanosec = sec_nanosec(stamp_ns)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def _header(store, stamp_ns: int, frame_id: str):

@@ -312,6 +312,7 @@ class _SetSource:
 
     def __iter__(self) -> Iterator:
         from ..core.conversion import ConversionError, msg_to_tensor
+        from ..core.stamps import stamp_ns as header_ns
 
         use_header = self.cfg.stamps == "header"
         sync, bags, device = self.sync, self.bags, self.device
@@ -324,7 +325,7 @@ class _SetSource:
             except ValueError as exc:
                 self._fail(k, rec_ns, str(exc))
                 continue
-            stamp = msg.header.stamp.sec * 1_000_000_000 + msg.header.stamp.nanosec if use_header else rec_ns
+            stamp = header_ns(msg.header.stamp) if use_header else rec_ns
             try:
                 image = msg_to_tensor(msg, device, min_size=(28, 28))
             except ConversionError as exc:

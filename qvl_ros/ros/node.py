@@ -49,20 +49,19 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
 from ..core.conversion import msg_to_tensor
+from ..core.stamps import stamp_ns
 from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key
 from .diagnostic_array import to_diagnostic_array
 from .feature_msgs import caption_msg, check_kinds, vision_features_msg
 from ..model.checkpoint import resolve_checkpoint
+from ..model.model import DTYPES
+from ..model.processor import MIN_SIDE, image_size_problem
 from ..core.synchronizer import SyncSet, Synchronizer
 from ..core.topics import camera_names as default_camera_names
 
 __all__ = ["QvlNode", "main", "default_camera_names"]
 
 NODE_NAME = "qvl_node"
-# The model needs at least 28 px per side (one merged 2x2 patch of 14 px) and an aspect ratio
-# of at most 200; frames outside that are invalid input, rejected in the callback.
-MIN_SIDE = 28
-MAX_ASPECT = 200.0
 
 _STRING, _STRINGS = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_STRING_ARRAY
 _INT, _DOUBLE, _BOOL = ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
@@ -258,7 +257,7 @@ class QvlNode(Node):
         v = self._value
         path = resolve_checkpoint(str(v("model.path")))
         dtype = str(v("model.dtype"))
-        if dtype not in ("auto", "float32", "bfloat16", "float16"):
+        if dtype != "auto" and dtype not in DTYPES:
             raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         device = str(v("model.device")) or "auto"
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -279,8 +278,9 @@ class QvlNode(Node):
         try:
             frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE)
             h, w = int(frame.shape[1]), int(frame.shape[2])
-            if max(h, w) / min(h, w) > MAX_ASPECT:
-                raise ValueError(f"aspect ratio of {w}x{h} exceeds {MAX_ASPECT:.0f}")
+            problem = image_size_problem(h, w)  # frames the model cannot take are invalid input
+            if problem:
+                raise ValueError(problem)
         except Exception as exc:  # ConversionError, and anything a decoder may raise
             self._invalid_frame(index, str(exc) or type(exc).__name__)
             return
@@ -293,7 +293,7 @@ class QvlNode(Node):
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
             return arrival_ns
-        stamp = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+        stamp = stamp_ns(msg.header.stamp)
         if stamp == 0 and self._stamp_source == "auto":
             return arrival_ns
         return stamp
