@@ -318,9 +318,10 @@ class Synchronizer:
         """
         with self._lock:
             if self._matcher is not None:
+                chosen = []
                 for k in range(self._n):
-                    self._pass_on(k, len(self._held[k]))
-                return self._emit(self._matcher.finish())
+                    chosen += self._pass_on(k, len(self._held[k]))
+                return self._emit(chosen + self._matcher.finish())
             return self._drain(final=True)
 
     def reset(self, *, clear_stats: bool = False) -> None:
