@@ -38,6 +38,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -140,6 +141,12 @@ class Child:
 
     def resume(self) -> None:
         os.kill(self.proc.pid, signal.SIGCONT)
+
+    def __enter__(self) -> "Child":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
 
     def stop(self) -> None:
         if self.proc.poll() is None:
@@ -256,88 +263,92 @@ def saturation_window(feats: Arrivals, cams: Child, node: Child, seconds: float,
 
 def light_load(ns: str, feats: Arrivals, frames_in: Arrivals, sets: int) -> dict:
     """Cameras at 1 Hz: stamp -> arrival of `features` and of camera frames, first two sets skipped."""
-    cams = cameras(ns, 1.0)
-    try:
+    with cameras(ns, 1.0) as cams:
         since = time.monotonic()
         wait_for(lambda: cams.running() and len(feats.since(since)) >= 2, 60, "the 1 Hz cameras")
         t0 = feats.since(since)[1][0] + 0.5
         wait_for(lambda: cams.running() and len(feats.since(t0)) >= sets, 30 + 2 * sets, f"{sets} sets at 1 Hz")
         t1 = feats.since(t0)[sets - 1][0] + 0.01
-    finally:
-        cams.stop()
     return {"latency_ms": [ms for _, ms in feats.since(t0, t1)], "frame_ms": [ms for _, ms in frames_in.since(t0 - 1, t1)]}
+
+
+@contextmanager
+def ros_node(ns: str):
+    """A plain rclpy node in this process, spun on its own thread, for subscriptions and graph queries."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context, args=[])
+    node = rclpy.create_node("node_bench", context=context, namespace=ns)
+    executor = SingleThreadedExecutor(context=context)
+    executor.add_node(node)
+    spinner = threading.Thread(target=executor.spin, daemon=True)
+    spinner.start()
+    try:
+        yield node
+    finally:
+        executor.shutdown(timeout_sec=2.0)
+        node.destroy_node()
+        rclpy.try_shutdown(context=context)
+        spinner.join(5)
+
+
+def phases(bench, ns: str, node: Child, model, sets, times: dict, quick: bool) -> dict:
+    """Saturation windows alternating with encode alone, then 1 Hz; `times` gains the encode calls."""
+    from sensor_msgs.msg import Image
+
+    from bench.memory import process_peak_mb, reset_peak
+    from qvl_ros.msg import VisionFeatures
+
+    windows, seconds, light_sets = (1, 8.0, 4) if quick else (2, 19.0, 6)
+    rate = round(OVERLOAD * BATCH / min(times["batch"]), 2)  # from the fastest call: batches must fill
+    gap = 0.3 * min(times["single"])
+    feats = Arrivals(bench, VisionFeatures, "features")
+    wait_for(lambda: node.running() and bench.count_publishers(f"{ns}/features") >= 1
+             and all(bench.count_subscribers(f"{ns}/{t}") >= 1 for t in TOPICS), 180, "qvl_node")
+    say(f"qvl_node is up; encode alone {1e3 * min(times['batch']):.0f} ms per {BATCH} sets, cameras at {rate} Hz")
+    wins, peak_encode = [], 0.0
+    with cameras(ns, rate) as cams:
+        cams.pause()
+        for _ in range(windows):
+            wins.append(saturation_window(feats, cams, node, seconds, gap))
+            say(f"window: {wins[-1]['sets']} sets in {wins[-1]['seconds']:.1f} s")
+            reset_peak()
+            times["batch"] += encode_seconds(model, sets, 2)
+            peak_encode = max(peak_encode, process_peak_mb())
+    times["single"] += encode_seconds(model, sets[:1], 2)
+    light = light_load(ns, feats, Arrivals(bench, Image, TOPICS[0]), light_sets)
+    say(f"1 Hz: {len(light['latency_ms'])} sets")
+    return {"node_sets_per_s": sum(w["sets"] for w in wins) / sum(w["seconds"] for w in wins),
+            "camera_rate_hz": rate, "window_s": round(sum(w["seconds"] for w in wins), 1),
+            "latency_ms_saturation": percentiles(ms for w in wins for ms in w["latency_ms"]),
+            "peak_mb": {"node": round(max(w["peak_mb"] for w in wins), 1), "encode": round(peak_encode, 1)},
+            "light": light}
 
 
 def measure(quick: bool, threads: int) -> dict:
     """The whole measurement; this process's malloc is tuned by the caller before torch allocates."""
-    import rclpy
     import torch
-    from rclpy.executors import SingleThreadedExecutor
-    from sensor_msgs.msg import Image
 
-    from bench.memory import process_peak_mb, reset_peak
     from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint
-    from qvl_ros.msg import VisionFeatures
 
     torch.set_num_threads(threads)
-    windows, seconds, light_sets = (1, 8.0, 4) if quick else (2, 19.0, 6)
     ns = f"/node_bench_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="node_bench_") as tmp:
         transport = use_shm_transport(tmp)
         ckpt = save_tiny_checkpoint(Path(tmp) / "small", config=PRESETS["small"], seed=0)
-        node = qvl_node(ns, ckpt, threads)  # loads the model while this process loads its own
-        model = BatchedQwenVL.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
-        sets = frames(torch.device("cpu"))
-        encode_seconds(model, sets, 1)  # warm-up, both batch sizes
-        encode_seconds(model, sets[:1], 1)
-        batch_s, single_s = encode_seconds(model, sets, 2), encode_seconds(model, sets[:1], 3)
-        rate = round(OVERLOAD * BATCH / min(batch_s), 2)  # the fastest call: batches must fill
-        say(f"encode alone {1e3 * min(batch_s):.0f} ms per {BATCH} sets; cameras at {rate} Hz")
-        gap = 0.3 * min(single_s)
-
-        context = rclpy.Context()
-        rclpy.init(context=context, args=[])
-        bench_node = rclpy.create_node("node_bench", context=context, namespace=ns)
-        executor = SingleThreadedExecutor(context=context)
-        executor.add_node(bench_node)
-        spinner = threading.Thread(target=executor.spin, daemon=True)
-        spinner.start()
-        cams = None
-        try:
-            feats = Arrivals(bench_node, VisionFeatures, "features")
-            wait_for(lambda: node.running() and bench_node.count_publishers(f"{ns}/features") >= 1
-                     and all(bench_node.count_subscribers(f"{ns}/{t}") >= 1 for t in TOPICS), 180, "qvl_node")
-            say("qvl_node is up")
-            cams = cameras(ns, rate)
-            cams.pause()
-            wins, peak_encode = [], 0.0
-            for _ in range(windows):
-                wins.append(saturation_window(feats, cams, node, seconds, gap))
-                say(f"window: {wins[-1]['sets']} sets in {wins[-1]['seconds']:.1f} s")
-                reset_peak()
-                batch_s += encode_seconds(model, sets, 2)
-                peak_encode = max(peak_encode, process_peak_mb())
-            cams.stop()
-            cams = None
-            frames_in = Arrivals(bench_node, Image, TOPICS[0])
-            single_s += encode_seconds(model, sets[:1], 2)
-            light = light_load(ns, feats, frames_in, light_sets)
-            say(f"1 Hz: {len(light['latency_ms'])} sets")
-        finally:
-            for child in (cams, node):
-                if child is not None:
-                    child.stop()
-            executor.shutdown(timeout_sec=2.0)
-            bench_node.destroy_node()
-            rclpy.try_shutdown(context=context)
-            spinner.join(5)
-    return {"node_sets_per_s": sum(w["sets"] for w in wins) / sum(w["seconds"] for w in wins),
-            "encode_sets_per_s": BATCH * len(batch_s) / sum(batch_s), "camera_rate_hz": rate,
-            "window_s": round(sum(w["seconds"] for w in wins), 1),
-            "latency_ms_saturation": percentiles(ms for w in wins for ms in w["latency_ms"]),
-            "peak_mb": {"node": round(max(w["peak_mb"] for w in wins), 1), "encode": round(peak_encode, 1)},
-            "encode_ms_one_set": 1e3 * sorted(single_s)[len(single_s) // 2], "light": light,
-            "transport": transport, "torch_threads": threads}
+        with qvl_node(ns, ckpt, threads) as node:  # loads the model while this process loads its own
+            model = BatchedQwenVL.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
+            sets = frames(torch.device("cpu"))
+            encode_seconds(model, sets, 1)  # warm-up, both batch sizes
+            encode_seconds(model, sets[:1], 1)
+            times = {"batch": encode_seconds(model, sets, 2), "single": encode_seconds(model, sets[:1], 3)}
+            with ros_node(ns) as bench:
+                result = phases(bench, ns, node, model, sets, times, quick)
+    single = sorted(times["single"])
+    return {**result, "encode_sets_per_s": BATCH * len(times["batch"]) / sum(times["batch"]),
+            "encode_ms_one_set": 1e3 * single[len(single) // 2], "transport": transport, "torch_threads": threads}
 
 
 # ----------------------------------------------------------------------------- rows
