@@ -406,8 +406,8 @@ def markdown(report: dict) -> str:
             memtxt += " (process)"
         lines.append(f"| {r['name']} | {p} | {r['ours']:.2f} | {ref} | {r['unit']} | {ratio} | {err or '-'} | {memtxt} |")
     lines += ["", "Peak MB: resident memory a call adds above what the process held before it; "
-              "\"(process)\": the node benchmark process's peak RSS (model, torch and rclpy included) "
-              "during node windows / during encode alone.",
+              "\"(process)\": peak RSS of the qvl_node process during node windows / of the benchmark "
+              "process during encode alone (model, torch and rclpy included in both).",
               "", "| target | measured | met |", "|---|---|---|"]
     for name, measured, met in targets(report):
         lines.append(f"| {name} | {measured} | {'-' if met is None else 'yes' if met else '**no**'} |")
@@ -429,7 +429,7 @@ def markdown(report: dict) -> str:
                       "it: attention (head dim 64, so its matmuls have an inner dimension of 64, plus the softmax) "
                       "and elementwise work bound it below 85% of oneDNN's rate on this CPU."]
         if r["name"] == "node" and r["params"].get("metric") == "latency p50":
-            lines += ["", f"Node at {r['params']['rate_hz']:.0f} Hz (malloc {r['params']['malloc']}): stamp -> publish "
+            lines += ["", f"Node at {r['params']['rate_hz']:.0f} Hz (malloc {r['params']['malloc']}): stamp -> features received "
                       f"p50 {r['latency_ms']['p50']} ms / p95 {r['latency_ms']['p95']} ms against "
                       f"{r['reference']:.1f} ms for encode of one set alone; added p50 {r['added_latency_ms']['p50']} ms "
                       f"(frame arrival p50 {r['frame_arrival_ms']['p50']} ms)."]
