@@ -37,7 +37,7 @@ def tune_cpu_allocator() -> bool:
     """glibc malloc settings for large tensors that come and go every batch: one arena for all
     threads and no mmap/trim below 256/512 MiB, so a worker thread reuses freed blocks instead of
     mapping (and page-faulting) fresh memory each time. Measured on 2 CPU cores: encode +21%,
-    node sets/s at saturation +19% (bench/node_bench.py). Process-wide: entry points call it
+    node sets/s at saturation +19% (bench/studies/README.md). Process-wide: entry points call it
     before torch allocates; libraries embedding qvl_ros may choose to. False where not glibc."""
     import ctypes
 
