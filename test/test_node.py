@@ -293,7 +293,7 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     msgs = rig.collector.feature_msgs()
     # Exactly one message per synchronized set, none lost or duplicated.
     assert stats["sync"]["sets"] == stats["batch"]["put"] == stats["monitor"]["published"] == len(msgs), stats
-    assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
+    assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0, "time_reset": 0, "inactive": 0}
     assert stats["monitor"]["model_errors"] == 0
     check_stamps(rig, msgs, ticks_expected=ticks - 3)  # best effort: a lost frame costs a set
     for m in msgs:
