@@ -80,12 +80,13 @@ def ros():
 class Collector(Node):
     """Records features, captions, /diagnostics and /rosout; can publish /clock and raw frames."""
 
-    def __init__(self, context, namespace):
+    def __init__(self, context, namespace, outputs=True):
         super().__init__("collector", context=context, namespace=namespace)
         self.lock = threading.Lock()
         self.features, self.captions, self.diagnostics, self.logs = [], [], [], []
-        self.create_subscription(VisionFeatures, "features", self._keep(self.features, latency=True), 200)
-        self.create_subscription(Caption, "caption", self._keep(self.captions), 200)
+        if outputs:  # lazy tests subscribe to the outputs themselves
+            self.create_subscription(VisionFeatures, "features", self._keep(self.features, latency=True), 200)
+            self.create_subscription(Caption, "caption", self._keep(self.captions), 200)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 200)
         self.create_subscription(Log, "/rosout", self._keep(self.logs), QoSProfile(depth=1000))
         self.clock_pub = self.create_publisher(Clock, "/clock", 10)
@@ -127,10 +128,12 @@ class Recorder:
         self.lock = threading.Lock()
         self.keep = keep
         self.by_stamp = [dict() for _ in range(n)]
+        self.count = 0
 
     def __call__(self, index, msg):
         with self.lock:
             self.by_stamp[index][stamp_ns(msg.header.stamp)] = msg if self.keep else None
+            self.count += 1
 
     def frames(self, stamps):
         with self.lock:
@@ -150,15 +153,16 @@ class Rig:
     """Node under test + synthetic cameras + collector in a namespace of their own."""
 
     def __init__(self, ros, model, *, topics, encodings=("rgb8",), sizes=("224x168",), jitter_ms=5.0,
-                 node_params=(), camera_params=(), node_model=None, keep_frames=True):
+                 node_params=(), camera_params=(), node_model=None, keep_frames=True, node_class=QvlNode,
+                 outputs=True):
         self.context, self.executor = ros
         self.ns = f"/t{next(_ns_counter)}_{os.getpid()}"
         self.nodes = []
         self.recorder = Recorder(len(topics), keep=keep_frames)
-        self.node = QvlNode(model=node_model or model, context=self.context, namespace=self.ns,
-                            parameter_overrides=[Parameter("camera_topics", value=list(topics)),
-                                                 Parameter("prompt", value=PROMPT),
-                                                 *[Parameter(k, value=v) for k, v in node_params]])
+        self.node = node_class(model=node_model or model, context=self.context, namespace=self.ns,
+                               parameter_overrides=[Parameter("camera_topics", value=list(topics)),
+                                                    Parameter("prompt", value=PROMPT),
+                                                    *[Parameter(k, value=v) for k, v in node_params]])
         self.cameras = SyntheticCameras(context=self.context, namespace=self.ns, on_publish=self.recorder,
                                         parameter_overrides=[
                                             Parameter("topics", value=list(topics)),
@@ -167,22 +171,25 @@ class Rig:
                                             Parameter("rate", value=0.0),
                                             Parameter("jitter_ms", value=float(jitter_ms)),
                                             *[Parameter(k, value=v) for k, v in camera_params]])
-        self.collector = Collector(self.context, self.ns)
+        self.collector = Collector(self.context, self.ns, outputs=outputs)
         for n in (self.node, self.cameras, self.collector):
             self.executor.add_node(n)
             self.nodes.append(n)
         self.fqn = self.node.get_fully_qualified_name()
-        self.wait_connected()
+        if node_class is QvlNode and outputs:
+            self.wait_connected()
+
+    def camera_publishers(self):
+        return [p for p in self.cameras.publishers if p.topic_name in self.cameras.resolved_topics]
 
     def wait_connected(self):
+        """Until every camera publisher and the features publisher are matched with their
+        subscribers (matched endpoints, not just the graph) and the node logs to /rosout."""
         c = self.collector
-        for t in self.node.camera_topics:
-            assert wait_for(lambda t=t: c.count_subscribers(t) >= 1 and c.count_publishers(t) >= 1), t
-        assert wait_for(lambda: c.count_subscribers(self.ns + "/features") >= 1
-                        and c.count_publishers(self.ns + "/features") >= 1)
+        assert wait_for(lambda: all(p.get_subscription_count() >= 1 for p in self.camera_publishers()), 20)
+        assert wait_for(lambda: self.node._features_pub.get_subscription_count() >= 1, 20)
         logger_nodes = lambda: {i.node_name for i in c.get_publishers_info_by_topic("/rosout")}  # noqa: E731
-        assert wait_for(lambda: "qvl_node" in logger_nodes())
-        time.sleep(0.3)  # endpoint matching lags the graph a little
+        assert wait_for(lambda: "qvl_node" in logger_nodes(), 20)
 
     def drive(self, ticks, period=0.1, each=None):
         """Publish `ticks` ticks at a steady period; `each(i)` runs before tick i."""
@@ -194,19 +201,22 @@ class Rig:
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
 
-    def settle(self, timeout=15.0):
-        """Wait until frames in flight are processed (no new set for 0.3 s, the batcher idle)
-        and the collector has every features message the node published."""
+    def settle(self, timeout=30.0, loss_grace=3.0):
+        """Wait until every frame the cameras published has reached the node (or, should best
+        effort have lost one, until nothing arrived for `loss_grace` s), the batcher is idle and
+        the collector has every features message the node published."""
         end = time.monotonic() + timeout
         last, since = None, time.monotonic()
         while time.monotonic() < end:
             s = self.node.pipeline_stats()
-            state = (sum(s["sync"]["received"]), s["sync"]["sets"], s["monitor"]["published"])
-            if state != last:
-                last, since = state, time.monotonic()
+            received = sum(c["received"] for c in s["monitor"]["cameras"])
+            if received != last:
+                last, since = received, time.monotonic()
+            with self.recorder.lock:
+                all_in = received >= self.recorder.count
             idle = s["batch"]["depth"] == 0 and s["batch"]["running"] == 0
             have = len(self.collector.got(self.collector.features)) >= s["monitor"]["published"]
-            if idle and have and time.monotonic() - since >= 0.3:
+            if idle and have and (all_in or time.monotonic() - since >= loss_grace):
                 return
             time.sleep(0.02)
         raise AssertionError(f"pipeline did not settle: {self.node.pipeline_stats()}")
@@ -310,12 +320,13 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     for key in ("sets_per_s", "latency_p50_ms", "latency_p95_ms", "queue_depth", "drops.sync.unmatched",
                 "drops.batch.queue_full", "drops.invalid_frame", "stale_cameras"):
         assert key in values, key
-    assert values["stale_cameras"] == ""
-    assert 5.0 < float(values["sets_per_s"]) < 15.0
-    assert float(values["latency_p95_ms"]) < 500
-    for name in rig.node.camera_names:
-        c_level, _, c_values = status[f"{rig.fqn}: camera {name}"]
-        assert 5.0 < float(c_values["rate_hz"]) < 15.0 and c_values["stale"] == "false"
+    assert values["stale_cameras"] == "" and level == 0
+    assert wait_for(lambda: int(rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]["sets_published"])
+                    == len(msgs))
+    for k, name in enumerate(rig.node.camera_names):
+        c_level, _, c_values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: camera {name}"]
+        assert int(c_values["received"]) == stats["monitor"]["cameras"][k]["received"] >= ticks - 3
+        assert c_values["stale"] == "false" and c_level == 0
 
 
 def test_captions_mixed_encodings_compressed_camera_and_resolution_change(rigs, oracle):
@@ -395,7 +406,6 @@ def test_bad_frames_are_logged_dropped_counted_and_the_node_keeps_serving(rigs):
     raw_pub = c.create_publisher(Image, raw_topic, qos)
     jpg_pub = c.create_publisher(CompressedImage, jpg_topic, qos)
     assert wait_for(lambda: raw_pub.get_subscription_count() >= 1 and jpg_pub.get_subscription_count() >= 1)
-    time.sleep(0.2)
 
     def jpeg(data):
         m = CompressedImage()
@@ -582,7 +592,8 @@ def test_use_sim_time(rigs):
     def advance(i):
         sim["t"] += 100_000_000
         publish_clock()
-        time.sleep(0.02)
+        assert wait_for(lambda: rig.node.get_clock().now().nanoseconds == sim["t"]
+                        and rig.cameras.get_clock().now().nanoseconds == sim["t"], 10, 0.005)
 
     rig.drive(12, each=advance)
     rig.settle()
