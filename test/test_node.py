@@ -958,12 +958,13 @@ def test_lazy_subscribes_to_cameras_only_while_someone_listens(rigs):
         assert wait_for(lambda: len(got) >= 3, 20), round_
         rig.collector.destroy_subscription(listener)
         assert wait_for(lambda: all(p.get_subscription_count() == 0 for p in cams), 20), round_
-        rig.settle()
+        assert rig.node.wait_idle(20)
         sets_after = rig.node.pipeline_stats()["sync"]["sets"]
         assert sets_after >= sets_before + 3
         rig.drive(3)  # nobody listens: frames are not even received
         assert rig.node.pipeline_stats()["sync"]["sets"] == sets_after
     assert any("no subscriber left" in m for m in rig.collector.node_logs(20, rig.fqn))
+    assert not any("stale" in m for m in rig.collector.node_logs(30, rig.fqn))  # unsubscribed on purpose
 
 
 def test_max_rate_caps_sets_per_second_on_the_node_clock(rigs):

@@ -251,8 +251,20 @@ class PipelineMonitor:
         self.published = 0
         self.model_errors = 0
         self.last_model_error = ""
+        self._paused = False
 
     # ------------------------------------------------------------------ hooks
+    def set_paused(self, paused: bool) -> None:
+        """Cameras unsubscribed on purpose (inactive, or lazy without listeners): nothing is
+        stale and no set is missing meanwhile; the clocks of both checks restart on resume."""
+        with self._lock:
+            if self._paused and not paused:
+                self._start = self._clock()
+                for cam in self._cameras:
+                    cam.last_valid = None
+                self._last_set = None
+            self._paused = bool(paused)
+
     def frame_received(self, index: int) -> None:
         with self._lock:
             cam = self._cameras[index]
@@ -334,6 +346,8 @@ class PipelineMonitor:
             return [c.name for c in self._cameras if self._is_stale(c, now)]
 
     def _is_stale(self, cam: _Camera, now: float) -> bool:
+        if self._paused:
+            return False
         since = cam.last_valid if cam.last_valid is not None else self._start
         return now - since > self.stale_after_s
 
@@ -349,7 +363,8 @@ class PipelineMonitor:
                 "sets_per_s": self._sets_rate.rate(now),
                 "sets_made": self._sets_made,
                 "sets_made_in_window": self._made.count(now),
-                "since_last_set_s": now - (self._last_set if self._last_set is not None else self._start),
+                "since_last_set_s": 0.0 if self._paused else now - (
+                    self._last_set if self._last_set is not None else self._start),
                 "set_drops": dict(self._set_drops),
                 "set_drops_in_window": {k: m.count(now) for k, m in self._recent_set_drops.items()},
                 "frame_drops_in_window": {k: m.count(now) for k, m in self._recent_frame_drops.items()},

@@ -177,6 +177,7 @@ class QvlPipeline:
         self._log_throttle = LogThrottle(float(v("log_throttle")))
         self._rate = RateLimiter(float(v("max_rate")))
         self._monitor = PipelineMonitor(self._names, self._resolved_topics, **self._monitor_options())
+        self._monitor.set_paused(True)  # until the cameras are subscribed
         self._latest: Optional[SyncSet] = None  # newest set the synchronizer made (for ~/ask)
         self._epoch = 0  # bumped when time jumps back: results of older sets are not published
         self._stale_reported: set = set()
@@ -301,6 +302,7 @@ class QvlPipeline:
 
         if self._subs:
             return
+        self._monitor.set_paused(False)
         compressed_all = bool(self._value("compressed"))
         for i, topic in enumerate(self._topics):
             is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
@@ -313,6 +315,7 @@ class QvlPipeline:
         subs, self._subs = self._subs, []
         for sub in subs:
             self.destroy_subscription(sub)
+        self._monitor.set_paused(True)
 
     def _check_demand(self) -> None:
         """``lazy``: subscribe to the cameras while ``features`` or ``caption`` has a subscriber."""
