@@ -841,12 +841,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
-        msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
-        if node is not None:
-            node.get_logger().fatal(msg)
-        else:
-            print(msg, file=sys.stderr)
-        code = 1
+        if node is None or rclpy.ok():  # else a signal shut the context down under a callback
+            msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
+            if node is not None:
+                node.get_logger().fatal(msg)
+            else:
+                print(msg, file=sys.stderr)
+            code = 1
     finally:
         if node is not None:
             node.destroy_node()
