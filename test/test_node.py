@@ -209,7 +209,9 @@ class Rig:
         last, since = None, time.monotonic()
         while time.monotonic() < end:
             s = self.node.pipeline_stats()
-            received = sum(c["received"] for c in s["monitor"]["cameras"])
+            # frames through the synchronizer (counted after the callback converted and added
+            # them) plus the invalid ones: every frame whose callback has finished
+            received = sum(s["sync"]["received"]) + sum(c["invalid"] for c in s["monitor"]["cameras"])
             if received != last:
                 last, since = received, time.monotonic()
             with self.recorder.lock:
@@ -295,7 +297,9 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     """3 cameras at 10 Hz with +-5 ms jitter: one features message per synchronized set, with
     the cameras' stamps, whose tensors equal BatchedQwenVL.encode on the same frames."""
     rig = rigs(topics=["cam_a/image_raw", "cam_b/image_raw", "cam_c/image_raw"],
-               sizes=["224x168", "280x210", "196x196"], node_params=[("diagnostics.period", 0.25)])
+               sizes=["224x168", "280x210", "196x196"],
+               node_params=[("diagnostics.period", 0.25), ("diagnostics.stale_after", 30.0),
+                            ("diagnostics.no_set_after", 30.0)])
     ticks = 30
     rig.drive(ticks)
     rig.settle()
@@ -563,7 +567,7 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypa
     # in flight, then at most ceil(depth / max_size) batches including the set's own; one more
     # batch time and 0.1 s of margin for conversion, synchronization and DDS.
     lat = [x for _, x in rig.collector.got(rig.collector.features)]
-    assert len(lat) >= 15
+    assert len(lat) == stats["monitor"]["published"] >= 4  # every published set, however fast the CPU
     batch_s = stats["monitor"]["batch_s"]
     assert batch_s["p50"] >= model_s
     bound = (math.ceil(depth / max_size) + 2) * batch_s["max"] + 0.1
