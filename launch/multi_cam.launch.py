@@ -14,6 +14,9 @@ Arguments:
     caption        "true"/"false" to override caption.enabled (empty: the file's)
     synthetic      "true" also starts the synthetic camera publisher on the same topics
     use_sim_time   "true" for bag replay / simulation
+    managed        "true" (default) starts qvl_node as a lifecycle node (``--managed``)
+    autostart      "true" (default): configure it, then activate it once configured; "false"
+                   leaves it unconfigured for a lifecycle manager (``ros2 lifecycle set``)
 
 Everything started here can be started without `launch` too: `qvl_node`,
 `qvl-synthetic-cameras` (``python -m qvl_ros.node`` / ``python -m qvl_ros.synthetic``).
@@ -68,9 +71,12 @@ def _actions(context):
     if arg("caption"):
         node_overrides["caption.enabled"] = _parse_bool("caption", arg("caption"))
 
-    actions = [Node(
-        package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
-        parameters=[params_file, node_overrides], output="screen", emulate_tty=True)]
+    if _parse_bool("managed", arg("managed")):
+        actions = _managed_node(namespace, [params_file, node_overrides], _parse_bool("autostart", arg("autostart")))
+    else:
+        actions = [Node(
+            package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
+            parameters=[params_file, node_overrides], output="screen", emulate_tty=True)]
     if _parse_bool("synthetic", arg("synthetic")):
         camera_overrides = {"use_sim_time": sim_time}
         if topics:
@@ -79,6 +85,31 @@ def _actions(context):
             package="qvl_ros", executable="synthetic_cameras", name="synthetic_cameras", namespace=namespace,
             parameters=[params_file, camera_overrides], output="screen", emulate_tty=True))
     return actions
+
+
+def _managed_node(namespace, parameters, autostart: bool) -> list:
+    """qvl_node as a lifecycle node; with autostart, a configure request at start and an
+    activate request once it reaches `inactive` (what a lifecycle manager would send)."""
+    import lifecycle_msgs.msg
+    from launch.actions import EmitEvent, RegisterEventHandler
+    from launch.events import matches_action
+    from launch_ros.actions import LifecycleNode
+    from launch_ros.event_handlers import OnStateTransition
+    from launch_ros.events.lifecycle import ChangeState
+
+    node = LifecycleNode(
+        package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
+        parameters=parameters, arguments=["--managed"], output="screen", emulate_tty=True)
+    if not autostart:
+        return [node]
+    transition = lifecycle_msgs.msg.Transition
+    configure = EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node),
+                                            transition_id=transition.TRANSITION_CONFIGURE))
+    activate = RegisterEventHandler(OnStateTransition(
+        target_lifecycle_node=node, goal_state="inactive",
+        entities=[EmitEvent(event=ChangeState(lifecycle_node_matcher=matches_action(node),
+                                              transition_id=transition.TRANSITION_ACTIVATE))]))
+    return [activate, node, configure]
 
 
 def generate_launch_description():
@@ -94,5 +125,9 @@ def generate_launch_description():
         DeclareLaunchArgument("synthetic", default_value="false",
                               description="Also start synthetic cameras on the camera topics"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)"),
+        DeclareLaunchArgument("managed", default_value="true",
+                              description="Start qvl_node as a lifecycle node (true/false)"),
+        DeclareLaunchArgument("autostart", default_value="true",
+                              description="Configure and activate the managed node at start (true/false)"),
         OpaqueFunction(function=_actions),
     ])

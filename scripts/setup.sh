@@ -57,7 +57,7 @@ build_stamp=$ROOT/build/.qvl_colcon_stamp
 cmake_args=(-DPython3_EXECUTABLE="$VENV/bin/python" -DQVL_INSTALL_PYTHON_SOURCES=OFF)
 build_want=$(cd "$ROOT" && {
   echo "${cmake_args[*]}"
-  for d in msg launch config; do
+  for d in msg srv launch config; do
     if [ -d "$d" ]; then find "$d" -type f ! -name '*.pyc'; fi
   done | LC_ALL=C sort | xargs -r sha256sum
   sha256sum CMakeLists.txt package.xml

@@ -42,7 +42,7 @@ def test_batches_in_order_and_at_most_max_size():
     assert [len(x) for x in rec.batches] == [3, 3, 3, 1]
     s = b.stats()
     assert s["processed"] == 10 and s["batches"] == 4 and s["put"] == 10
-    assert s["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
+    assert s["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0, "time_reset": 0, "inactive": 0}
 
 
 class FakeClock:
@@ -281,3 +281,65 @@ def test_producer_faster_than_consumer_stays_bounded():
     assert s["put"] == 500 == s["processed"] + s["drops"]["queue_full"]
     bound = (-(-depth // max_size) + 1) * run_s
     assert max(waits) <= bound + 1e-9, (max(waits), bound)
+
+
+# ----------------------------------------------------------------------------- side tasks, clear
+def test_side_task_runs_between_batches_on_the_worker_and_the_task_queue_is_bounded():
+    """A submitted task runs on the worker thread, after the batch in flight and before the
+    next one; submit refuses more than task_depth waiting tasks; stop cancels the rest."""
+    gate = threading.Event()
+    order = []
+
+    def run(items):
+        order.append(("batch", list(items), threading.current_thread().name))
+        gate.wait(10)
+
+    b = Batcher(run, max_size=1, max_wait_ms=0, queue_depth=8, task_depth=2, name="w").start()
+    try:
+        b.put(1)
+        assert b.wait_for(lambda s: s["running"] == 1, 10)
+        b.put(2)
+        cancelled = []
+        assert b.submit(lambda: order.append(("task", threading.current_thread().name)), cancelled.append)
+        assert b.submit(lambda: order.append(("task2", threading.current_thread().name)), cancelled.append)
+        assert not b.submit(lambda: order.append("never"), cancelled.append)  # two already wait
+        assert b.stats()["tasks"]["refused"] == 1 and b.stats()["tasks_waiting"] == 2
+        gate.set()
+        assert b.wait_for(lambda s: s["processed"] == 2 and s["tasks"]["run"] == 2, 10)
+        assert order == [("batch", [1], "w"), ("task", "w"), ("task2", "w"), ("batch", [2], "w")]
+        assert cancelled == []
+    finally:
+        gate.set()
+        b.stop()
+    waiting = Batcher(lambda items: None, name="w2")  # never started: the task waits until stop
+    got = []
+    assert waiting.submit(lambda: got.append("ran"), got.append)
+    waiting.stop()
+    assert got == ["batcher stopped"] and waiting.stats()["tasks"]["cancelled"] == 1
+
+
+def test_clear_drops_queued_items_under_the_reason_and_keeps_the_batch_in_flight():
+    gate = threading.Event()
+    done = []
+
+    def run(items):
+        gate.wait(10)
+        done.extend(items)
+
+    b = Batcher(run, max_size=1, max_wait_ms=0, queue_depth=8).start()
+    try:
+        b.put("a")
+        assert b.wait_for(lambda s: s["running"] == 1, 10)
+        for x in "bcd":
+            b.put(x)
+        assert b.clear("time_reset") == 3
+        with pytest.raises(ValueError, match="unknown drop reason"):
+            b.clear("whatever")
+        gate.set()
+        assert b.wait_idle(10)
+        s = b.stats()
+        assert done == ["a"] and s["drops"]["time_reset"] == 3 and s["processed"] == 1
+        assert s["put"] == s["processed"] + sum(s["drops"].values())
+    finally:
+        gate.set()
+        b.stop()

@@ -93,25 +93,131 @@ def test_monitor_stale_invalid_and_levels():
     cam = dict(statuses[1][3])
     assert cam["size"] == "320x240" and cam["stale"] == "false"
 
-    # Camera b stops and sends a broken frame; the batcher dropped a set.
+    # Camera b stops and sends a broken frame.
     mon.frame_received(1)
     mon.frame_invalid(1, "unsupported encoding 'x'")
     clock.t += 1.2
     mon.frame_valid(0)
     statuses = mon.statuses("/n", {}, {"drops": {"queue_full": 3}})
     level, _, message, values = statuses[0]
-    assert level == WARN and "stale: b" in message and "3 sets dropped" in message and "1 invalid" in message
+    assert level == WARN and "stale: b" in message
     assert dict(values)["stale_cameras"] == "b" and dict(values)["drops.invalid_frame"] == "1"
+    assert dict(values)["drops.batch.queue_full"] == "3"
     b_level, b_name, b_message, b_values = statuses[2]
     assert b_level == WARN and b_name == "/n: camera b" and "stale" in b_message and "unsupported" in b_message
-    # Counters that did not move since the last report no longer raise the level.
-    mon.frame_valid(1)
-    statuses = mon.statuses("/n", {}, {"drops": {"queue_full": 3}})
-    assert statuses[0][0] == OK and statuses[2][0] == OK
+    # Levels come from the state: reading again gives the same answer.
+    assert [s[0] for s in mon.statuses("/n", {}, {})] == [s[0] for s in statuses]
+    # Once b is back and the invalid frame has left the window (5 s), all is OK again.
+    clock.t += 5.0
+    for i in (0, 1):
+        mon.frame_received(i)
+        mon.frame_valid(i)
+    mon.set_made()
+    statuses = mon.statuses("/n", {}, {})
+    assert statuses[0][0] == OK and statuses[2][0] == OK, statuses
 
     mon.model_error(2, "RuntimeError: boom")
-    statuses = mon.statuses("/n", {}, {"drops": {"queue_full": 3}})
+    statuses = mon.statuses("/n", {}, {})
     assert statuses[0][0] == ERROR and "boom" in statuses[0][2]
+    assert mon.statuses("/n", {}, {})[0][0] == ERROR  # still within the window
+    clock.t += 5.1
+    for i in (0, 1):
+        mon.frame_valid(i)
+    mon.set_made()
+    assert mon.statuses("/n", {}, {})[0][0] == OK
+
+
+def deliver(mon, clock, seconds, rate=10.0, sets=True, cameras=(0, 1)):
+    """Cameras deliver valid frames at `rate` for `seconds`; a set per tick when `sets`."""
+    for _ in range(int(round(seconds * rate))):
+        clock.t += 1.0 / rate
+        for i in cameras:
+            mon.frame_received(i)
+            mon.frame_valid(i, (240, 320))
+        if sets:
+            mon.set_made()
+            mon.set_published(0.01)
+
+
+def test_no_set_while_cameras_deliver_is_an_error_naming_the_drop_reasons():
+    clock = FakeClock()
+    mon = PipelineMonitor(["a", "b"], ["/a", "/b"], stale_after_s=1.0, no_set_after_s=2.0, clock=clock)
+    deliver(mon, clock, 1.0)
+    assert mon.statuses("/n")[0][0] == OK and mon.no_set_problem() is None
+    # Skewed clocks: every frame now goes unmatched, no set for 1.9 s: not yet.
+    unmatched = 0
+    for _ in range(19):
+        deliver(mon, clock, 0.1, sets=False)
+        unmatched += 2
+        mon.frames_dropped({"unmatched": unmatched, "queue_full": 0})
+    assert mon.statuses("/n")[0][0] != ERROR
+    deliver(mon, clock, 0.2, sets=False)
+    mon.frames_dropped({"unmatched": unmatched + 4, "queue_full": 0})
+    level, _, message, _ = mon.statuses("/n")[0]
+    assert level == ERROR and "no synchronized set for 2.1 s" in message and "unmatched 42" in message
+    assert "queue_full" not in message  # reasons that did not occur are not named
+    # A camera that stops makes it a stale camera (WARN), not a synchronization failure.
+    clock.t += 1.5
+    deliver(mon, clock, 0.1, sets=False, cameras=(0,))
+    level, _, message, _ = mon.statuses("/n")[0]
+    assert mon.no_set_problem() is None and "stale: b" in message
+    deliver(mon, clock, 0.5)
+    level, _, message, _ = mon.statuses("/n")[0]
+    assert level == WARN and "frames dropped" in message  # the unmatched frames are still in the window
+    deliver(mon, clock, 5.0)
+    assert mon.statuses("/n")[0][0] == OK
+
+
+def test_sustained_set_drops_warn_and_intended_drops_do_not():
+    clock = FakeClock()
+    mon = PipelineMonitor(["a"], ["/a"], rate_window_s=5.0, drop_warn_fraction=0.2, clock=clock)
+    deliver(mon, clock, 5.0, cameras=(0,))  # 50 sets in the window
+    mon.sets_dropped("rate_limit", 40)
+    mon.sets_dropped("time_reset", 10)
+    assert mon.statuses("/n")[0][0] == OK  # a cap and a clock jump are not faults
+    mon.sets_dropped("queue_full", 10)
+    assert mon.statuses("/n")[0][0] == OK  # 10 of 50: below a fifth
+    mon.sets_dropped("queue_full", 2)
+    level, _, message, values = mon.statuses("/n")[0]
+    assert level == WARN and "queue_full 12" in message and dict(values)["drops.set.queue_full"] == "12"
+    deliver(mon, clock, 5.1, cameras=(0,))  # the drops left the window
+    assert mon.statuses("/n")[0][0] == OK
+    mon.frames_dropped({"unmatched": 20})  # 20 of the window's 50 (or 51, float edges) frames
+    n = mon.snapshot()["cameras"][0]["in_window"]
+    assert n in (50, 51) and f"20 of {n} frames dropped" in mon.statuses("/n")[0][2]
+
+
+@pytest.mark.parametrize("rate, level, words", [
+    (30.0, OK, "desired frequency met"),
+    (27.5, OK, "desired frequency met"),   # within 10 %: >= 27
+    (26.0, WARN, "too low"),
+    (34.0, WARN, "too high"),              # above 33
+])
+def test_frequency_check_is_frequency_status_with_min_equal_max(rate, level, words):
+    from qvl_ros.core.diagnostics import frequency_check
+
+    got_level, message = frequency_check(int(rate * 5), rate, 30.0, 0.1)
+    assert got_level == level and words in message
+
+
+def test_camera_rate_against_its_expected_rate_over_the_window():
+    from qvl_ros.core.diagnostics import frequency_check
+
+    assert frequency_check(0, 0.0, 30.0, 0.1)[0] == ERROR  # no events recorded
+    assert frequency_check(0, 0.0, 0.0, 0.1) == (OK, "")   # no expectation, no check
+    clock = FakeClock()
+    mon = PipelineMonitor(["fast", "slow"], ["/f", "/s"], expected_rates=[10.0, 10.0], clock=clock)
+    for k in range(50):  # 5 s: camera fast at 10 Hz, slow at 1 Hz
+        clock.t += 0.1
+        mon.frame_received(0)
+        mon.frame_valid(0)
+        if k % 10 == 0:
+            mon.frame_received(1)
+            mon.frame_valid(1)
+    statuses = mon.statuses("/n")
+    assert statuses[1][0] == OK and statuses[2][0] == WARN and "too low" in statuses[2][2]
+    values = dict(statuses[2][3])
+    assert values["expected_hz"] == "10.000" and values["min_acceptable_hz"] == "9.000"
 
 
 def test_to_diagnostic_array():

@@ -32,7 +32,7 @@ def test_launch_file_parses_and_declares_its_arguments():
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"
     }
     assert declared == {"params_file", "namespace", "model", "camera_topics", "caption", "synthetic",
-                        "use_sim_time"}
+                        "use_sim_time", "managed", "autostart"}
 
 
 def _load_with_stub_launch(monkeypatch):
@@ -52,13 +52,24 @@ def _load_with_stub_launch(monkeypatch):
         def perform(self, context):
             return context[self.name]
 
+    def named(kind):
+        return type(kind, (Recorded,), {})
+
     modules = {name: types.ModuleType(name) for name in
-               ("launch", "launch.actions", "launch.substitutions", "launch_ros", "launch_ros.actions")}
+               ("launch", "launch.actions", "launch.substitutions", "launch.events", "launch_ros",
+                "launch_ros.actions", "launch_ros.event_handlers", "launch_ros.events",
+                "launch_ros.events.lifecycle")}
     modules["launch"].LaunchDescription = lambda entities: list(entities)
     modules["launch.actions"].DeclareLaunchArgument = Recorded
     modules["launch.actions"].OpaqueFunction = Recorded
+    modules["launch.actions"].EmitEvent = named("EmitEvent")
+    modules["launch.actions"].RegisterEventHandler = named("RegisterEventHandler")
+    modules["launch.events"].matches_action = lambda action: ("matches", action)
     modules["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
-    modules["launch_ros.actions"].Node = Recorded
+    modules["launch_ros.actions"].Node = named("Node")
+    modules["launch_ros.actions"].LifecycleNode = named("LifecycleNode")
+    modules["launch_ros.event_handlers"].OnStateTransition = named("OnStateTransition")
+    modules["launch_ros.events.lifecycle"].ChangeState = named("ChangeState")
     for name, module in modules.items():
         monkeypatch.setitem(sys.modules, name, module)
     spec = importlib.util.spec_from_file_location("multi_cam_launch", LAUNCH_FILE)
@@ -74,14 +85,25 @@ def test_launch_arguments_become_node_parameters(monkeypatch):
     defaults = {e.args[0]: e.kwargs["default_value"] for e in entities if "default_value" in e.kwargs}
     opaque = entities[-1].kwargs["function"]
 
-    nodes = opaque(dict(defaults))  # all defaults: the node alone, with the installed parameter file
-    assert len(nodes) == 1
-    assert nodes[0].kwargs["executable"] == "qvl_node"
-    params_file, overrides = nodes[0].kwargs["parameters"]
+    # All defaults: the managed node with the installed parameter file, configured at start and
+    # activated once inactive.
+    from lifecycle_msgs.msg import Transition
+
+    handler, node, configure = opaque(dict(defaults))
+    assert type(node).__name__ == "LifecycleNode" and node.kwargs["executable"] == "qvl_node"
+    assert node.kwargs["arguments"] == ["--managed"]
+    params_file, overrides = node.kwargs["parameters"]
     assert params_file.endswith("multi_cam.yaml") and Path(params_file).exists()
     assert overrides == {"use_sim_time": False}
+    event = configure.kwargs["event"]
+    assert event.kwargs == {"lifecycle_node_matcher": ("matches", node), "transition_id": Transition.TRANSITION_CONFIGURE}
+    on_inactive = handler.args[0]
+    assert on_inactive.kwargs["target_lifecycle_node"] is node and on_inactive.kwargs["goal_state"] == "inactive"
+    assert on_inactive.kwargs["entities"][0].kwargs["event"].kwargs["transition_id"] == Transition.TRANSITION_ACTIVATE
+    manual = opaque(dict(defaults, autostart="false"))  # left unconfigured for a lifecycle manager
+    assert len(manual) == 1 and type(manual[0]).__name__ == "LifecycleNode"
 
-    context = dict(defaults, namespace="robot1", model="/models/x", synthetic="true", use_sim_time="true",
+    context = dict(defaults, managed="false", namespace="robot1", model="/models/x", synthetic="true", use_sim_time="true",
                    camera_topics="[front/image_raw, rear/image_raw/compressed]", caption="true",
                    params_file="/etc/my.yaml")
     node, cams = opaque(context)

@@ -45,11 +45,23 @@ def test_messages_import_with_expected_fields():
     assert VisionFeatures.get_fields_and_field_types() == {
         "header": "std_msgs/Header", "camera_names": "sequence<string>",
         "camera_stamps": "sequence<builtin_interfaces/Time>", "model": "string",
-        "prompt": "string", "tensors": "sequence<qvl_ros/FeatureTensor>"}
+        "prompt": "string", "tensors": "sequence<qvl_ros/FeatureTensor>",
+        "inputs": "sequence<qvl_ros/CameraInput>", "hidden_rows": "sequence<qvl_ros/RowRange>"}
     assert Caption.get_fields_and_field_types() == {
         "header": "std_msgs/Header", "camera_names": "sequence<string>",
         "camera_stamps": "sequence<builtin_interfaces/Time>", "model": "string",
-        "prompt": "string", "text": "string"}
+        "prompt": "string", "text": "string", "inputs": "sequence<qvl_ros/CameraInput>"}
+    from qvl_ros.msg import CameraInput, RowRange
+    from qvl_ros.srv import Ask
+
+    assert CameraInput.get_fields_and_field_types() == {
+        "header": "std_msgs/Header", "height": "uint32", "width": "uint32", "grid_thw": "uint32[3]"}
+    assert RowRange.get_fields_and_field_types() == {"source": "string", "start": "uint32", "count": "uint32"}
+    assert Ask.Request.get_fields_and_field_types() == {
+        "prompt": "string", "camera_names": "sequence<string>", "max_new_tokens": "uint32"}
+    assert Ask.Response.get_fields_and_field_types() == {
+        "success": "boolean", "message": "string", "text": "string", "camera_names": "sequence<string>",
+        "camera_headers": "sequence<std_msgs/Header>", "stamp": "builtin_interfaces/Time"}
 
 
 def test_typesupport_modules_load():

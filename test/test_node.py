@@ -80,12 +80,13 @@ def ros():
 class Collector(Node):
     """Records features, captions, /diagnostics and /rosout; can publish /clock and raw frames."""
 
-    def __init__(self, context, namespace):
+    def __init__(self, context, namespace, outputs=True):
         super().__init__("collector", context=context, namespace=namespace)
         self.lock = threading.Lock()
         self.features, self.captions, self.diagnostics, self.logs = [], [], [], []
-        self.create_subscription(VisionFeatures, "features", self._keep(self.features, latency=True), 200)
-        self.create_subscription(Caption, "caption", self._keep(self.captions), 200)
+        if outputs:  # lazy tests subscribe to the outputs themselves
+            self.create_subscription(VisionFeatures, "features", self._keep(self.features, latency=True), 200)
+            self.create_subscription(Caption, "caption", self._keep(self.captions), 200)
         self.create_subscription(DiagnosticArray, "/diagnostics", self._keep(self.diagnostics), 200)
         self.create_subscription(Log, "/rosout", self._keep(self.logs), QoSProfile(depth=1000))
         self.clock_pub = self.create_publisher(Clock, "/clock", 10)
@@ -127,10 +128,12 @@ class Recorder:
         self.lock = threading.Lock()
         self.keep = keep
         self.by_stamp = [dict() for _ in range(n)]
+        self.count = 0
 
     def __call__(self, index, msg):
         with self.lock:
             self.by_stamp[index][stamp_ns(msg.header.stamp)] = msg if self.keep else None
+            self.count += 1
 
     def frames(self, stamps):
         with self.lock:
@@ -150,15 +153,16 @@ class Rig:
     """Node under test + synthetic cameras + collector in a namespace of their own."""
 
     def __init__(self, ros, model, *, topics, encodings=("rgb8",), sizes=("224x168",), jitter_ms=5.0,
-                 node_params=(), camera_params=(), node_model=None, keep_frames=True):
+                 node_params=(), camera_params=(), node_model=None, keep_frames=True, node_class=QvlNode,
+                 outputs=True):
         self.context, self.executor = ros
         self.ns = f"/t{next(_ns_counter)}_{os.getpid()}"
         self.nodes = []
         self.recorder = Recorder(len(topics), keep=keep_frames)
-        self.node = QvlNode(model=node_model or model, context=self.context, namespace=self.ns,
-                            parameter_overrides=[Parameter("camera_topics", value=list(topics)),
-                                                 Parameter("prompt", value=PROMPT),
-                                                 *[Parameter(k, value=v) for k, v in node_params]])
+        self.node = node_class(model=node_model or model, context=self.context, namespace=self.ns,
+                               parameter_overrides=[Parameter("camera_topics", value=list(topics)),
+                                                    Parameter("prompt", value=PROMPT),
+                                                    *[Parameter(k, value=v) for k, v in node_params]])
         self.cameras = SyntheticCameras(context=self.context, namespace=self.ns, on_publish=self.recorder,
                                         parameter_overrides=[
                                             Parameter("topics", value=list(topics)),
@@ -167,22 +171,25 @@ class Rig:
                                             Parameter("rate", value=0.0),
                                             Parameter("jitter_ms", value=float(jitter_ms)),
                                             *[Parameter(k, value=v) for k, v in camera_params]])
-        self.collector = Collector(self.context, self.ns)
+        self.collector = Collector(self.context, self.ns, outputs=outputs)
         for n in (self.node, self.cameras, self.collector):
             self.executor.add_node(n)
             self.nodes.append(n)
         self.fqn = self.node.get_fully_qualified_name()
-        self.wait_connected()
+        if node_class is QvlNode and outputs:
+            self.wait_connected()
+
+    def camera_publishers(self):
+        return [p for p in self.cameras.publishers if p.topic_name in self.cameras.resolved_topics]
 
     def wait_connected(self):
+        """Until every camera publisher and the features publisher are matched with their
+        subscribers (matched endpoints, not just the graph) and the node logs to /rosout."""
         c = self.collector
-        for t in self.node.camera_topics:
-            assert wait_for(lambda t=t: c.count_subscribers(t) >= 1 and c.count_publishers(t) >= 1), t
-        assert wait_for(lambda: c.count_subscribers(self.ns + "/features") >= 1
-                        and c.count_publishers(self.ns + "/features") >= 1)
+        assert wait_for(lambda: all(p.get_subscription_count() >= 1 for p in self.camera_publishers()), 20)
+        assert wait_for(lambda: self.node._features_pub.get_subscription_count() >= 1, 20)
         logger_nodes = lambda: {i.node_name for i in c.get_publishers_info_by_topic("/rosout")}  # noqa: E731
-        assert wait_for(lambda: "qvl_node" in logger_nodes())
-        time.sleep(0.3)  # endpoint matching lags the graph a little
+        assert wait_for(lambda: "qvl_node" in logger_nodes(), 20)
 
     def drive(self, ticks, period=0.1, each=None):
         """Publish `ticks` ticks at a steady period; `each(i)` runs before tick i."""
@@ -194,19 +201,24 @@ class Rig:
             t_next += period
             time.sleep(max(0.0, t_next - time.monotonic()))
 
-    def settle(self, timeout=15.0):
-        """Wait until frames in flight are processed (no new set for 0.3 s, the batcher idle)
-        and the collector has every features message the node published."""
+    def settle(self, timeout=30.0, loss_grace=3.0):
+        """Wait until every frame the cameras published has reached the node (or, should best
+        effort have lost one, until nothing arrived for `loss_grace` s), the batcher is idle and
+        the collector has every features message the node published."""
         end = time.monotonic() + timeout
         last, since = None, time.monotonic()
         while time.monotonic() < end:
             s = self.node.pipeline_stats()
-            state = (sum(s["sync"]["received"]), s["sync"]["sets"], s["monitor"]["published"])
-            if state != last:
-                last, since = state, time.monotonic()
+            # frames through the synchronizer (counted after the callback converted and added
+            # them) plus the invalid ones: every frame whose callback has finished
+            received = sum(s["sync"]["received"]) + sum(c["invalid"] for c in s["monitor"]["cameras"])
+            if received != last:
+                last, since = received, time.monotonic()
+            with self.recorder.lock:
+                all_in = received >= self.recorder.count
             idle = s["batch"]["depth"] == 0 and s["batch"]["running"] == 0
             have = len(self.collector.got(self.collector.features)) >= s["monitor"]["published"]
-            if idle and have and time.monotonic() - since >= 0.3:
+            if idle and have and (all_in or time.monotonic() - since >= loss_grace):
                 return
             time.sleep(0.02)
         raise AssertionError(f"pipeline did not settle: {self.node.pipeline_stats()}")
@@ -285,7 +297,9 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     """3 cameras at 10 Hz with +-5 ms jitter: one features message per synchronized set, with
     the cameras' stamps, whose tensors equal BatchedQwenVL.encode on the same frames."""
     rig = rigs(topics=["cam_a/image_raw", "cam_b/image_raw", "cam_c/image_raw"],
-               sizes=["224x168", "280x210", "196x196"], node_params=[("diagnostics.period", 0.25)])
+               sizes=["224x168", "280x210", "196x196"],
+               node_params=[("diagnostics.period", 0.25), ("diagnostics.stale_after", 30.0),
+                            ("diagnostics.no_set_after", 30.0)])
     ticks = 30
     rig.drive(ticks)
     rig.settle()
@@ -293,7 +307,7 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     msgs = rig.collector.feature_msgs()
     # Exactly one message per synchronized set, none lost or duplicated.
     assert stats["sync"]["sets"] == stats["batch"]["put"] == stats["monitor"]["published"] == len(msgs), stats
-    assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
+    assert stats["batch"]["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0, "time_reset": 0, "inactive": 0}
     assert stats["monitor"]["model_errors"] == 0
     check_stamps(rig, msgs, ticks_expected=ticks - 3)  # best effort: a lost frame costs a set
     for m in msgs:
@@ -310,12 +324,13 @@ def test_every_set_yields_one_features_message_equal_to_encode(rigs, oracle):
     for key in ("sets_per_s", "latency_p50_ms", "latency_p95_ms", "queue_depth", "drops.sync.unmatched",
                 "drops.batch.queue_full", "drops.invalid_frame", "stale_cameras"):
         assert key in values, key
-    assert values["stale_cameras"] == ""
-    assert 5.0 < float(values["sets_per_s"]) < 15.0
-    assert float(values["latency_p95_ms"]) < 500
-    for name in rig.node.camera_names:
-        c_level, _, c_values = status[f"{rig.fqn}: camera {name}"]
-        assert 5.0 < float(c_values["rate_hz"]) < 15.0 and c_values["stale"] == "false"
+    assert values["stale_cameras"] == "" and level == 0
+    assert wait_for(lambda: int(rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]["sets_published"])
+                    == len(msgs))
+    for k, name in enumerate(rig.node.camera_names):
+        c_level, _, c_values = rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: camera {name}"]
+        assert int(c_values["received"]) == stats["monitor"]["cameras"][k]["received"] >= ticks - 3
+        assert c_values["stale"] == "false" and c_level == 0
 
 
 def test_captions_mixed_encodings_compressed_camera_and_resolution_change(rigs, oracle):
@@ -395,7 +410,6 @@ def test_bad_frames_are_logged_dropped_counted_and_the_node_keeps_serving(rigs):
     raw_pub = c.create_publisher(Image, raw_topic, qos)
     jpg_pub = c.create_publisher(CompressedImage, jpg_topic, qos)
     assert wait_for(lambda: raw_pub.get_subscription_count() >= 1 and jpg_pub.get_subscription_count() >= 1)
-    time.sleep(0.2)
 
     def jpeg(data):
         m = CompressedImage()
@@ -553,7 +567,7 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypa
     # in flight, then at most ceil(depth / max_size) batches including the set's own; one more
     # batch time and 0.1 s of margin for conversion, synchronization and DDS.
     lat = [x for _, x in rig.collector.got(rig.collector.features)]
-    assert len(lat) >= 15
+    assert len(lat) == stats["monitor"]["published"] >= 4  # every published set, however fast the CPU
     batch_s = stats["monitor"]["batch_s"]
     assert batch_s["p50"] >= model_s
     bound = (math.ceil(depth / max_size) + 2) * batch_s["max"] + 0.1
@@ -582,7 +596,8 @@ def test_use_sim_time(rigs):
     def advance(i):
         sim["t"] += 100_000_000
         publish_clock()
-        time.sleep(0.02)
+        assert wait_for(lambda: rig.node.get_clock().now().nanoseconds == sim["t"]
+                        and rig.cameras.get_clock().now().nanoseconds == sim["t"], 10, 0.005)
 
     rig.drive(12, each=advance)
     rig.settle()
@@ -718,3 +733,405 @@ def test_entry_point_with_params_file_and_clean_ctrl_c(tiny_path, tmp_path):
                 p.wait(5)
     reader.join(5)
     assert not any("Traceback" in line for line in lines), "".join(lines)
+
+
+# ----------------------------------------------------------------------------- issue 12: node features
+class GatedModel:
+    """Forwards to a model; while `gate` is clear, each model call waits for it (so tests can
+    hold the worker in a call and let sets queue behind it)."""
+
+    def __init__(self, model):
+        self._model = model
+        self.gate = threading.Event()
+        self.gate.set()
+        self.entered = threading.Event()
+        self.calls = 0
+
+    def __getattr__(self, name):
+        return getattr(self._model, name)
+
+    def _wrap(self, fn, *args, **kwargs):
+        self.calls += 1
+        self.entered.set()
+        assert self.gate.wait(60)
+        return fn(*args, **kwargs)
+
+    def encode(self, *a, **k):
+        return self._wrap(self._model.encode, *a, **k)
+
+    def encode_generate(self, *a, **k):
+        return self._wrap(self._model.encode_generate, *a, **k)
+
+    def generate(self, *a, **k):
+        return self._wrap(self._model.generate, *a, **k)
+
+
+def call(node, client, request, timeout=30.0):
+    """Call a service from the test thread (the module's executor spins the client's node)."""
+    assert client.wait_for_service(timeout_sec=20)
+    future = client.call_async(request)
+    done = threading.Event()
+    future.add_done_callback(lambda _f: done.set())
+    assert done.wait(timeout), f"no response from {client.srv_name}"
+    return future.result()
+
+
+def test_messages_carry_input_headers_model_sizes_grids_and_hidden_rows(rigs, tiny_path):
+    """Per camera the input header (stamp and frame_id as sent), the image size the model saw and
+    the vision grid, checked against transformers' processor; `hidden_rows` marks the image
+    tokens of each camera and the text, checked against that processor's input ids."""
+    from transformers import AutoProcessor
+
+    proc = AutoProcessor.from_pretrained(str(tiny_path))
+    rig = rigs(topics=["front/image_raw", "side/image_raw"], sizes=["224x168", "300x200"])
+    rig.drive(4)
+    rig.settle()
+    msgs = rig.collector.feature_msgs()
+    assert msgs
+    image_token = proc.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    for m in msgs:
+        assert len(m.inputs) == 2
+        sent = [rig.recorder.by_stamp[k][stamp_ns(s)] for k, s in enumerate(m.camera_stamps)]
+        frames = rig.recorder.frames([stamp_ns(s) for s in m.camera_stamps])
+        conv = [{"role": "user", "content": [{"type": "image"}] * 2 + [{"type": "text", "text": PROMPT}]}]
+        text = proc.apply_chat_template(conv, add_generation_prompt=True, tokenize=False)
+        ref = proc(text=[text], images=[f.permute(1, 2, 0).numpy() for f in frames], return_tensors="pt")
+        grids = ref["image_grid_thw"].tolist()
+        for k, inp in enumerate(m.inputs):
+            assert inp.header.frame_id == sent[k].header.frame_id and inp.header.frame_id in ("front", "side")
+            assert inp.header.stamp == sent[k].header.stamp == m.camera_stamps[k]  # old field kept
+            assert list(inp.grid_thw) == grids[k]
+            assert (inp.height, inp.width) == (grids[k][1] * 14, grids[k][2] * 14)
+            rows = features_to_numpy(m)[f"vision/{rig.node.camera_names[k]}"].shape[0]
+            assert rows == grids[k][0] * grids[k][1] * grids[k][2] // 4
+        # hidden_rows: runs over the processor's ids, the k-th image run being camera k
+        ids = ref["input_ids"][0].tolist()
+        expected, start = [], 0
+        for i in range(1, len(ids) + 1):
+            if i == len(ids) or (ids[i] == image_token) != (ids[start] == image_token):
+                expected.append(("img" if ids[start] == image_token else "text", start, i - start))
+                start = i
+        names = iter(f"vision/{n}" for n in rig.node.camera_names)
+        expected = [(next(names) if src == "img" else "text", a, n) for src, a, n in expected]
+        assert [(r.source, r.start, r.count) for r in m.hidden_rows] == expected
+        assert sum(r.count for r in m.hidden_rows) == features_to_numpy(m)["hidden"].shape[0]
+
+
+def test_ask_round_trips_while_features_keep_flowing(rigs, oracle):
+    """~/ask answers from the newest synchronized set (the answer equals generate on that set's
+    frames) while the cameras keep running; a bounded queue refuses the surplus; unknown
+    cameras and a node without a set get clear errors."""
+    from qvl_ros.srv import Ask
+
+    gated = None
+    rig = rigs(topics=["q0/image_raw", "q1/image_raw"], node_params=[("ask.queue_depth", 1)])
+    client = rig.collector.create_client(Ask, f"{rig.fqn}/ask")
+    # Before any frame: no set.
+    res = call(rig.collector, client, Ask.Request(prompt="What is there?"))
+    assert not res.success and "no synchronized set" in res.message
+
+    stop = threading.Event()
+    feeder = threading.Thread(target=lambda: [rig.cameras.publish_tick() or time.sleep(0.1)
+                                              for _ in iter(lambda: stop.is_set(), True)], daemon=True)
+    feeder.start()
+    try:
+        assert wait_for(lambda: len(rig.collector.feature_msgs()) >= 3, 30)
+        for prompt, cams, tokens in (("What is there?", [], 6), ("Colours?", ["q1"], 4)):
+            before = len(rig.collector.feature_msgs())
+            res = call(rig.collector, client, Ask.Request(prompt=prompt, camera_names=cams, max_new_tokens=tokens))
+            assert res.success, res.message
+            used = cams or rig.node.camera_names
+            assert list(res.camera_names) == used
+            stamps = [stamp_ns(h.stamp) for h in res.camera_headers]
+            assert stamp_ns(res.stamp) == max(stamps)
+            with rig.recorder.lock:
+                idx = [rig.node.camera_names.index(n) for n in used]
+                frames = [msg_to_tensor(rig.recorder.by_stamp[k][s]) for k, s in zip(idx, stamps)]
+                assert [rig.recorder.by_stamp[k][s].header.frame_id for k, s in zip(idx, stamps)] == \
+                    [h.frame_id for h in res.camera_headers]
+            assert res.text == oracle.generate([frames], [prompt], max_new_tokens=tokens)[0].replace("\x00", "")
+            # the feature stream went on around the question
+            assert wait_for(lambda: len(rig.collector.feature_msgs()) >= before + 3, 30)
+        res = call(rig.collector, client, Ask.Request(prompt="x", camera_names=["nope"]))
+        assert not res.success and "unknown camera" in res.message and "q0" in res.message
+    finally:
+        stop.set()
+        feeder.join(5)
+
+    # Bounded queue: hold the worker in one answer, a second waits, a third is refused at once.
+    gated = GatedModel(rig.node.model)
+    rig.node.model = gated
+    gated.gate.clear()
+    futures = [client.call_async(Ask.Request(prompt="a", max_new_tokens=2))]
+    assert gated.entered.wait(20)
+    futures.append(client.call_async(Ask.Request(prompt="b", max_new_tokens=2)))
+    assert rig.node._batcher.wait_for(lambda s: s["tasks_waiting"] == 1, 20)
+    futures.append(client.call_async(Ask.Request(prompt="c", max_new_tokens=2)))
+    assert wait_for(lambda: futures[2].done(), 20)
+    assert not futures[2].result().success and "busy" in futures[2].result().message
+    gated.gate.set()
+    assert wait_for(lambda: futures[0].done() and futures[1].done(), 30)
+    assert futures[0].result().success and futures[1].result().success
+
+
+def test_lifecycle_transitions_with_change_state(rigs, model, oracle):
+    """The managed node: nothing loaded or subscribed until configure/activate; deactivate
+    stops the work and drops the queued sets; cleanup frees the model; it can start again."""
+    from lifecycle_msgs.msg import State, Transition
+    from lifecycle_msgs.srv import ChangeState, GetState
+
+    from qvl_ros.ros.node import QvlLifecycleNode
+
+    gated = GatedModel(model)
+    rig = rigs(topics=["lc0/image_raw", "lc1/image_raw"], node_class=QvlLifecycleNode, node_model=gated,
+               node_params=[("batch.max_size", 1), ("batch.queue_depth", 3)])
+    c, node = rig.collector, rig.node
+    change = c.create_client(ChangeState, f"{rig.fqn}/change_state")
+    get = c.create_client(GetState, f"{rig.fqn}/get_state")
+
+    def transition(tid):
+        return call(c, change, ChangeState.Request(transition=Transition(id=tid))).success
+
+    def state():
+        return call(c, get, GetState.Request()).current_state.id
+
+    cams = rig.camera_publishers()
+    assert state() == State.PRIMARY_STATE_UNCONFIGURED and node.model is None
+    assert c.count_publishers(f"{rig.ns}/features") == 0
+    assert transition(Transition.TRANSITION_CONFIGURE) and state() == State.PRIMARY_STATE_INACTIVE
+    assert node.model is gated and gated.calls == 1  # loaded and warmed up
+    assert wait_for(lambda: c.count_publishers(f"{rig.ns}/features") == 1)
+    assert all(p.get_subscription_count() == 0 for p in cams)  # inactive: not subscribed
+
+    assert transition(Transition.TRANSITION_ACTIVATE) and state() == State.PRIMARY_STATE_ACTIVE
+    rig.wait_connected()
+    rig.drive(6)
+    rig.settle()
+    msgs = c.feature_msgs()
+    assert len(msgs) >= 3
+    assert_matches_oracle(oracle, rig, msgs[-1])
+
+    # Deactivate with a set in flight and sets queued: queued ones are dropped and counted,
+    # the one in flight finishes but is not published.
+    gated.entered.clear()
+    gated.gate.clear()
+    rig.drive(1)
+    assert gated.entered.wait(20)
+    rig.drive(3)
+    assert node._batcher.wait_for(lambda s: s["depth"] == 3, 20)
+    published = node.pipeline_stats()["monitor"]["published"]
+    future = change.call_async(ChangeState.Request(transition=Transition(id=Transition.TRANSITION_DEACTIVATE)))
+    assert node._batcher.wait_for(lambda s: s["drops"]["inactive"] == 3, 20)
+    gated.gate.set()
+    assert wait_for(lambda: future.done(), 30) and future.result().success
+    assert state() == State.PRIMARY_STATE_INACTIVE
+    stats = node.pipeline_stats()
+    assert stats["monitor"]["published"] == published
+    assert stats["monitor"]["set_drops"]["inactive"] == 4  # three queued, one in flight
+    assert wait_for(lambda: all(p.get_subscription_count() == 0 for p in cams))
+    count = len(c.feature_msgs())
+    rig.drive(3)
+    assert node.pipeline_stats()["monitor"]["cameras"][0]["received"] == stats["monitor"]["cameras"][0]["received"]
+    assert len(c.feature_msgs()) == count
+
+    assert transition(Transition.TRANSITION_CLEANUP) and state() == State.PRIMARY_STATE_UNCONFIGURED
+    assert node.model is None
+    assert wait_for(lambda: c.count_publishers(f"{rig.ns}/features") == 0)
+    # And back up again.
+    assert transition(Transition.TRANSITION_CONFIGURE) and transition(Transition.TRANSITION_ACTIVATE)
+    rig.wait_connected()
+    rig.drive(4)
+    rig.settle()
+    assert len(c.feature_msgs()) >= count + 2
+
+
+def test_lazy_subscribes_to_cameras_only_while_someone_listens(rigs):
+    rig = rigs(topics=["z0/image_raw", "z1/image_raw"], node_params=[("lazy", True)], outputs=False)
+    cams = rig.camera_publishers()
+    assert wait_for(lambda: all(p.get_subscription_count() == 0 for p in cams), 10)
+    rig.drive(3)
+    assert rig.node.pipeline_stats()["sync"]["sets"] == 0 and not rig.node.subscribed
+
+    for round_ in range(2):  # a subscriber comes and goes, twice
+        got = []
+        listener = rig.collector.create_subscription(VisionFeatures, "features", got.append, 10)
+        assert wait_for(lambda: all(p.get_subscription_count() == 1 for p in cams), 20), round_
+        assert wait_for(lambda: rig.node._features_pub.get_subscription_count() == 1, 20)
+        sets_before = rig.node.pipeline_stats()["sync"]["sets"]
+        rig.drive(5)
+        assert wait_for(lambda: len(got) >= 3, 20), round_
+        rig.collector.destroy_subscription(listener)
+        assert wait_for(lambda: all(p.get_subscription_count() == 0 for p in cams), 20), round_
+        assert rig.node.wait_idle(20)
+        sets_after = rig.node.pipeline_stats()["sync"]["sets"]
+        assert sets_after >= sets_before + 3
+        rig.drive(3)  # nobody listens: frames are not even received
+        assert rig.node.pipeline_stats()["sync"]["sets"] == sets_after
+    assert any("no subscriber left" in m for m in rig.collector.node_logs(20, rig.fqn))
+    assert not any("stale" in m for m in rig.collector.node_logs(30, rig.fqn))  # unsubscribed on purpose
+
+
+def test_max_rate_caps_sets_per_second_on_the_node_clock(rigs):
+    """Sim time steps of 100 ms (10 sets/s) with max_rate 4: about 4 of every 10 sets pass
+    (40 % plus at most one), the rest are dropped and counted as rate_limit."""
+    rig = rigs(topics=["r0/image_raw", "r1/image_raw"], jitter_ms=0.0,
+               node_params=[("use_sim_time", True), ("max_rate", 4.0)], camera_params=[("use_sim_time", True)])
+    sim = {"t": 2000 * 10**9}
+
+    def tick_clock(i=None):
+        sim["t"] += 100_000_000
+        rig.collector.clock_pub.publish(Clock(clock=time_msg(sim["t"])))
+        assert wait_for(lambda: rig.node.get_clock().now().nanoseconds == sim["t"]
+                        and rig.cameras.get_clock().now().nanoseconds == sim["t"], 10, 0.005)
+
+    tick_clock()
+    ticks = 30
+    for _ in range(ticks):
+        tick_clock()
+        before = sum(rig.node.pipeline_stats()["sync"]["received"])
+        rig.cameras.publish_tick()
+        # the node sees this tick's frames on this tick's clock
+        assert wait_for(lambda: sum(rig.node.pipeline_stats()["sync"]["received"]) >= before + 2, 10)
+    rig.settle()
+    stats = rig.node.pipeline_stats()
+    made, put = stats["sync"]["sets"], stats["batch"]["put"]
+    assert made == ticks
+    assert put + stats["monitor"]["set_drops"]["rate_limit"] == made
+    assert 12 <= put <= 13  # 3 s at 4 sets/s, plus the one early slot
+    assert len(rig.collector.feature_msgs()) == put
+    # The cap is dynamic: 0 lifts it.
+    assert rig.node.set_parameters([Parameter("max_rate", value=0.0)])[0].successful
+    for _ in range(5):
+        tick_clock()
+        rig.cameras.publish_tick()
+    rig.settle()
+    assert rig.node.pipeline_stats()["batch"]["put"] == put + 5
+
+
+def test_skewed_camera_clocks_raise_an_error_with_the_drop_reason(rigs):
+    """Two live cameras whose stamps disagree by 50 ms (slop 30 ms): every frame is unmatched,
+    no set is made; /diagnostics turns ERROR naming the reason and the log says so too."""
+    rig = rigs(topics=["k0/image_raw", "k1/image_raw"], jitter_ms=0.0,
+               camera_params=[("offsets_ms", [0.0, 50.0])],
+               node_params=[("diagnostics.period", 0.2), ("diagnostics.no_set_after", 1.0),
+                            ("diagnostics.expected_rates", [10.0]), ("diagnostics.rate_tolerance", 0.5)])
+    stop = threading.Event()
+    feeder = threading.Thread(target=lambda: [rig.cameras.publish_tick() or time.sleep(0.1)
+                                              for _ in iter(lambda: stop.is_set(), True)], daemon=True)
+    feeder.start()
+    try:
+        def error_status():
+            status = rig.collector.pipeline_status(rig.fqn)
+            return status is not None and status[f"{rig.fqn}: pipeline"][0] == 2 and status
+        assert wait_for(error_status, 30)
+        status = error_status()
+        level, message, values = status[f"{rig.fqn}: pipeline"]
+        assert "no synchronized set" in message and "unmatched" in message
+        assert rig.node.pipeline_stats()["sync"]["sets"] == 0
+        for name in rig.node.camera_names:  # the cameras themselves are fine
+            assert status[f"{rig.fqn}: camera {name}"][2]["stale"] == "false"
+        assert wait_for(lambda: any("no synchronized set" in m for m in rig.collector.node_logs(40, rig.fqn)), 10)
+        arr = rig.collector.got(rig.collector.diagnostics)[-1]
+        ids = {s.name: s.hardware_id for s in arr.status}
+        assert ids[f"{rig.fqn}: pipeline"] == "cpu"
+        assert ids[f"{rig.fqn}: camera k1"] == "k1"  # the camera's frame_id
+    finally:
+        stop.set()
+        feeder.join(5)
+
+
+def test_humble_fallback_without_post_set_parameters_callback(rigs, monkeypatch):
+    """rclpy before Iron has no add_post_set_parameters_callback: with it hidden, run-time
+    parameters are still validated and applied."""
+    monkeypatch.delattr(Node, "add_post_set_parameters_callback")
+    rig = rigs(topics=["h0/image_raw", "h1/image_raw"])
+    node = rig.node
+    assert not hasattr(node, "add_post_set_parameters_callback")
+    assert not node.set_parameters([Parameter("batch.max_size", value=0)])[0].successful
+    assert node.pipeline_stats()["batch"]["max_size"] == 4
+    assert node.set_parameters([Parameter("batch.max_size", value=2)])[0].successful
+    assert node.pipeline_stats()["batch"]["max_size"] == 2
+    assert node.set_parameters([Parameter("max_rate", value=3.0)])[0].successful
+    assert node._rate.max_rate == pytest.approx(3.0)
+    rig.drive(4)
+    rig.settle()
+    assert len(rig.collector.feature_msgs()) >= 2
+
+
+def test_clock_jump_back_drops_the_queued_sets_of_the_old_timeline(rigs, model):
+    gated = GatedModel(model)
+    rig = rigs(topics=["j0/image_raw", "j1/image_raw"], node_model=gated, jitter_ms=0.0,
+               node_params=[("use_sim_time", True), ("batch.max_size", 1), ("batch.queue_depth", 4)],
+               camera_params=[("use_sim_time", True)])
+    c = rig.collector
+    sim = {"t": 1000 * 10**9}
+
+    def set_clock(t):
+        sim["t"] = t
+        c.clock_pub.publish(Clock(clock=time_msg(t)))
+        assert wait_for(lambda: rig.node.get_clock().now().nanoseconds == t
+                        and rig.cameras.get_clock().now().nanoseconds == t, 10, 0.005)
+
+    set_clock(sim["t"])
+    gated.gate.clear()
+    gated.entered.clear()
+    for i in range(5):  # one set in flight, four queued
+        set_clock(sim["t"] + 100_000_000)
+        rig.cameras.publish_tick()
+        if i == 0:
+            assert gated.entered.wait(20)
+    assert rig.node._batcher.wait_for(lambda s: s["depth"] == 4, 20)
+    set_clock(500 * 10**9)  # bag loop
+    assert rig.node._batcher.wait_for(lambda s: s["drops"]["time_reset"] == 4 and s["depth"] == 0, 20)
+    gated.gate.set()
+    for _ in range(5):
+        set_clock(sim["t"] + 100_000_000)
+        rig.cameras.publish_tick()
+    rig.settle()
+    stamps = [stamp_ns(m.header.stamp) for m in c.feature_msgs()]
+    assert stamps and all(s < 600 * 10**9 for s in stamps)  # nothing of the old timeline came out
+    assert rig.node.pipeline_stats()["monitor"]["set_drops"]["time_reset"] == 5  # four queued + in flight
+    assert wait_for(lambda: any("4 queued set(s) of the old timeline dropped" in m
+                                for m in c.node_logs(20, rig.fqn)), 10)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signals_end_node_listener_and_cameras_cleanly(tiny_path, tmp_path, sig):
+    """Node under load (cameras faster than the model, batches in flight), listener and
+    synthetic cameras: SIGINT or SIGTERM ends each with exit code 0, no traceback, no error."""
+    ns = f"/sig{sig}_{os.getpid()}"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", QVL_ROS_CACHE=str(tmp_path))
+    ros_ns = ["--ros-args", "-r", f"__ns:={ns}"]
+    outputs = {}
+
+    def start(name, args):
+        proc = subprocess.Popen([sys.executable, "-m", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, env=env, cwd=ROOT)
+        lines = outputs[name] = []
+        threading.Thread(target=lambda: lines.extend(iter(proc.stdout.readline, "")), daemon=True).start()
+        return proc
+
+    procs = {}
+    try:
+        procs["node"] = start("node", ["qvl_ros.node", *ros_ns, "-p", f"model.path:={tiny_path}",
+                                       "-p", "camera_topics:=[a/image_raw, b/image_raw]",
+                                       "-p", "batch.max_size:=2", "-p", "caption.enabled:=true"])
+        assert wait_for(lambda: any("ready:" in x for x in outputs["node"]), 90, 0.1), "".join(outputs["node"])
+        procs["cams"] = start("cams", ["qvl_ros.synthetic", "--topics", "a/image_raw", "b/image_raw",
+                                       "--rate", "60", "--size", "448x336", *ros_ns])
+        procs["listener"] = start("listener", ["qvl_ros.listener", *ros_ns])
+        assert wait_for(lambda: sum("features #" in x for x in outputs["listener"]) >= 3, 90, 0.1), \
+            "".join(outputs["node"] + outputs["listener"])
+        for name in ("node", "listener", "cams"):
+            procs[name].send_signal(sig)
+            assert procs[name].wait(30) == 0, (name, "".join(outputs[name]))
+    finally:
+        for p in procs.values():
+            if p.poll() is None:
+                p.kill()
+                p.wait(5)
+    time.sleep(0.2)  # let the reader threads take the last lines
+    for name, lines in outputs.items():
+        text = "".join(lines)
+        assert "Traceback" not in text and "[ERROR]" not in text and "model failed" not in text, (name, text)
+        assert "context is invalid" not in text, (name, text)

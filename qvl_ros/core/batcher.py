@@ -20,6 +20,17 @@ item spends queued is bounded by roughly ``ceil(queue_depth / max_size) + 1`` ru
 
 Settings ``max_size`` and ``max_wait_ms`` may be changed while running (:meth:`configure`);
 ``queue_depth`` is fixed.
+
+Side tasks
+    :meth:`submit` queues a one-off callable (an on-demand question) that the same worker runs
+    between two batches, before the next batch starts, so it never runs concurrently with the
+    model and never delays the stream by more than its own run time. At most ``task_depth``
+    tasks wait; :meth:`submit` refuses more (returns False). A task still waiting when the
+    batcher stops gets its ``cancel(reason)`` called instead.
+
+Clearing
+    :meth:`clear` drops every queued item under a given reason (``time_reset`` after the clock
+    went back, ``inactive`` when the node is deactivated); the batch in flight finishes.
 """
 from __future__ import annotations
 
@@ -33,7 +44,7 @@ __all__ = ["Batcher", "BATCH_DROP_REASONS"]
 
 T = TypeVar("T")
 
-BATCH_DROP_REASONS: Tuple[str, ...] = ("queue_full", "error", "shutdown")
+BATCH_DROP_REASONS: Tuple[str, ...] = ("queue_full", "error", "shutdown", "time_reset", "inactive")
 
 _log = logging.getLogger(__name__)
 
@@ -57,7 +68,7 @@ class Batcher(Generic[T]):
     def __init__(self, run: Callable[[List[T]], Any], *, max_size: int = 4, max_wait_ms: float = 10.0,
                  queue_depth: int = 8, on_error: Optional[Callable[[List[T], BaseException], Any]] = None,
                  on_drop: Optional[Callable[[T], Any]] = None, name: str = "batcher",
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, task_depth: int = 4) -> None:
         if int(queue_depth) < 1:
             raise ValueError("queue_depth must be at least 1")
         self._run = run
@@ -83,6 +94,9 @@ class Batcher(Generic[T]):
         self._last_run_s = 0.0
         self._state = "idle"  # idle | filling | running | stopped (worker's view)
         self._fill_checked_at: Optional[float] = None  # clock value of the last fill-wait check
+        self._task_limit = int(task_depth)
+        self._tasks: Deque[Tuple[Callable[[], Any], Callable[[str], Any]]] = collections.deque()
+        self._task_counts = {"submitted": 0, "run": 0, "refused": 0, "cancelled": 0}
 
     # ------------------------------------------------------------------------- configuration
     @property
@@ -134,12 +148,41 @@ class Batcher(Generic[T]):
             if not drain:
                 self._drops["shutdown"] += len(self._queue)
                 self._queue.clear()
+            cancelled = list(self._tasks)
+            self._tasks.clear()
+            self._task_counts["cancelled"] += len(cancelled)
             self._cond.notify_all()
             thread = self._thread
+        for _, cancel in cancelled:
+            self._call_hook(cancel, "batcher stopped")
         if thread is None or thread is threading.current_thread():
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+    def clear(self, reason: str) -> int:
+        """Drop every queued item, counted under ``reason`` (one of BATCH_DROP_REASONS); returns
+        how many. The batch in flight is not affected."""
+        if reason not in self._drops:
+            raise ValueError(f"unknown drop reason {reason!r}; expected one of {BATCH_DROP_REASONS}")
+        with self._cond:
+            n = len(self._queue)
+            self._drops[reason] += n
+            self._queue.clear()
+            self._cond.notify_all()
+        return n
+
+    def submit(self, task: Callable[[], Any], cancel: Callable[[str], Any]) -> bool:
+        """Queue ``task()`` to run on the worker before the next batch; False (and nothing
+        queued) when ``task_depth`` tasks already wait or the batcher is stopping."""
+        with self._cond:
+            if self._stopping or len(self._tasks) >= self._task_limit:
+                self._task_counts["refused"] += 1
+                return False
+            self._tasks.append((task, cancel))
+            self._task_counts["submitted"] += 1
+            self._cond.notify_all()
+            return True
 
     def wake(self) -> None:
         """Make the worker re-read the clock now (an injected clock moved, or settings changed)."""
@@ -228,6 +271,8 @@ class Batcher(Generic[T]):
             "max_wait_ms": self._max_wait * 1000.0,
             "state": self._state,
             "fill_checked_at": self._fill_checked_at,
+            "tasks_waiting": len(self._tasks),
+            "tasks": dict(self._task_counts),
         }
 
     # ------------------------------------------------------------------------- worker
@@ -235,8 +280,10 @@ class Batcher(Generic[T]):
         """Next batch, or None when the worker should exit. Called with the lock held."""
         cond = self._cond
         self._state = "idle"
-        while not self._queue and not self._stopping:
+        while not self._queue and not self._stopping and not self._tasks:
             cond.wait()
+        if self._tasks and not self._stopping:
+            return []  # the loop runs the side tasks first
         if not self._queue:  # stopping, nothing left
             return None
         if self._stopping and not self._drain_on_stop:
@@ -249,7 +296,7 @@ class Batcher(Generic[T]):
             self._state, self._fill_checked_at = "filling", now
             cond.notify_all()  # observers (wait_for_state) see the decision to wait
             cond.wait(remaining)
-            if not self._queue:  # cannot happen (only the worker pops), kept for safety
+            if not self._queue or self._tasks:  # cleared, or a side task to run first
                 return []
         n = min(self._max_size, len(self._queue))
         return [self._queue.popleft()[0] for _ in range(n)]
@@ -262,11 +309,18 @@ class Batcher(Generic[T]):
                     self._state = "stopped"
                     self._cond.notify_all()
                     return
+                task = None
                 if not batch:
-                    continue
-                self._running = len(batch)
-                self._state = "running"
-                self._cond.notify_all()
+                    task = self._tasks.popleft() if self._tasks else None
+                    self._state = "task" if task is not None else self._state
+                else:
+                    self._running = len(batch)
+                    self._state = "running"
+                    self._cond.notify_all()
+            if not batch:
+                if task is not None:
+                    self._run_task(task[0])
+                continue
             t0 = self._clock()
             failed: Optional[BaseException] = None
             try:
@@ -287,6 +341,18 @@ class Batcher(Generic[T]):
                 else:
                     self._drops["error"] += len(batch)
                 self._cond.notify_all()
+
+    def _run_task(self, task: Callable[[], Any]) -> None:
+        self._call_hook(task)
+        with self._cond:
+            self._task_counts["run"] += 1
+            self._cond.notify_all()
+
+    def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
+        try:
+            hook(*args)
+        except Exception:  # a side task reports its own failures; this is the last resort
+            _log.exception("%s: side task failed", self._name)
 
     def _report_error(self, batch: Sequence[T], exc: BaseException) -> None:
         if self._on_error is None:

@@ -18,6 +18,24 @@ What is measured
       model errors);
     * stale cameras: no valid frame for ``stale_after_s`` (or none yet, once the node has been
       up that long).
+
+Levels (diagnostic_updater conventions: status names carry the node-name prefix, one status
+for the pipeline and one per camera; the node fills ``hardware_id``)
+    Computed by short pure functions (:func:`pipeline_level`, :func:`camera_level`,
+    :func:`frequency_check`, :func:`no_set_problem`, :func:`drop_problems`) of one
+    :meth:`PipelineMonitor.snapshot`: counts within the last ``rate_window_s``, the time since
+    the last set, staleness. Reading twice gives the same answer; nothing depends on when the
+    previous report was made.
+
+    * pipeline ERROR: the model failed within the window, or every camera delivers but no set
+      was made for ``no_set_after_s`` (the message names the window's frame drop reasons,
+      e.g. ``unmatched`` when the cameras' clocks disagree by more than the slop);
+    * pipeline WARN: a camera is stale, or more than ``drop_warn_fraction`` of the window's
+      frames (synchronizer drops, invalid frames) or sets (queue full, model or publish
+      failure) was dropped;
+    * camera: FrequencyStatus against its expected rate (ERROR without frames in the window,
+      WARN outside ``expected * (1 -/+ tolerance)``), WARN when stale or when it sent invalid
+      frames within the window.
 """
 from __future__ import annotations
 
@@ -29,6 +47,8 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["RateMeter", "LatencyWindow", "LogThrottle", "PipelineMonitor", "Status", "percentile",
+           "frequency_check", "no_set_problem", "drop_problems", "pipeline_level", "pipeline_status",
+           "camera_level", "camera_status", "expected_rates",
            "reason_key", "OK", "WARN", "ERROR", "STALE"]
 
 # diagnostic_msgs/DiagnosticStatus levels
@@ -63,6 +83,12 @@ class RateMeter:
         for _ in range(n):
             self._times.append(now)
         self._trim(now)
+
+    def count(self, now: Optional[float] = None) -> int:
+        """Events within the window."""
+        now = self._clock() if now is None else now
+        self._trim(now)
+        return len(self._times)
 
     def rate(self, now: Optional[float] = None) -> float:
         now = self._clock() if now is None else now
@@ -142,61 +168,117 @@ def reason_key(reason: str) -> str:
 
 
 class _Camera:
-    def __init__(self, name: str, topic: str, window_s: float, clock: Callable[[], float]) -> None:
+    def __init__(self, name: str, topic: str, window_s: float, clock: Callable[[], float],
+                 expected_hz: float) -> None:
         self.name = name
         self.topic = topic
+        self.expected_hz = float(expected_hz)
         self.received = 0
         self.invalid = 0
         self.invalid_by_reason: Dict[str, int] = collections.defaultdict(int)
         self.last_error = ""
         self.last_valid: Optional[float] = None
         self.size: Optional[Tuple[int, int]] = None
+        self.frame_id = ""
         self.rate = RateMeter(window_s, clock)
+        self.recent_invalid = RateMeter(window_s, clock)
+
+
+# Drops of whole sets that are a fault (they raise the level); the others are intended
+# (rate cap, clock jump, deactivation, shutdown) and only counted.
+FAULT_SET_DROPS = ("queue_full", "model_error", "publish_error")
+
+
+def expected_rates(values: Sequence[float], cameras: int) -> List[float]:
+    """The per-camera expected rates from one value for all cameras or one per camera."""
+    rates = [float(x) for x in values] or [0.0]
+    if len(rates) == 1:
+        rates = rates * cameras
+    if len(rates) != cameras:
+        raise ValueError(f"expected rates: give one value or one per camera ({cameras}), got {len(rates)}")
+    if any(not math.isfinite(r) or r < 0 for r in rates):
+        raise ValueError(f"expected rates must be finite and >= 0, got {rates}")
+    return rates
 
 
 class PipelineMonitor:
-    """Thread-safe counters of one node; the diagnostics timer reads :meth:`statuses`.
+    """Thread-safe counters and windows of one node; the diagnostics timer reads :meth:`statuses`.
+
+    Levels are a function of the state at the time of reading (counts within the last
+    ``rate_window_s``, time since the last set, staleness), never of earlier readings.
 
     Args:
         camera_names / topics: parallel lists, in the node's camera order.
         stale_after_s: a camera with no valid frame for this long is stale.
-        rate_window_s: window of the rate meters.
+        rate_window_s: window of the rate meters and of the drop check.
         latency_window: number of recent sets the latency percentiles cover.
-        clock: monotonic seconds (arrival times, rates, staleness).
+        expected_rates: per camera, Hz (0: no rate check), as diagnostic_updater's
+            FrequencyStatus with min = max = the expected rate.
+        rate_tolerance: FrequencyStatus' tolerance (relative).
+        no_set_after_s: ERROR when every camera delivers but no set was made for this long.
+        drop_warn_fraction: WARN when more than this fraction of the window's frames, or of its
+            sets, was dropped (faults only: see FAULT_SET_DROPS).
+        clock: monotonic seconds.
     """
 
     def __init__(self, camera_names: Sequence[str], topics: Sequence[str], *, stale_after_s: float = 2.0,
-                 rate_window_s: float = 5.0, latency_window: int = 500,
+                 rate_window_s: float = 5.0, latency_window: int = 500, expected_rates: Sequence[float] = (),
+                 rate_tolerance: float = 0.1, no_set_after_s: float = 3.0, drop_warn_fraction: float = 0.2,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if len(camera_names) != len(topics):
             raise ValueError("camera_names and topics must have the same length")
+        rates = list(expected_rates) or [0.0] * len(topics)
         self._clock = clock
         self._lock = threading.Lock()
         self._start = clock()
+        self._window = float(rate_window_s)
         self.stale_after_s = float(stale_after_s)
-        self._cameras = [_Camera(n, t, rate_window_s, clock) for n, t in zip(camera_names, topics)]
+        self.rate_tolerance = float(rate_tolerance)
+        self.no_set_after_s = float(no_set_after_s)
+        self.drop_warn_fraction = float(drop_warn_fraction)
+        self._cameras = [_Camera(n, t, rate_window_s, clock, r) for n, t, r in zip(camera_names, topics, rates)]
         self._sets_rate = RateMeter(rate_window_s, clock)
+        self._made = RateMeter(rate_window_s, clock)
+        self._last_set: Optional[float] = None
+        self._sets_made = 0
+        self._set_drops: Dict[str, int] = collections.defaultdict(int)
+        self._recent_set_drops: Dict[str, RateMeter] = {}
+        self._frame_drops: Dict[str, int] = {}
+        self._recent_frame_drops: Dict[str, RateMeter] = {}
         self._latency = LatencyWindow(latency_window)
         self._batch_s = LatencyWindow(100)
         self._batch_sizes: Deque[int] = collections.deque(maxlen=100)
         self.published = 0
         self.model_errors = 0
         self.last_model_error = ""
-        self._reported: Dict[str, int] = {}
+        self._paused = False
 
     # ------------------------------------------------------------------ hooks
+    def set_paused(self, paused: bool) -> None:
+        """Cameras unsubscribed on purpose (inactive, or lazy without listeners): nothing is
+        stale and no set is missing meanwhile; the clocks of both checks restart on resume."""
+        with self._lock:
+            if self._paused and not paused:
+                self._start = self._clock()
+                for cam in self._cameras:
+                    cam.last_valid = None
+                self._last_set = None
+            self._paused = bool(paused)
+
     def frame_received(self, index: int) -> None:
         with self._lock:
             cam = self._cameras[index]
             cam.received += 1
             cam.rate.tick()
 
-    def frame_valid(self, index: int, size: Optional[Tuple[int, int]] = None) -> None:
+    def frame_valid(self, index: int, size: Optional[Tuple[int, int]] = None, frame_id: str = "") -> None:
         with self._lock:
             cam = self._cameras[index]
             cam.last_valid = self._clock()
             if size is not None:
                 cam.size = tuple(size)
+            if frame_id:
+                cam.frame_id = frame_id
 
     def frame_invalid(self, index: int, reason: str) -> None:
         with self._lock:
@@ -204,6 +286,30 @@ class PipelineMonitor:
             cam.invalid += 1
             cam.invalid_by_reason[reason_key(reason)] += 1
             cam.last_error = str(reason)
+            cam.recent_invalid.tick()
+
+    def frames_dropped(self, totals: Dict[str, int]) -> None:
+        """The synchronizer's drop totals by reason (cumulative); increases enter the window."""
+        with self._lock:
+            for reason, total in totals.items():
+                new = int(total) - self._frame_drops.get(reason, 0)
+                self._frame_drops[reason] = int(total)
+                if new > 0:
+                    self._meter(self._recent_frame_drops, reason).tick(new)
+
+    def set_made(self) -> None:
+        """The synchronizer made a set (before any rate cap or queue)."""
+        with self._lock:
+            self._sets_made += 1
+            self._last_set = self._clock()
+            self._made.tick()
+
+    def sets_dropped(self, reason: str, count: int = 1) -> None:
+        if count <= 0:
+            return
+        with self._lock:
+            self._set_drops[reason] += int(count)
+            self._meter(self._recent_set_drops, reason).tick(int(count))
 
     def set_published(self, latency_s: float) -> None:
         with self._lock:
@@ -220,11 +326,18 @@ class PipelineMonitor:
         with self._lock:
             self.model_errors += int(sets)
             self.last_model_error = str(reason)
+            self._set_drops["model_error"] += int(sets)
+            self._meter(self._recent_set_drops, "model_error").tick(int(sets))
 
     def clear_latency(self) -> None:
         """Forget latencies (after a clock jump they are not comparable)."""
         with self._lock:
             self._latency.clear()
+
+    def _meter(self, table: Dict[str, RateMeter], key: str) -> RateMeter:
+        if key not in table:
+            table[key] = RateMeter(self._window, self._clock)
+        return table[key]
 
     # ------------------------------------------------------------------ reading
     def stale_cameras(self) -> List[str]:
@@ -233,27 +346,28 @@ class PipelineMonitor:
             return [c.name for c in self._cameras if self._is_stale(c, now)]
 
     def _is_stale(self, cam: _Camera, now: float) -> bool:
+        if self._paused:
+            return False
         since = cam.last_valid if cam.last_valid is not None else self._start
         return now - since > self.stale_after_s
 
     def snapshot(self) -> Dict[str, Any]:
-        """All counters as plain data."""
+        """All counters and window counts as plain data (what the status functions read)."""
         now = self._clock()
         with self._lock:
-            cams = []
-            for c in self._cameras:
-                cams.append({
-                    "name": c.name, "topic": c.topic, "received": c.received, "rate_hz": c.rate.rate(now),
-                    "invalid": c.invalid, "invalid_by_reason": dict(c.invalid_by_reason),
-                    "last_error": c.last_error, "stale": self._is_stale(c, now),
-                    "age_s": (now - c.last_valid) if c.last_valid is not None else math.inf,
-                    "size": c.size,
-                })
+            cams = [self._camera_snapshot(c, now) for c in self._cameras]
             sizes = list(self._batch_sizes)
             return {
                 "cameras": cams,
                 "published": self.published,
                 "sets_per_s": self._sets_rate.rate(now),
+                "sets_made": self._sets_made,
+                "sets_made_in_window": self._made.count(now),
+                "since_last_set_s": 0.0 if self._paused else now - (
+                    self._last_set if self._last_set is not None else self._start),
+                "set_drops": dict(self._set_drops),
+                "set_drops_in_window": {k: m.count(now) for k, m in self._recent_set_drops.items()},
+                "frame_drops_in_window": {k: m.count(now) for k, m in self._recent_frame_drops.items()},
                 "latency_s": self._latency.summary(),
                 "batch_s": self._batch_s.summary(),
                 "batch_size_mean": (sum(sizes) / len(sizes)) if sizes else 0.0,
@@ -261,98 +375,190 @@ class PipelineMonitor:
                 "last_model_error": self.last_model_error,
                 "stale": [c["name"] for c in cams if c["stale"]],
                 "uptime_s": now - self._start,
+                "settings": {"window_s": self._window, "rate_tolerance": self.rate_tolerance,
+                             "no_set_after_s": self.no_set_after_s, "drop_warn_fraction": self.drop_warn_fraction,
+                             "stale_after_s": self.stale_after_s},
             }
+
+    def _camera_snapshot(self, c: _Camera, now: float) -> Dict[str, Any]:
+        return {
+            "name": c.name, "topic": c.topic, "frame_id": c.frame_id, "received": c.received,
+            "rate_hz": c.rate.rate(now), "in_window": c.rate.count(now), "expected_hz": c.expected_hz,
+            "invalid": c.invalid, "invalid_in_window": c.recent_invalid.count(now),
+            "invalid_by_reason": dict(c.invalid_by_reason), "last_error": c.last_error,
+            "stale": self._is_stale(c, now), "age_s": (now - c.last_valid) if c.last_valid is not None else math.inf,
+            "size": c.size,
+        }
+
+    def no_set_problem(self) -> Optional[str]:
+        """The no-set ERROR text when it applies now, else None."""
+        return no_set_problem(self.snapshot())
 
     def statuses(self, node_name: str, sync_stats: Optional[Dict[str, Any]] = None,
                  batch_stats: Optional[Dict[str, Any]] = None,
                  extra: Sequence[Tuple[str, Any]] = ()) -> List[Status]:
-        """One summary status and one status per camera, with levels:
-
-        summary ERROR if the model failed since the previous report, WARN if a camera is stale
-        or sets were dropped or frames were invalid since then, else OK; camera WARN if stale or
-        invalid frames arrived since the previous report.
-        """
+        """One pipeline status and one status per camera, named ``<node_name>: pipeline`` and
+        ``<node_name>: camera <name>`` (diagnostic_updater's node-name prefix)."""
         snap = self.snapshot()
-        sync_stats = sync_stats or {}
-        batch_stats = batch_stats or {}
-        sync_drops = dict(sync_stats.get("drops", {}))
-        batch_drops = dict(batch_stats.get("drops", {}))
-        invalid_total = sum(c["invalid"] for c in snap["cameras"])
-        drops: Dict[str, int] = {f"sync.{k}": int(v) for k, v in sync_drops.items()}
-        drops.update({f"batch.{k}": int(v) for k, v in batch_drops.items()})
-        drops["invalid_frame"] = invalid_total
-        drops["model_error"] = snap["model_errors"]
-
-        new = {k: v - self._reported.get(k, 0) for k, v in drops.items()}
-        self._reported.update(drops)
-        lat, bt = snap["latency_s"], snap["batch_s"]
-
-        level, problems = OK, []
-        if snap["stale"]:
-            level = WARN
-            problems.append("stale: " + ", ".join(snap["stale"]))
-        if new.get("batch.queue_full", 0) > 0:
-            level = max(level, WARN)
-            problems.append(f"{new['batch.queue_full']} sets dropped (queue full)")
-        if new.get("invalid_frame", 0) > 0:
-            level = max(level, WARN)
-            problems.append(f"{new['invalid_frame']} invalid frames")
-        if new.get("model_error", 0) > 0:
-            level = ERROR
-            problems.append(f"model failed on {new['model_error']} sets: {snap['last_model_error']}")
-        summary = f"{snap['sets_per_s']:.1f} sets/s"
-        if lat["count"]:
-            summary += f", latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms"
-        message = "; ".join(problems + [summary])
-
-        values: List[Tuple[str, Any]] = [
-            ("sets_per_s", _fmt(snap["sets_per_s"])),
-            ("sets_published", snap["published"]),
-            ("latency_p50_ms", _fmt(lat["p50"] * 1e3)),
-            ("latency_p95_ms", _fmt(lat["p95"] * 1e3)),
-            ("latency_max_ms", _fmt(lat["max"] * 1e3)),
-            ("latency_window_sets", lat["count"]),
-            ("batch_p50_ms", _fmt(bt["p50"] * 1e3)),
-            ("batch_size_mean", _fmt(snap["batch_size_mean"])),
-            ("queue_depth", batch_stats.get("depth", 0)),
-            ("queue_limit", batch_stats.get("depth_limit", 0)),
-            ("in_flight", batch_stats.get("running", 0)),
-            ("sync_sets", sync_stats.get("sets", 0)),
-            ("sync_resets", sync_stats.get("resets", 0)),
-            ("sync_pending", ",".join(str(p) for p in sync_stats.get("pending", []))),
-            ("stale_cameras", ",".join(snap["stale"])),
-        ]
-        values += [(f"drops.{k}", v) for k, v in drops.items()]
-        values += list(extra)
-        out: List[Status] = [(level, f"{node_name}: pipeline", message, _kv(values))]
-
-        dropped_per_input = sync_stats.get("dropped", [])
-        for i, c in enumerate(snap["cameras"]):
-            key = f"cam{i}.invalid"
-            new_invalid = c["invalid"] - self._reported.get(key, 0)
-            self._reported[key] = c["invalid"]
-            c_level, c_msg = OK, f"{c['rate_hz']:.1f} Hz"
-            if c["stale"]:
-                age = "no frame yet" if math.isinf(c["age_s"]) else f"no frame for {c['age_s']:.1f} s"
-                c_level, c_msg = WARN, f"stale ({age})"
-            if new_invalid > 0:
-                c_level = max(c_level, WARN)
-                c_msg += f"; {new_invalid} invalid frames ({c['last_error']})"
-            c_values: List[Tuple[str, Any]] = [
-                ("topic", c["topic"]),
-                ("rate_hz", _fmt(c["rate_hz"])),
-                ("received", c["received"]),
-                ("invalid", c["invalid"]),
-                ("last_error", c["last_error"]),
-                ("stale", str(c["stale"]).lower()),
-                ("age_s", _fmt(c["age_s"])),
-                ("size", "" if c["size"] is None else f"{c['size'][1]}x{c['size'][0]}"),
-            ]
-            c_values += [(f"invalid.{k}", v) for k, v in sorted(c["invalid_by_reason"].items())]
-            if i < len(dropped_per_input):
-                c_values += [(f"drops.sync.{k}", v) for k, v in dropped_per_input[i].items()]
-            out.append((c_level, f"{node_name}: camera {c['name']}", c_msg, _kv(c_values)))
+        out = [pipeline_status(snap, node_name, sync_stats or {}, batch_stats or {}, extra)]
+        dropped_per_input = (sync_stats or {}).get("dropped", [])
+        for i, cam in enumerate(snap["cameras"]):
+            sync_drops = dropped_per_input[i] if i < len(dropped_per_input) else {}
+            out.append(camera_status(cam, node_name, snap["settings"], sync_drops))
         return out
+
+
+# ---------------------------------------------------------------------- status functions (pure)
+def frequency_check(in_window: int, rate_hz: float, expected_hz: float, tolerance: float) -> Tuple[int, str]:
+    """diagnostic_updater's FrequencyStatus with min = max = ``expected_hz``: ERROR without
+    events in the window, WARN below ``expected * (1 - tolerance)`` or above
+    ``expected * (1 + tolerance)``, else OK. ``expected_hz <= 0``: no check (OK)."""
+    if expected_hz <= 0:
+        return OK, ""
+    if in_window == 0:
+        return ERROR, "no events recorded"
+    if rate_hz < expected_hz * (1.0 - tolerance):
+        return WARN, f"frequency too low ({rate_hz:.1f} Hz, expected {expected_hz:g})"
+    if rate_hz > expected_hz * (1.0 + tolerance):
+        return WARN, f"frequency too high ({rate_hz:.1f} Hz, expected {expected_hz:g})"
+    return OK, "desired frequency met"
+
+
+def no_set_problem(snap: Dict[str, Any]) -> Optional[str]:
+    """ERROR text when every camera delivers (none stale) yet no set was made for
+    ``no_set_after_s``, naming the frame drop reasons of the window; None otherwise."""
+    wait = snap["settings"]["no_set_after_s"]
+    if snap["stale"] or snap["since_last_set_s"] <= wait:
+        return None
+    reasons = ", ".join(f"{k} {v}" for k, v in sorted(snap["frame_drops_in_window"].items()) if v)
+    window = snap["settings"]["window_s"]
+    return (f"no synchronized set for {snap['since_last_set_s']:.1f} s while every camera delivers; "
+            f"frames dropped in the last {window:g} s: {reasons or 'none'}")
+
+
+def drop_problems(snap: Dict[str, Any]) -> List[str]:
+    """WARN texts for sustained drops: more than ``drop_warn_fraction`` of the window's frames
+    dropped by the synchronizer or invalid, or of its sets dropped by a fault."""
+    limit = snap["settings"]["drop_warn_fraction"]
+    out = []
+    frames_in = sum(c["in_window"] for c in snap["cameras"])
+    frame_drops = sum(snap["frame_drops_in_window"].values()) + sum(c["invalid_in_window"] for c in snap["cameras"])
+    if frames_in and frame_drops / frames_in > limit:
+        out.append(f"{frame_drops} of {frames_in} frames dropped in the last {snap['settings']['window_s']:g} s")
+    faults = {k: v for k, v in snap["set_drops_in_window"].items() if k in FAULT_SET_DROPS and v}
+    made = snap["sets_made_in_window"]
+    if faults and sum(faults.values()) / max(made, 1) > limit:
+        what = ", ".join(f"{k} {v}" for k, v in sorted(faults.items()))
+        out.append(f"sets dropped ({what}) of {made} made")
+    return out
+
+
+def pipeline_level(snap: Dict[str, Any]) -> Tuple[int, List[str]]:
+    """Level and problem texts of the pipeline status, from the snapshot alone."""
+    level, problems = OK, []
+    recent_errors = snap["set_drops_in_window"].get("model_error", 0)
+    if recent_errors:
+        level = ERROR
+        problems.append(f"model failed on {recent_errors} sets: {snap['last_model_error']}")
+    no_set = no_set_problem(snap)
+    if no_set is not None:
+        level = ERROR
+        problems.append(no_set)
+    if snap["stale"]:
+        level = max(level, WARN)
+        problems.append("stale: " + ", ".join(snap["stale"]))
+    drops = drop_problems(snap)
+    if drops:
+        level = max(level, WARN)
+        problems.extend(drops)
+    return level, problems
+
+
+def pipeline_values(snap: Dict[str, Any], sync_stats: Dict[str, Any], batch_stats: Dict[str, Any],
+                    extra: Sequence[Tuple[str, Any]]) -> List[Tuple[str, str]]:
+    lat, bt = snap["latency_s"], snap["batch_s"]
+    values: List[Tuple[str, Any]] = [
+        ("sets_per_s", _fmt(snap["sets_per_s"])),
+        ("sets_published", snap["published"]),
+        ("sets_made", snap["sets_made"]),
+        ("since_last_set_s", _fmt(snap["since_last_set_s"])),
+        ("latency_p50_ms", _fmt(lat["p50"] * 1e3)),
+        ("latency_p95_ms", _fmt(lat["p95"] * 1e3)),
+        ("latency_max_ms", _fmt(lat["max"] * 1e3)),
+        ("latency_window_sets", lat["count"]),
+        ("batch_p50_ms", _fmt(bt["p50"] * 1e3)),
+        ("batch_size_mean", _fmt(snap["batch_size_mean"])),
+        ("queue_depth", batch_stats.get("depth", 0)),
+        ("queue_limit", batch_stats.get("depth_limit", 0)),
+        ("in_flight", batch_stats.get("running", 0)),
+        ("sync_sets", sync_stats.get("sets", 0)),
+        ("sync_resets", sync_stats.get("resets", 0)),
+        ("sync_pending", ",".join(str(p) for p in sync_stats.get("pending", []))),
+        ("stale_cameras", ",".join(snap["stale"])),
+    ]
+    values += [(f"drops.{k}", v) for k, v in drop_totals(snap, sync_stats, batch_stats).items()]
+    return _kv(values + list(extra))
+
+
+def drop_totals(snap: Dict[str, Any], sync_stats: Dict[str, Any], batch_stats: Dict[str, Any]) -> Dict[str, int]:
+    """Every drop counter since start, by stage and reason."""
+    drops: Dict[str, int] = {f"sync.{k}": int(v) for k, v in dict(sync_stats.get("drops", {})).items()}
+    drops.update({f"batch.{k}": int(v) for k, v in dict(batch_stats.get("drops", {})).items()})
+    drops.update({f"set.{k}": int(v) for k, v in sorted(snap["set_drops"].items()) if k != "model_error"})
+    drops["invalid_frame"] = sum(c["invalid"] for c in snap["cameras"])
+    drops["model_error"] = snap["model_errors"]
+    return drops
+
+
+def pipeline_status(snap: Dict[str, Any], node_name: str, sync_stats: Dict[str, Any],
+                    batch_stats: Dict[str, Any], extra: Sequence[Tuple[str, Any]] = ()) -> Status:
+    level, problems = pipeline_level(snap)
+    summary = f"{snap['sets_per_s']:.1f} sets/s"
+    lat = snap["latency_s"]
+    if lat["count"]:
+        summary += f", latency p50 {lat['p50'] * 1e3:.0f} ms p95 {lat['p95'] * 1e3:.0f} ms"
+    message = "; ".join(problems + [summary])
+    return (level, f"{node_name}: pipeline", message, pipeline_values(snap, sync_stats, batch_stats, extra))
+
+
+def camera_level(cam: Dict[str, Any], settings: Dict[str, Any]) -> Tuple[int, List[str]]:
+    level, problems = frequency_check(cam["in_window"], cam["rate_hz"], cam["expected_hz"],
+                                      settings["rate_tolerance"])
+    problems = [problems] if level != OK else []
+    if cam["stale"]:
+        age = "no frame yet" if math.isinf(cam["age_s"]) else f"no frame for {cam['age_s']:.1f} s"
+        level = max(level, WARN)
+        problems.append(f"stale ({age})")
+    if cam["invalid_in_window"]:
+        level = max(level, WARN)
+        problems.append(f"{cam['invalid_in_window']} invalid frames in the last {settings['window_s']:g} s "
+                        f"({cam['last_error']})")
+    return level, problems
+
+
+def camera_status(cam: Dict[str, Any], node_name: str, settings: Dict[str, Any],
+                  sync_drops: Dict[str, int]) -> Status:
+    level, problems = camera_level(cam, settings)
+    message = "; ".join(problems + [f"{cam['rate_hz']:.1f} Hz"])
+    expected = cam["expected_hz"]
+    values: List[Tuple[str, Any]] = [
+        ("topic", cam["topic"]),
+        ("frame_id", cam["frame_id"]),
+        ("rate_hz", _fmt(cam["rate_hz"])),
+        ("events_in_window", cam["in_window"]),
+        ("expected_hz", _fmt(expected) if expected > 0 else ""),
+        ("min_acceptable_hz", _fmt(expected * (1 - settings["rate_tolerance"])) if expected > 0 else ""),
+        ("max_acceptable_hz", _fmt(expected * (1 + settings["rate_tolerance"])) if expected > 0 else ""),
+        ("received", cam["received"]),
+        ("invalid", cam["invalid"]),
+        ("last_error", cam["last_error"]),
+        ("stale", str(cam["stale"]).lower()),
+        ("age_s", _fmt(cam["age_s"])),
+        ("size", "" if cam["size"] is None else f"{cam['size'][1]}x{cam['size'][0]}"),
+    ]
+    values += [(f"invalid.{k}", v) for k, v in sorted(cam["invalid_by_reason"].items())]
+    values += [(f"drops.sync.{k}", v) for k, v in sync_drops.items()]
+    return (level, f"{node_name}: camera {cam['name']}", message, _kv(values))
 
 
 def _fmt(x: float) -> str:

@@ -48,7 +48,7 @@ CAPTION_TYPE = "qvl_ros/msg/Caption"
 FEATURE_TENSOR_TYPE = "qvl_ros/msg/FeatureTensor"
 FEATURES_TOPIC = "/qvl/features"
 CAPTION_TOPIC = "/qvl/caption"
-MSG_FILES = ("FeatureTensor", "VisionFeatures", "Caption")
+MSG_FILES = ("FeatureTensor", "CameraInput", "RowRange", "VisionFeatures", "Caption")
 
 
 class BagInputError(Exception):
@@ -313,7 +313,7 @@ class FeatureBagWriter:
             header=_header(self.store, stamp, frame_id),
             camera_names=list(camera_names),
             camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, tensors=list(tensors))
+            model=model, prompt=prompt, tensors=list(tensors), inputs=[], hidden_rows=[])
         self._writer.write(self._features, stamp, self.store.serialize_cdr(msg, VISION_FEATURES_TYPE))
         self.counts[FEATURES_TOPIC] += 1
 
@@ -326,7 +326,7 @@ class FeatureBagWriter:
             header=_header(self.store, stamp, frame_id),
             camera_names=list(camera_names),
             camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, text=ros_string(text))
+            model=model, prompt=prompt, text=ros_string(text), inputs=[])
         self._writer.write(self._caption, stamp, self.store.serialize_cdr(msg, CAPTION_TYPE))
         self.counts[CAPTION_TOPIC] += 1
 

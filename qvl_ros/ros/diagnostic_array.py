@@ -1,7 +1,7 @@
 """Statuses of :class:`qvl_ros.core.diagnostics.PipelineMonitor` as a ``diagnostic_msgs/DiagnosticArray``."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
 
@@ -10,17 +10,19 @@ from ..core.diagnostics import Status
 __all__ = ["to_diagnostic_array"]
 
 
-def to_diagnostic_array(statuses: Sequence[Status], stamp=None, hardware_id: str = ""):
-    """Build a ``diagnostic_msgs/DiagnosticArray`` from :meth:`PipelineMonitor.statuses`."""
+def to_diagnostic_array(statuses: Sequence[Status], stamp=None, hardware_id: str = "",
+                        hardware_ids: Optional[Sequence[str]] = None):
+    """Build a ``diagnostic_msgs/DiagnosticArray`` from :meth:`PipelineMonitor.statuses`;
+    ``hardware_ids`` (parallel to the statuses) overrides the common ``hardware_id``."""
     arr = DiagnosticArray()
     if stamp is not None:
         arr.header.stamp = stamp
-    for level, name, message, values in statuses:
+    for i, (level, name, message, values) in enumerate(statuses):
         st = DiagnosticStatus()
         st.level = bytes([level])
         st.name = name
         st.message = message
-        st.hardware_id = hardware_id
+        st.hardware_id = hardware_ids[i] if hardware_ids is not None and i < len(hardware_ids) else hardware_id
         st.values = [KeyValue(key=k, value=v) for k, v in values]
         arr.status.append(st)
     return arr

@@ -3,15 +3,72 @@
 One message per synchronized set `b` of a batch: `vision/<camera>` tensors of shape (tokens, D)
 and, when requested, `hidden` of shape (L_b, D) for the sample's real (unpadded) tokens. The
 header stamp is the newest camera stamp; every camera's own stamp is copied.
+
+Provenance (``inputs``, ``hidden_rows``): per camera its full input header, the image size the
+model saw and the vision grid (from the model's processor, the same resize rule the model runs);
+for ``hidden`` the runs of rows that are text or one camera's image tokens, read off the
+sample's input ids (image placeholder tokens, in camera order).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
 from .tensor_msg import from_tensor
 
 FEATURE_KINDS = ("vision", "hidden")
+
+
+class Frame(NamedTuple):
+    """One camera frame in a synchronized set: the uint8 (3, H, W) tensor and the input header."""
+
+    image: Any
+    header: Any
+
+
+class Geometry(NamedTuple):
+    """How the model sees one camera: resized (height, width) and vision grid (t, h, w)."""
+
+    height: int
+    width: int
+    grid: Tuple[int, int, int]
+
+
+def input_geometry(model, height: int, width: int) -> Geometry:
+    """The model's input size and vision grid for a (height, width) frame; zeros when the model
+    does not expose its processor (a stand-in model)."""
+    processor = getattr(model, "processor", None)
+    if processor is None:
+        return Geometry(0, 0, (0, 0, 0))
+    th, tw = processor.target_size(int(height), int(width))
+    p = int(processor.cfg.patch_size)
+    return Geometry(int(th), int(tw), (1, int(th) // p, int(tw) // p))
+
+
+def camera_input_msgs(headers: Sequence[Any], geometry: Sequence[Geometry]) -> list:
+    from qvl_ros.msg import CameraInput
+
+    return [CameraInput(header=h, height=g.height, width=g.width, grid_thw=list(g.grid))
+            for h, g in zip(headers, geometry)]
+
+
+def hidden_row_ranges(ids: Sequence[int], image_token_id: int, camera_names: Sequence[str]) -> List[Tuple[str, int, int]]:
+    """[(source, start, count)] over the real tokens ``ids`` of one sample: maximal runs of text
+    tokens ("text") and of image placeholder tokens, the k-th image run being camera k."""
+    out: List[Tuple[str, int, int]] = []
+    k = 0
+    start = 0
+    for i in range(1, len(ids) + 1):
+        if i < len(ids) and (ids[i] == image_token_id) == (ids[start] == image_token_id):
+            continue
+        if ids[start] == image_token_id:
+            name = camera_names[k] if k < len(camera_names) else f"image_{k}"
+            out.append((f"vision/{name}", start, i - start))
+            k += 1
+        else:
+            out.append(("text", start, i - start))
+        start = i
+    return out
 
 
 def ros_string(text: str) -> str:
@@ -47,30 +104,47 @@ def sample_tensors(features, b: int, camera_names: Sequence[str], kinds: Sequenc
     return out
 
 
-def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, frame_id: str):
-    """The fields VisionFeatures and Caption share: header (newest stamp), cameras, model, prompt."""
+def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, frame_id: str, inputs=None):
+    """The fields VisionFeatures and Caption share: header (newest stamp), cameras, model,
+    prompt and, when given, the per-camera ``inputs`` (CameraInput messages)."""
     msg.header.stamp = time_msg(max(camera_stamps_ns))
     msg.header.frame_id = frame_id
     msg.camera_names = list(camera_names)
     msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
     msg.model = model
     msg.prompt = prompt
+    if inputs is not None:
+        msg.inputs = list(inputs)
     return msg
 
 
+def hidden_rows_msgs(features, b: int, image_token_id: int, camera_names: Sequence[str]) -> list:
+    """RowRange messages for the ``hidden`` tensor of sample b (its real, unpadded tokens)."""
+    from qvl_ros.msg import RowRange
+
+    n_real = int(features.attention_mask[b].sum())
+    ids = features.input_ids[b, features.input_ids.shape[1] - n_real:].tolist()  # once per set
+    return [RowRange(source=src, start=start, count=count)
+            for src, start, count in hidden_row_ranges(ids, image_token_id, camera_names)]
+
+
 def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
-                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = ""):
+                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = "", *,
+                        inputs: Optional[Sequence[Any]] = None, image_token_id: Optional[int] = None):
+    """``inputs``: CameraInput messages of the set; ``image_token_id``: fills ``hidden_rows``."""
     from qvl_ros.msg import VisionFeatures
 
-    msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id)
+    msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id, inputs)
     msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
+    if "hidden" in kinds and image_token_id is not None:
+        msg.hidden_rows = hidden_rows_msgs(features, b, image_token_id, camera_names)
     return msg
 
 
 def caption_msg(text: str, camera_names: Sequence[str], camera_stamps_ns: Sequence[int], model: str,
-                prompt: str, frame_id: str = ""):
+                prompt: str, frame_id: str = "", *, inputs: Optional[Sequence[Any]] = None):
     from qvl_ros.msg import Caption
 
-    msg = _set_fields(Caption(), camera_names, camera_stamps_ns, model, prompt, frame_id)
+    msg = _set_fields(Caption(), camera_names, camera_stamps_ns, model, prompt, frame_id, inputs)
     msg.text = ros_string(text)
     return msg

@@ -32,52 +32,97 @@ are read-only; ``prompt``, ``features``, ``frame_id``, ``caption.*``, ``batch.ma
 """
 from __future__ import annotations
 
+import argparse
+import inspect
 import sys
 import threading
 import time
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional, Sequence, Tuple
 
 import rclpy
-from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParametersResult
+from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
+                                SetParametersResult)
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
+from rclpy.exceptions import InvalidParameterValueException
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
+from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
 from ..core.conversion import msg_to_tensor
+from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
+from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
-from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key
+from .ask import AskServer
 from .diagnostic_array import to_diagnostic_array
-from .feature_msgs import caption_msg, check_kinds, vision_features_msg
+from .feature_msgs import Frame, camera_input_msgs, caption_msg, check_kinds, input_geometry, vision_features_msg
 from ..model.checkpoint import resolve_checkpoint
 from ..model.model import DTYPES
 from ..model.processor import MIN_SIDE, image_size_problem
 from ..core.synchronizer import SyncSet, Synchronizer
 from ..core.topics import camera_names as default_camera_names
 
-__all__ = ["QvlNode", "main", "default_camera_names"]
+__all__ = ["QvlNode", "QvlLifecycleNode", "QvlPipeline", "main", "default_camera_names"]
 
 NODE_NAME = "qvl_node"
+LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
 
 _STRING, _STRINGS = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_STRING_ARRAY
 _INT, _DOUBLE, _BOOL = ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
+_DOUBLES = ParameterType.PARAMETER_DOUBLE_ARRAY
 
 
 def _stamps_text(stamps_ns: Sequence[int]) -> str:
     return "[" + ", ".join(f"{s // 1_000_000_000}.{s % 1_000_000_000:09d}" for s in stamps_ns) + "]"
 
 
-class QvlNode(Node):
-    """The ``qvl_node`` node. ``model``: an already loaded ``BatchedQwenVL`` to use instead of
-    loading ``model.path`` (tests and embedding applications); other keyword arguments go to
-    ``rclpy.node.Node`` (``context``, ``namespace``, ``parameter_overrides``, ...)."""
+def describe_device(device: Any) -> str:
+    """``cpu`` or ``cuda:0 NVIDIA H200``: the default hardware_id of the pipeline status."""
+    text = str(device)
+    if text.startswith("cuda"):
+        import torch
 
-    def __init__(self, *, model: Any = None, node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
-        super().__init__(node_name, **node_kwargs)
+        try:
+            return f"{text} {torch.cuda.get_device_name(device)}"
+        except Exception:
+            return text
+    return text
+
+
+def release_device_memory(device: Any) -> None:
+    """Return cached GPU memory to the driver once the model is gone (lifecycle cleanup)."""
+    import gc
+
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+class QvlPipeline:
+    """The pipeline of ``qvl_node``, shared by :class:`QvlNode` (plain) and
+    :class:`QvlLifecycleNode` (managed). Mixed into an rclpy node class; its steps:
+
+    * :meth:`_read_config` (construction): declare and check the parameters;
+    * :meth:`_configure`: load the model and warm it up, make the synchronizer, batcher and
+      monitor, the publishers, ``~/ask`` and the diagnostics timer;
+    * :meth:`_activate`: subscribe to the cameras (with ``lazy``: whenever someone listens);
+    * :meth:`_deactivate`: unsubscribe, drop the queued sets, let the batch in flight finish;
+    * :meth:`_cleanup`: stop the worker, destroy the interfaces and free the model.
+    """
+
+    _configured = False
+    _active = False
+    model: Any = None
+
+    # ------------------------------------------------------------------------- set-up steps
+    def _read_config(self) -> None:
+        """Declare the parameters and check the settings that are fixed for the node's life."""
         self._declare_parameters()
         v = self._value
         self._topics = [str(t) for t in v("camera_topics")]
@@ -92,77 +137,219 @@ class QvlNode(Node):
         self._stamp_source = str(v("sync.stamp_source"))
         if self._stamp_source not in ("header", "arrival", "auto"):
             raise ValueError(f"sync.stamp_source must be header, arrival or auto, got {self._stamp_source!r}")
+        if str(v("sync.policy")) not in ("approximate_time", "max_sets"):
+            raise ValueError(f"sync.policy must be approximate_time or max_sets, got {v('sync.policy')!r}")
         reliability = str(v("qos.reliability")).lower()
         if reliability not in ("best_effort", "reliable"):
             raise ValueError(f"qos.reliability must be best_effort or reliable, got {reliability!r}")
-
-        # --- model ---------------------------------------------------------------------------
-        if model is None:
-            model = self._load_model()
-        self.model = model
-        self._model_name = str(getattr(model, "name", "") or v("model.path"))
-        self._device = model.device
-
-        # --- components ----------------------------------------------------------------------
-        self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
-        self._sync = Synchronizer(
-            len(self._topics), int(round(float(v("sync.slop")) * 1e9)), int(v("sync.queue_size")),
-            reset_threshold=int(round(float(v("sync.reset_threshold")) * 1e9)))
-        self._batcher: Batcher[SyncSet] = Batcher(
-            self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
-            queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker")
-        self._log_throttle = LogThrottle(float(v("log_throttle")))
-
-        # --- ROS interfaces ------------------------------------------------------------------
-        from qvl_ros.msg import Caption, VisionFeatures
-        from diagnostic_msgs.msg import DiagnosticArray
-        from sensor_msgs.msg import CompressedImage, Image
-
-        camera_qos = QoSProfile(
+        self._camera_qos = QoSProfile(
             history=qos_profile_sensor_data.history, depth=int(v("qos.depth")),
             reliability=(ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE),
             durability=qos_profile_sensor_data.durability)
-        compressed_all = bool(v("compressed"))
-        self._subs = []
-        for i, topic in enumerate(self._topics):
-            is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
-            msg_type = CompressedImage if is_compressed else Image
-            sub = self.create_subscription(
-                msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), camera_qos,
-                callback_group=MutuallyExclusiveCallbackGroup())
-            self._subs.append(sub)
-        self._resolved_topics = [s.topic_name for s in self._subs]
-        self._monitor = PipelineMonitor(self._names, self._resolved_topics,
-                                        stale_after_s=float(v("diagnostics.stale_after")))
+        self._expected_rates = expected_rates(list(v("diagnostics.expected_rates")), len(self._topics))
+        self._resolved_topics = [self.resolve_topic_name(t) for t in self._topics]
+        self._subs: List[Any] = []
+        self._add_parameter_callbacks()
+
+    def _configure(self, model: Any = None) -> None:
+        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`."""
+        self.model = model if model is not None else self._load_model()
+        self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
+        self._device = self.model.device
+        self._geometry: dict = {}
+        if self._value("model.warmup"):
+            self._warm_up()
+        self._create_components()
+        self._create_outputs()
+        self._configured = True
+
+    def _create_components(self) -> None:
+        v = self._value
+        self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
+        self._sync = Synchronizer(len(self._topics), int(round(float(v("sync.slop")) * 1e9)),
+                                  int(v("sync.queue_size")), **self._sync_options())
+        self._batcher: Batcher[SyncSet] = Batcher(
+            self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
+            queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker",
+            on_drop=lambda _set: self._monitor.sets_dropped("queue_full"),
+            task_depth=int(v("ask.queue_depth")))
+        self._log_throttle = LogThrottle(float(v("log_throttle")))
+        self._rate = RateLimiter(float(v("max_rate")))
+        self._monitor = PipelineMonitor(self._names, self._resolved_topics, **self._monitor_options())
+        self._monitor.set_paused(True)  # until the cameras are subscribed
+        self._latest: Optional[SyncSet] = None  # newest set the synchronizer made (for ~/ask)
+        self._epoch = 0  # bumped when time jumps back: results of older sets are not published
+        self._stale_reported: set = set()
+        self._batcher.start()
+
+    def _sync_options(self) -> dict:
+        """Keyword options of the Synchronizer; ``policy`` only where the class takes it."""
+        v = self._value
+        options = {"reset_threshold": int(round(float(v("sync.reset_threshold")) * 1e9)),
+                   "reorder_tolerance": int(round(float(v("sync.reorder_tolerance")) * 1e9))}
+        if "policy" in inspect.signature(Synchronizer).parameters:
+            options["policy"] = str(v("sync.policy"))
+        return options
+
+    def _monitor_options(self) -> dict:
+        v = self._value
+        return {"stale_after_s": float(v("diagnostics.stale_after")), "rate_window_s": float(v("diagnostics.window")),
+                "expected_rates": self._expected_rates, "rate_tolerance": float(v("diagnostics.rate_tolerance")),
+                "no_set_after_s": float(v("diagnostics.no_set_after")),
+                "drop_warn_fraction": float(v("diagnostics.drop_warn_fraction"))}
+
+    def _create_outputs(self) -> None:
+        from qvl_ros.msg import Caption, VisionFeatures
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        v = self._value
         self._features_pub = self.create_publisher(VisionFeatures, "features", 10)
         self._caption_pub = self.create_publisher(Caption, "caption", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._demand_topics = [self._features_pub.topic_name, self._caption_pub.topic_name]
+        self._ask = AskServer(
+            self, latest=self._newest_set, submit=lambda task, cancel: self._batcher.submit(
+                lambda: task(self.model), cancel),
+            camera_names=self._names, default_tokens=lambda: int(self._value("caption.max_new_tokens")),
+            why_no_set=self._why_no_set, queue_depth=int(v("ask.queue_depth")))
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._diag_timer = self.create_timer(float(v("diagnostics.period")), self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
-        self._stale_reported: set = set()
+        self._demand_timer = None
+        self._hardware_id = str(v("diagnostics.hardware_id")) or describe_device(self._device)
         # A backward jump of ROS time (bag loop, simulation reset) or a switch of time source
         # makes queued stamps meaningless: start over.
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
             post_callback=self._on_time_jump)
-        self.add_on_set_parameters_callback(self._validate_parameters)
-        self.add_post_set_parameters_callback(self._apply_parameters)
 
-        self._batcher.start()
-        cams = ", ".join(f"{n} <- {t} ({s.msg_type.__name__})" for n, t, s in
-                         zip(self._names, self._resolved_topics, self._subs))
+    def _activate(self) -> None:
+        self._active = True
+        if self._value("lazy"):
+            self._demand_timer = self.create_timer(LAZY_CHECK_PERIOD, self._check_demand,
+                                                   callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
+            self._check_demand()
+        else:
+            self._subscribe()
+
+    def _deactivate(self) -> None:
+        """Stop taking frames, drop the queued sets (counted ``inactive``), wait for the batch
+        in flight (its results are not published)."""
+        self._active = False
+        if self._demand_timer is not None:
+            self.destroy_timer(self._demand_timer)
+            self._demand_timer = None
+        self._unsubscribe()
+        with self._lock:
+            self._latest = None
+            dropped = self._batcher.clear("inactive")
+        self._monitor.sets_dropped("inactive", dropped)
+        self._batcher.wait_for(lambda s: s["running"] == 0, 60.0)
+
+    def _cleanup(self) -> None:
+        """Stop the worker (queued sets are discarded), destroy the outputs, free the model.
+        Tolerates a partial configuration (a configure that failed half way)."""
+        self._configured = False
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.stop(drain=False, timeout=30.0)
+        if getattr(self, "_ask", None) is not None:
+            self._ask.destroy()
+            self._ask = None
+        if getattr(self, "_diag_timer", None) is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        for name in ("_features_pub", "_caption_pub", "_diag_pub"):
+            if getattr(self, name, None) is not None:
+                self.destroy_publisher(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "_jump_handle", None) is not None:
+            self._jump_handle.unregister()
+            self._jump_handle = None
+        device = getattr(self, "_device", None)
+        self.model = None
+        self._geometry = {}
+        if device is not None:
+            release_device_memory(device)
+
+    def _log_ready(self) -> None:
+        v = self._value
+        cams = ", ".join(f"{n} <- {t}" for n, t in zip(self._names, self._resolved_topics))
         self.get_logger().info(
             f"ready: {len(self._topics)} cameras [{cams}]; model {self._model_name} on {self._device}; "
             f"publishing {self.resolve_topic_name('features')}"
-            + (f" and {self.resolve_topic_name('caption')}" if v("caption.enabled") else ""))
+            + (f" and {self.resolve_topic_name('caption')}" if v("caption.enabled") else "")
+            + (" (lazy: cameras subscribed while someone listens)" if v("lazy") else ""))
+
+    def _warm_up(self) -> None:
+        """One model call on black frames, so the first real set does not pay for allocation,
+        kernel selection and lazy initialisation."""
+        import torch
+
+        t0 = time.perf_counter()
+        side = 2 * MIN_SIDE * 4
+        images = [[torch.zeros(3, side, side, dtype=torch.uint8, device=self._device) for _ in self._topics]]
+        if self._value("caption.enabled"):
+            self.model.encode_generate(images, [str(self._value("prompt"))], max_new_tokens=2)
+        else:
+            self.model.encode(images, [str(self._value("prompt"))])
+        self.get_logger().info(f"warm-up done in {time.perf_counter() - t0:.2f} s")
+
+    # ------------------------------------------------------------------------- cameras
+    def _subscribe(self) -> None:
+        from sensor_msgs.msg import CompressedImage, Image
+
+        if self._subs:
+            return
+        self._monitor.set_paused(False)
+        compressed_all = bool(self._value("compressed"))
+        for i, topic in enumerate(self._topics):
+            is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
+            msg_type = CompressedImage if is_compressed else Image
+            self._subs.append(self.create_subscription(
+                msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), self._camera_qos,
+                callback_group=MutuallyExclusiveCallbackGroup()))
+
+    def _unsubscribe(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            self.destroy_subscription(sub)
+        self._monitor.set_paused(True)
+
+    def _check_demand(self) -> None:
+        """``lazy``: subscribe to the cameras while ``features`` or ``caption`` has a subscriber."""
+        if not self._active:
+            return
+        wanted = sum(self.count_subscribers(t) for t in self._demand_topics) > 0
+        if wanted and not self._subs:
+            self._subscribe()
+            self.get_logger().info("a subscriber appeared: subscribed to the cameras")
+        elif not wanted and self._subs:
+            self._unsubscribe()
+            self.get_logger().info("no subscriber left: unsubscribed from the cameras")
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the node is subscribed to its cameras now."""
+        return bool(self._subs)
 
     # ------------------------------------------------------------------------- parameters
     def _declare(self, name: str, default: Any, ptype: int, description: str, *, read_only: bool = True,
-                 constraints: str = "") -> None:
-        self.declare_parameter(name, default, ParameterDescriptor(
+                 constraints: str = "", bounds: Optional[Tuple[float, float]] = None) -> None:
+        """Declare one parameter; ``bounds`` become its integer_range / floating_point_range
+        (rqt_reconfigure's sliders; rclpy refuses values outside them)."""
+        descriptor = ParameterDescriptor(
             name=name, type=ptype, description=description, read_only=read_only,
-            additional_constraints=constraints, dynamic_typing=(ptype == _DOUBLE)))
+            additional_constraints=constraints, dynamic_typing=(ptype == _DOUBLE))
+        if bounds is not None and ptype == _INT:
+            descriptor.integer_range = [IntegerRange(from_value=int(bounds[0]), to_value=int(bounds[1]), step=1)]
+        elif bounds is not None and ptype == _DOUBLE:
+            descriptor.floating_point_range = [
+                FloatingPointRange(from_value=float(bounds[0]), to_value=float(bounds[1]), step=0.0)]
+        try:
+            self.declare_parameter(name, default, descriptor)
+        except InvalidParameterValueException as exc:
+            raise ValueError(f"parameter {name}: {exc}") from None
 
     def _declare_parameters(self) -> None:
         d = self._declare
@@ -172,43 +359,79 @@ class QvlNode(Node):
         d("camera_names", default_camera_names(topics), _STRINGS,
           "Camera names used in messages and diagnostics, parallel to camera_topics (default: from the topics).")
         d("compressed", False, _BOOL, "Subscribe to every camera as sensor_msgs/CompressedImage.")
-        d("sync.slop", 0.03, _DOUBLE, "Largest stamp spread within one synchronized set (s).", constraints=">= 0")
-        d("sync.queue_size", 10, _INT, "Frames kept per camera while waiting for a set.", constraints=">= 1")
+        d("sync.slop", 0.03, _DOUBLE, "Largest stamp spread within one synchronized set (s).", constraints=">= 0",
+          bounds=(0.0, 10.0))
+        d("sync.queue_size", 10, _INT, "Frames kept per camera while waiting for a set.", constraints=">= 1",
+          bounds=(1, 1000))
+        d("sync.policy", "approximate_time", _STRING,
+          "Set choice: approximate_time (message_filters' ApproximateTime: tightest sets) or max_sets "
+          "(earliest in-slop set: the most sets).", constraints="approximate_time | max_sets")
+        d("sync.reorder_tolerance", 0.0, _DOUBLE,
+          "How far back (s) a camera's stamps may arrive out of order; 0 = in order.", constraints=">= 0",
+          bounds=(0.0, 10.0))
         d("sync.stamp_source", "header", _STRING,
           "Frame time: header stamp, arrival time, or auto (header stamp, arrival time when it is zero).",
           constraints="header | arrival | auto")
         d("sync.reset_threshold", 1.0, _DOUBLE,
-          "A camera stamp going back by more than this (s) resets the synchronizer (bag loop).", constraints="> 0")
-        d("batch.max_size", 4, _INT, "Most synchronized sets per model call.", read_only=False, constraints=">= 1")
+          "A camera stamp going back by more than this (s) resets the synchronizer (bag loop).", constraints="> 0",
+          bounds=(0.001, 3600.0))
+        d("batch.max_size", 4, _INT, "Most synchronized sets per model call.", read_only=False, constraints=">= 1",
+          bounds=(1, 256))
         d("batch.max_wait_ms", 10.0, _DOUBLE,
-          "How long the oldest waiting set may wait for a batch to fill (ms).", read_only=False, constraints=">= 0")
+          "How long the oldest waiting set may wait for a batch to fill (ms).", read_only=False, constraints=">= 0",
+          bounds=(0.0, 10000.0))
         d("batch.queue_depth", 8, _INT,
-          "Sets waiting for the model; when full the oldest is dropped.", constraints=">= 1")
+          "Sets waiting for the model; when full the oldest is dropped.", constraints=">= 1", bounds=(1, 1024))
+        d("max_rate", 0.0, _DOUBLE, "Most sets per second given to the model (node clock); the rest are dropped "
+          "and counted. 0 = no cap.", read_only=False, constraints=">= 0", bounds=(0.0, 1000.0))
+        d("lazy", False, _BOOL, "Subscribe to the cameras only while features or caption has a subscriber.")
+        d("ask.queue_depth", 4, _INT, "Questions (~/ask) that may wait for the model; more are refused.",
+          constraints=">= 1", bounds=(1, 64))
         d("model.path", "", _STRING,
           "Checkpoint directory or cached Hugging Face id; empty = the bundled tiny model (created on first use).")
         d("model.device", "auto", _STRING, "auto | cpu | cuda | cuda:K")
         d("model.dtype", "auto", _STRING, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
         d("model.min_pixels", 0, _INT, "Resize lower bound in pixels per image; 0 = the checkpoint's.",
-          constraints=">= 0")
+          constraints=">= 0", bounds=(0, 1 << 30))
         d("model.max_pixels", 0, _INT, "Resize upper bound in pixels per image; 0 = the checkpoint's.",
-          constraints=">= 0")
+          constraints=">= 0", bounds=(0, 1 << 30))
+        d("model.warmup", True, _BOOL, "Run the model once on black frames when configuring.")
         d("prompt", "Describe the scene.", _STRING, "Text given to the model with the images of each set.",
           read_only=False)
         d("features", ["vision", "hidden"], _STRINGS, "Tensors to publish: vision (per camera), hidden (decoder).",
           read_only=False, constraints="non-empty subset of [vision, hidden]")
         d("frame_id", "", _STRING, "header.frame_id of the output messages.", read_only=False)
         d("caption.enabled", False, _BOOL, "Also generate and publish a caption per set.", read_only=False)
-        d("caption.max_new_tokens", 32, _INT, "Longest caption in tokens.", read_only=False, constraints=">= 1")
+        d("caption.max_new_tokens", 32, _INT, "Longest caption (and default ~/ask answer) in tokens.",
+          read_only=False, constraints=">= 1", bounds=(1, 4096))
         d("qos.reliability", "best_effort", _STRING, "Reliability of the camera subscriptions.",
           constraints="best_effort | reliable")
-        d("qos.depth", 5, _INT, "History depth of the camera subscriptions.", constraints=">= 1")
-        d("diagnostics.period", 1.0, _DOUBLE, "Period of /diagnostics (s).", constraints="> 0")
+        d("qos.depth", 5, _INT, "History depth of the camera subscriptions.", constraints=">= 1", bounds=(1, 1000))
+        d("diagnostics.period", 1.0, _DOUBLE, "Period of /diagnostics (s).", constraints="> 0",
+          bounds=(0.001, 3600.0))
         d("diagnostics.stale_after", 2.0, _DOUBLE, "A camera without a valid frame for this long is stale (s).",
-          read_only=False, constraints="> 0")
+          read_only=False, constraints="> 0", bounds=(0.001, 3600.0))
+        d("diagnostics.hardware_id", "", _STRING,
+          "hardware_id of the pipeline status; empty = the model device (e.g. cuda:0 NVIDIA H200).")
+        d("diagnostics.expected_rates", [0.0], _DOUBLES,
+          "Expected frame rate per camera (Hz), one value for all or one per camera; 0 = not checked.",
+          constraints="each >= 0")
+        d("diagnostics.rate_tolerance", 0.1, _DOUBLE,
+          "Relative tolerance of the expected rates (FrequencyStatus' tolerance).", constraints="0..1",
+          bounds=(0.0, 1.0))
+        d("diagnostics.window", 5.0, _DOUBLE, "Window of the rates and of the drop check (s).", constraints="> 0",
+          bounds=(0.1, 600.0))
+        d("diagnostics.no_set_after", 3.0, _DOUBLE,
+          "ERROR when every camera delivers but no set was made for this long (s).", constraints="> 0",
+          bounds=(0.001, 3600.0))
+        d("diagnostics.drop_warn_fraction", 0.2, _DOUBLE,
+          "WARN when more than this fraction of frames or sets was dropped over the window.",
+          constraints="0..1", bounds=(0.0, 1.0))
         d("log_throttle", 5.0, _DOUBLE, "At most one log line per camera and error kind per this period (s).",
-          constraints=">= 0")
+          constraints=">= 0", bounds=(0.0, 3600.0))
         for name in ("sync.slop", "sync.reset_threshold", "batch.max_wait_ms", "diagnostics.period",
-                     "diagnostics.stale_after", "log_throttle"):
+                     "diagnostics.stale_after", "log_throttle", "sync.reorder_tolerance", "max_rate",
+                     "diagnostics.window", "diagnostics.no_set_after"):
             self._check_number(name, self.get_parameter(name).value)
         for name in ("sync.queue_size", "batch.max_size", "batch.queue_depth", "caption.max_new_tokens",
                      "qos.depth"):
@@ -222,7 +445,8 @@ class QvlNode(Node):
     def _check_number(name: str, value: Any) -> Optional[str]:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ValueError(f"parameter {name} must be a number, got {value!r}")
-        lower_open = name in ("sync.reset_threshold", "diagnostics.period", "diagnostics.stale_after")
+        lower_open = name in ("sync.reset_threshold", "diagnostics.period", "diagnostics.stale_after",
+                              "diagnostics.window", "diagnostics.no_set_after")
         if value < 0 or (lower_open and value == 0):
             raise ValueError(f"parameter {name} must be {'> 0' if lower_open else '>= 0'}, got {value}")
         return None
@@ -230,7 +454,7 @@ class QvlNode(Node):
     def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
         try:
             for p in params:
-                if p.name in ("batch.max_wait_ms", "diagnostics.stale_after"):
+                if p.name in ("batch.max_wait_ms", "diagnostics.stale_after", "max_rate"):
                     self._check_number(p.name, p.value)
                 elif p.name in ("batch.max_size", "caption.max_new_tokens") and int(p.value) < 1:
                     raise ValueError(f"{p.name} must be >= 1")
@@ -240,7 +464,25 @@ class QvlNode(Node):
             return SetParametersResult(successful=False, reason=str(exc))
         return SetParametersResult(successful=True)
 
+    def _add_parameter_callbacks(self) -> None:
+        """Validation before a change, application after it. ``add_post_set_parameters_callback``
+        arrived in Iron (rclpy 5); on Humble the accepted values are applied from the
+        validation callback, once every parameter of the request has passed."""
+        if hasattr(self, "add_post_set_parameters_callback"):
+            self.add_on_set_parameters_callback(self._validate_parameters)
+            self.add_post_set_parameters_callback(self._apply_parameters)
+        else:
+            self.add_on_set_parameters_callback(self._validate_and_apply_parameters)
+
+    def _validate_and_apply_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        result = self._validate_parameters(params)
+        if result.successful:
+            self._apply_parameters(params)
+        return result
+
     def _apply_parameters(self, params: List[Parameter]) -> None:
+        if not self._configured:
+            return  # read again when configuring
         for p in params:
             if p.name == "batch.max_size":
                 self._batcher.configure(max_size=int(p.value))
@@ -248,6 +490,9 @@ class QvlNode(Node):
                 self._batcher.configure(max_wait_ms=float(p.value))
             elif p.name == "diagnostics.stale_after":
                 self._monitor.stale_after_s = float(p.value)
+            elif p.name == "max_rate":
+                with self._lock:
+                    self._rate.configure(float(p.value))
 
     def _load_model(self):
         import torch
@@ -285,10 +530,17 @@ class QvlNode(Node):
             self._invalid_frame(index, str(exc) or type(exc).__name__)
             return
         stamp = self._frame_stamp(msg, arrival_ns)
-        self._monitor.frame_valid(index, (h, w))
+        self._monitor.frame_valid(index, (h, w), frame_id=str(msg.header.frame_id))
         with self._lock:
-            for sync_set in self._sync.add(index, stamp, frame):
-                self._batcher.put(sync_set)
+            sets = self._sync.add(index, stamp, Frame(frame, msg.header))
+            self._monitor.frames_dropped(self._sync.drops)
+            for sync_set in sets:
+                self._latest = sync_set
+                self._monitor.set_made()
+                if self._rate.admit(arrival_ns):
+                    self._batcher.put(sync_set)
+                else:
+                    self._monitor.sets_dropped("rate_limit")
 
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
@@ -310,6 +562,7 @@ class QvlNode(Node):
     def _run_batch(self, sets: List[SyncSet]) -> None:
         """Batcher worker: one model call for all sets, then one message (pair) per set."""
         settings = self._batch_settings()
+        settings["epoch"] = self._epoch
         t0 = time.perf_counter()
         try:
             results = self._infer(sets, settings)
@@ -336,27 +589,75 @@ class QvlNode(Node):
         }
 
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
-        images = [list(s.items) for s in sets]
+        images = [[f.image for f in s.items] for s in sets]
         prompts = [settings["prompt"]] * len(sets)
         if settings["caption"]:
             return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"])
         return self.model.encode(images, prompts), None
 
     def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
+        """One message (pair) per set. Sets of an older timeline (time went back while they ran)
+        or finished after deactivation are dropped and counted; a failing publish is counted as
+        ``publish_error`` (silently while the context shuts down), never as a model failure."""
         features, texts = results
         for b, s in enumerate(sets):
+            reason = self._publish_drop_reason(settings)
+            if reason is not None:
+                self._monitor.sets_dropped(reason)
+                continue
             stamps = list(s.stamps)
-            msg = vision_features_msg(features, b, self._names, stamps, settings["kinds"], self._model_name,
-                                      settings["prompt"], settings["frame_id"])
-            self._features_pub.publish(msg)
-            if texts is not None:
-                self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
-                                                      settings["prompt"], settings["frame_id"]))
+            inputs = self._camera_inputs(s)
+            try:
+                msg = vision_features_msg(features, b, self._names, stamps, settings["kinds"], self._model_name,
+                                          settings["prompt"], settings["frame_id"], inputs=inputs,
+                                          image_token_id=self._image_token_id())
+                self._features_pub.publish(msg)
+                if texts is not None:
+                    self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
+                                                          settings["prompt"], settings["frame_id"], inputs=inputs))
+            except Exception as exc:
+                self._publish_failed(exc)
+                continue
             latency_s = (self.get_clock().now().nanoseconds - s.stamp) * 1e-9
             self._monitor.set_published(latency_s)
 
+    def _publish_drop_reason(self, settings: dict) -> Optional[str]:
+        if not self.context.ok():
+            return "shutdown"
+        if settings["epoch"] != self._epoch:
+            return "time_reset"
+        if not self._active:
+            return "inactive"
+        return None
+
+    def _publish_failed(self, exc: BaseException) -> None:
+        if not self.context.ok():
+            self._monitor.sets_dropped("shutdown")
+            return
+        self._monitor.sets_dropped("publish_error")
+        suppressed = self._log_throttle.check(("publish", type(exc).__name__))
+        if suppressed is not None:
+            self.get_logger().warning(f"publishing a set failed: {type(exc).__name__}: {exc}")
+
+    def _camera_inputs(self, s: SyncSet) -> list:
+        """CameraInput messages of a set: input headers, model input size and vision grid."""
+        geometry = []
+        for f in s.items:
+            hw = (int(f.image.shape[1]), int(f.image.shape[2]))
+            if hw not in self._geometry:
+                self._geometry[hw] = input_geometry(self.model, *hw)
+            geometry.append(self._geometry[hw])
+        return camera_input_msgs([f.header for f in s.items], geometry)
+
+    def _image_token_id(self) -> Optional[int]:
+        cfg = getattr(self.model, "cfg", None)
+        return getattr(cfg, "image_token_id", None)
+
     def _on_model_error(self, sets: List[SyncSet], exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
+        if not self.context.ok():  # shutting down: nothing to report
+            self._monitor.sets_dropped("shutdown", len(sets))
+            return
         self._monitor.model_error(len(sets), reason)
         stamps = "; ".join(_stamps_text(s.stamps) for s in sets)
         self.get_logger().error(f"model failed on {len(sets)} set(s) with camera stamps {stamps}: {reason}")
@@ -368,15 +669,23 @@ class QvlNode(Node):
             return
         with self._lock:
             self._sync.reset()
+            self._latest = None
+            self._epoch += 1
+            self._rate.configure(self._rate.max_rate)
+            dropped = self._batcher.clear("time_reset")
+        self._monitor.sets_dropped("time_reset", dropped)
         self._monitor.clear_latency()
         what = "went back" if backwards else "changed source"
-        self.get_logger().info(f"time {what} ({jump.delta.nanoseconds * 1e-9:+.3f} s): synchronizer reset")
+        self.get_logger().info(f"time {what} ({jump.delta.nanoseconds * 1e-9:+.3f} s): synchronizer reset, "
+                               f"{dropped} queued set(s) of the old timeline dropped")
 
     def _publish_diagnostics(self) -> None:
         try:
             statuses = self._monitor.statuses(
                 self.get_fully_qualified_name(), self._sync.stats(), self._batcher.stats(),
-                extra=[("model", self._model_name), ("device", str(self._device))])
+                extra=[("model", self._model_name), ("device", str(self._device)),
+                       ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower())])
+            self._log_no_set(statuses[0])
             stale = set(self._monitor.stale_cameras())
             for name in sorted(stale - self._stale_reported):
                 self.get_logger().warning(f"camera {name} is stale (no valid frame for "
@@ -384,9 +693,39 @@ class QvlNode(Node):
             for name in sorted(self._stale_reported - stale):
                 self.get_logger().info(f"camera {name} is back")
             self._stale_reported = stale
-            self._diag_pub.publish(to_diagnostic_array(statuses, self.get_clock().now().to_msg()))
+            self._diag_pub.publish(to_diagnostic_array(statuses, self.get_clock().now().to_msg(),
+                                                       hardware_ids=self._hardware_ids()))
         except Exception as exc:  # diagnostics must never take the node down
-            self.get_logger().error(f"diagnostics failed: {type(exc).__name__}: {exc}")
+            if self.context.ok():
+                self.get_logger().error(f"diagnostics failed: {type(exc).__name__}: {exc}")
+
+    def _hardware_ids(self) -> List[str]:
+        """Pipeline: the model device (or diagnostics.hardware_id); cameras: their frame_id."""
+        cams = self._monitor.snapshot()["cameras"]
+        return [self._hardware_id] + [c["frame_id"] or c["topic"] for c in cams]
+
+    def _log_no_set(self, summary) -> None:
+        """The no-set ERROR goes to the log too, at most once per log_throttle."""
+        level, _, message, _ = summary
+        if level == ERROR and self._monitor.no_set_problem() is not None:
+            if self._log_throttle.check(("no_set",)) is not None:
+                self.get_logger().error(message)
+
+    # ------------------------------------------------------------------------- ~/ask
+    def _newest_set(self):
+        with self._lock:
+            latest = self._latest if self._active else None
+        if latest is None:
+            return None
+        return latest, [f.header for f in latest.items]
+
+    def _why_no_set(self) -> str:
+        if not self._active:
+            return "the node is not active"
+        if not self._subs:
+            return "lazy: nobody subscribes to features or caption, so the cameras are not subscribed"
+        received = ", ".join(f"{c['name']} {c['received']}" for c in self._monitor.snapshot()["cameras"])
+        return f"the synchronizer has made no set yet (frames received: {received})"
 
     # ------------------------------------------------------------------------- introspection
     @property
@@ -404,12 +743,76 @@ class QvlNode(Node):
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         return self._batcher.wait_idle(timeout)
 
+    @property
+    def ask_server(self) -> "AskServer":
+        return self._ask
+
     def destroy_node(self) -> None:
         """Stop the worker (the batch in flight finishes, queued sets are discarded), then the node."""
-        batcher = getattr(self, "_batcher", None)
-        if batcher is not None:
-            batcher.stop(drain=False, timeout=30.0)
+        self._active = False
+        self._cleanup()
         super().destroy_node()
+
+
+class QvlNode(QvlPipeline, Node):
+    """The ``qvl_node`` node, configured and active from construction. ``model``: an already
+    loaded ``BatchedQwenVL`` to use instead of loading ``model.path`` (tests and embedding
+    applications); other keyword arguments go to ``rclpy.node.Node`` (``context``,
+    ``namespace``, ``parameter_overrides``, ...)."""
+
+    def __init__(self, *, model: Any = None, node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
+        super().__init__(node_name, **node_kwargs)
+        self._read_config()
+        self._configure(model)
+        self._activate()
+        self._log_ready()
+
+
+class QvlLifecycleNode(QvlPipeline, LifecycleNode):
+    """``qvl_node`` as a managed (lifecycle) node: construction only declares the parameters;
+    ``configure`` loads and warms up the model, ``activate`` subscribes and publishes,
+    ``deactivate`` stops and drops the queued sets, ``cleanup`` frees the model. Transitions
+    come from the ``~/change_state`` service (``ros2 lifecycle set``, launch) or trigger_*()."""
+
+    def __init__(self, *, model: Any = None, node_name: str = NODE_NAME, **node_kwargs: Any) -> None:
+        super().__init__(node_name, **node_kwargs)
+        self._given_model = model
+        self._read_config()
+
+    def on_configure(self, state) -> TransitionCallbackReturn:
+        try:
+            self._configure(self._given_model)
+        except Exception as exc:
+            self.get_logger().error(f"configure failed: {type(exc).__name__}: {exc}")
+            self._cleanup()
+            return TransitionCallbackReturn.FAILURE
+        self._log_ready()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_activate(self, state) -> TransitionCallbackReturn:
+        self._activate()
+        return super().on_activate(state)
+
+    def on_deactivate(self, state) -> TransitionCallbackReturn:
+        self._deactivate()
+        return super().on_deactivate(state)
+
+    def on_cleanup(self, state) -> TransitionCallbackReturn:
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_shutdown(self, state) -> TransitionCallbackReturn:
+        if self._active:
+            self._deactivate()
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
+    def on_error(self, state) -> TransitionCallbackReturn:
+        if self._active:
+            self._deactivate()
+        self._cleanup()
+        return TransitionCallbackReturn.SUCCESS
+
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -418,11 +821,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     tune_cpu_allocator()  # before the model thread allocates (see its docstring)
     args = list(sys.argv if argv is None else argv)
+    from rclpy.utilities import remove_ros_args
+
+    parser = argparse.ArgumentParser(prog="qvl_node", description="Batched Qwen-VL features from synchronized cameras.")
+    parser.add_argument("--managed", action="store_true",
+                        help="start as a lifecycle node (unconfigured; configure/activate through ~/change_state)")
+    options = parser.parse_args(remove_ros_args(args)[1:])
     rclpy.init(args=args)
     node = None
     code = 0
     try:
-        node = QvlNode()
+        node = QvlLifecycleNode() if options.managed else QvlNode()
         executor = SingleThreadedExecutor()  # see the module doc
         executor.add_node(node)
         try:
@@ -432,12 +841,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
-        msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
-        if node is not None:
-            node.get_logger().fatal(msg)
-        else:
-            print(msg, file=sys.stderr)
-        code = 1
+        if node is None or rclpy.ok():  # else a signal shut the context down under a callback
+            msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
+            if node is not None:
+                node.get_logger().fatal(msg)
+            else:
+                print(msg, file=sys.stderr)
+            code = 1
     finally:
         if node is not None:
             node.destroy_node()

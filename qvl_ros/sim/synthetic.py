@@ -15,7 +15,8 @@ as ``sensor_msgs/Image``, or jpeg/png as ``sensor_msgs/CompressedImage`` (a topi
 Parameters (all read-only): ``topics`` (string[]), ``encodings`` (string[], cycled over the
 cameras), ``sizes`` (string[] of ``WIDTHxHEIGHT``, cycled; empty = ``width`` x ``height``),
 ``width``, ``height``, ``rate`` (Hz; 0 = no timer, call :meth:`SyntheticCameras.publish_tick`),
-``jitter_ms``, ``seed``, ``jpeg_quality``, ``qos.reliability`` (best_effort | reliable).
+``jitter_ms``, ``offsets_ms`` (constant stamp offset per camera, cycled: a skewed clock),
+``seed``, ``jpeg_quality``, ``qos.reliability`` (best_effort | reliable).
 
 For tests and demos the class also offers ``on_publish(index, msg)`` (called for every published
 message), :meth:`~SyntheticCameras.set_enabled` (stop/resume a camera) and
@@ -165,6 +166,9 @@ class SyntheticCameras(Node):
         rate = float(declare("rate", 10.0, T.PARAMETER_DOUBLE, "Frames per second per camera; 0 = manual ticks."))
         self.jitter_ns = int(round(float(declare("jitter_ms", 5.0, T.PARAMETER_DOUBLE,
                                                  "Uniform stamp jitter per frame, +-ms.")) * 1e6))
+        self.offsets_ns = [int(round(float(x) * 1e6)) for x in declare(
+            "offsets_ms", [0.0], T.PARAMETER_DOUBLE_ARRAY,
+            "Constant stamp offset per camera (cycled), ms: a camera whose clock is off.")]
         seed = int(declare("seed", 0, T.PARAMETER_INTEGER, "Seed of the stamp jitter."))
         self.jpeg_quality = int(declare("jpeg_quality", 90, T.PARAMETER_INTEGER, "JPEG quality (1-100)."))
         reliability = str(declare("qos.reliability", "best_effort", T.PARAMETER_STRING,
@@ -254,7 +258,10 @@ class SyntheticCameras(Node):
         for i, pub in enumerate(self._pubs):
             if not enabled[i]:
                 continue
-            msg = self.make_message(i, tick, max(0, now + int(jitter[i])))
+            offset = self.offsets_ns[i % len(self.offsets_ns)] if self.offsets_ns else 0
+            msg = self.make_message(i, tick, max(0, now + int(jitter[i]) + offset))
+            if not self.context.ok():  # SIGINT/SIGTERM shut the context down: stop quietly
+                return
             pub.publish(msg)
             if self.on_publish is not None:
                 self.on_publish(i, msg)
@@ -325,6 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
+    except Exception:
+        if rclpy.ok():
+            raise
+        # SIGTERM/SIGINT shut the context down while a tick was publishing: a clean exit.
     finally:
         if node is not None:
             node.destroy_node()
