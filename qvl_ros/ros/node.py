@@ -63,13 +63,15 @@ from .feature_msgs import Frame, camera_input_msgs, caption_msg, check_kinds, in
 from ..model.checkpoint import resolve_checkpoint
 from ..model.model import DTYPES
 from ..model.processor import MIN_SIDE, image_size_problem
-from ..core.synchronizer import SyncSet, Synchronizer
+from ..core.synchronizer import SyncSet, Synchronizer, default_slop_ns
 from ..core.topics import camera_names as default_camera_names
 
 __all__ = ["QvlNode", "QvlLifecycleNode", "QvlPipeline", "main", "default_camera_names"]
 
 NODE_NAME = "qvl_node"
 LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
+AUTO_SLOP = -1.0         # sync.slop default: derived from the expected frame rates
+ASSUMED_RATE_HZ = 10.0   # the slowest camera rate assumed when no expected rate is set
 
 _STRING, _STRINGS = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_STRING_ARRAY
 _INT, _DOUBLE, _BOOL = ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
@@ -163,11 +165,19 @@ class QvlPipeline:
         self._create_outputs()
         self._configured = True
 
+    def _slop_ns(self) -> int:
+        """sync.slop in ns; the default (-1) derives it from the cameras' expected rates."""
+        slop = float(self._value("sync.slop"))
+        if slop == AUTO_SLOP:
+            known = [r for r in self._expected_rates if r > 0]
+            return default_slop_ns([min(known)] if known else [ASSUMED_RATE_HZ])
+        return int(round(slop * 1e9))
+
     def _create_components(self) -> None:
         v = self._value
         self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
-        self._sync = Synchronizer(len(self._topics), int(round(float(v("sync.slop")) * 1e9)),
-                                  int(v("sync.queue_size")), **self._sync_options())
+        self._sync = Synchronizer(len(self._topics), self._slop_ns(), int(v("sync.queue_size")),
+                                  **self._sync_options())
         self._batcher: Batcher[SyncSet] = Batcher(
             self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
             queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker",
@@ -359,8 +369,10 @@ class QvlPipeline:
         d("camera_names", default_camera_names(topics), _STRINGS,
           "Camera names used in messages and diagnostics, parallel to camera_topics (default: from the topics).")
         d("compressed", False, _BOOL, "Subscribe to every camera as sensor_msgs/CompressedImage.")
-        d("sync.slop", 0.03, _DOUBLE, "Largest stamp spread within one synchronized set (s).", constraints=">= 0",
-          bounds=(0.0, 10.0))
+        d("sync.slop", AUTO_SLOP, _DOUBLE,
+          "Largest stamp spread within one synchronized set (s); -1 = a third of the slowest expected frame "
+          "period (diagnostics.expected_rates; 10 Hz where none is set).", constraints="-1 or >= 0",
+          bounds=(AUTO_SLOP, 10.0))
         d("sync.queue_size", 10, _INT, "Frames kept per camera while waiting for a set.", constraints=">= 1",
           bounds=(1, 1000))
         d("sync.policy", "approximate_time", _STRING,
@@ -429,7 +441,9 @@ class QvlPipeline:
           constraints="0..1", bounds=(0.0, 1.0))
         d("log_throttle", 5.0, _DOUBLE, "At most one log line per camera and error kind per this period (s).",
           constraints=">= 0", bounds=(0.0, 3600.0))
-        for name in ("sync.slop", "sync.reset_threshold", "batch.max_wait_ms", "diagnostics.period",
+        if self.get_parameter("sync.slop").value != AUTO_SLOP:
+            self._check_number("sync.slop", self.get_parameter("sync.slop").value)
+        for name in ("sync.reset_threshold", "batch.max_wait_ms", "diagnostics.period",
                      "diagnostics.stale_after", "log_throttle", "sync.reorder_tolerance", "max_rate",
                      "diagnostics.window", "diagnostics.no_set_after"):
             self._check_number(name, self.get_parameter(name).value)
