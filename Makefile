@@ -12,7 +12,7 @@ demo: setup
 	$(RUN) python -m qvl_ros.demo
 
 test: setup
-	$(RUN) python -m pytest -q test
+	$(RUN) env QVL_REQUIRE_ROS=1 python -m pytest -q -rs test
 
 bench: setup
 	$(RUN) python bench/run.py

@@ -14,11 +14,11 @@ setup(
     extras_require={"ros": ["opencv-python-headless", "rosbags"]},
     entry_points={
         "console_scripts": [
-            "qvl-demo = qvl_ros.demo:main",
-            "qvl_node = qvl_ros.node:main",
-            "qvl-synthetic-cameras = qvl_ros.synthetic:main",
-            "qvl-listener = qvl_ros.listener:main",
-            "qvl-ros = qvl_ros.cli:main",
+            "qvl-demo = qvl_ros.sim.demo:main",
+            "qvl_node = qvl_ros.ros.node:main",
+            "qvl-synthetic-cameras = qvl_ros.sim.synthetic:main",
+            "qvl-listener = qvl_ros.ros.listener:main",
+            "qvl-ros = qvl_ros.offline.cli:main",
         ]
     },
 )

@@ -36,10 +36,10 @@ sys.path.insert(0, str(ROOT))
 
 from bench.memory import peak_mb  # noqa: E402
 from qvl_ros import extract as ex  # noqa: E402
-from qvl_ros.bag_io import CameraBags  # noqa: E402
-from qvl_ros.conversion import msg_to_tensor  # noqa: E402
+from qvl_ros.offline.bag_io import CameraBags  # noqa: E402
+from qvl_ros.core.conversion import msg_to_tensor  # noqa: E402
 from qvl_ros.model import PRESETS, BatchedQwenVL, default_tiny_checkpoint, save_tiny_checkpoint  # noqa: E402
-from qvl_ros.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
+from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
 
 TOPICS = ["/front/image_raw", "/left/image_raw", "/right/image_raw/compressed"]
 PROMPT = "Describe the scene."

@@ -5,7 +5,7 @@
 
 Setup, one fresh process per malloc mode (the mode must be set before torch allocates):
   model    the "small" benchmark config (DESIGN.md), random weights, float32, CPU;
-  cameras  `python -m qvl_ros.synthetic` in a separate process (same ROS_DOMAIN_ID, localhost
+  cameras  `python -m qvl_ros.sim.synthetic` in a separate process (same ROS_DOMAIN_ID, localhost
            discovery): 3 cameras of 448x448 rgb8 (multiples of 28, so no resize), no stamp
            jitter, reliable QoS; the node subscribes reliably as well, so no frame is lost
            between the processes; Fast DDS over shared memory with segments that hold a frame
@@ -139,7 +139,7 @@ def _die_with_parent() -> None:
 
 
 def _pct(values, q):
-    from qvl_ros.diagnostics import percentile
+    from qvl_ros.core.diagnostics import percentile
 
     return percentile(sorted(values), q)
 
@@ -362,7 +362,7 @@ class _Counter:
 
 
 class CameraProcess:
-    """`python -m qvl_ros.synthetic` in its own process; pause/resume by SIGSTOP/SIGCONT."""
+    """`python -m qvl_ros.sim.synthetic` in its own process; pause/resume by SIGSTOP/SIGCONT."""
 
     def __init__(self, namespace: str, rate: float):
         cmd = [sys.executable, "-m", "qvl_ros.synthetic", "--cameras", str(CAMERAS), "--size", f"{SIZE}x{SIZE}",
@@ -416,8 +416,8 @@ def _frames(device):
     """BATCH sets of CAMERAS frames: synthetic rgb8 messages converted as the node converts them."""
     from sensor_msgs.msg import Image
 
-    from qvl_ros.conversion import msg_to_tensor
-    from qvl_ros.synthetic import encode_image, render_frame
+    from qvl_ros.core.conversion import msg_to_tensor
+    from qvl_ros.sim.synthetic import encode_image, render_frame
 
     sets = []
     for tick in range(BATCH):
@@ -519,7 +519,7 @@ def _measure(quick, malloc, threads, ns, slow_cams, t_start, load) -> dict:
 
     from bench.memory import process_peak_mb, reset_peak
     from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint
-    from qvl_ros.node import QvlNode
+    from qvl_ros.ros.node import QvlNode
 
     if threads:
         torch.set_num_threads(int(threads))

@@ -1,10 +1,10 @@
-"""qvl_ros.batcher: batch forming, fill wait, drop-oldest bound, errors, shutdown, load."""
+"""qvl_ros.core.batcher: batch forming, fill wait, drop-oldest bound, errors, shutdown, load."""
 import threading
 import time
 
 import pytest
 
-from qvl_ros.batcher import Batcher
+from qvl_ros.core.batcher import Batcher
 
 
 class Recorder:
@@ -45,31 +45,55 @@ def test_batches_in_order_and_at_most_max_size():
     assert s["drops"] == {"queue_full": 0, "error": 0, "shutdown": 0}
 
 
+class FakeClock:
+    """Injected time source: seconds that move only when the test says so."""
+
+    def __init__(self):
+        self.t = 0.0
+
+    def __call__(self):
+        return self.t
+
+
+def _timed_recorder(clock):
+    """A run function recording (clock time at the call, items)."""
+    seen = []
+    return seen, (lambda items: seen.append((clock(), list(items))))
+
+
+def _move(b, clock, t):
+    """Set the injected clock to ``t`` and wait until the worker has looked at it."""
+    clock.t = t
+    b.wake()
+    assert b.wait_for(lambda s: s["state"] != "filling" or s["fill_checked_at"] == t, 5)
+
+
 def test_waits_at_most_max_wait_for_a_batch_to_fill():
-    rec = Recorder()
-    b = Batcher(rec, max_size=4, max_wait_ms=150, queue_depth=8).start()
-    t0 = time.monotonic()
+    clock = FakeClock()
+    seen, run = _timed_recorder(clock)
+    b = Batcher(run, max_size=4, max_wait_ms=150, queue_depth=8, clock=clock).start()
     b.put("a")
-    time.sleep(0.05)
+    assert b.wait_for(lambda s: s["state"] == "filling" and s["fill_checked_at"] == 0.0, 5)
+    clock.t = 0.05
     b.put("b")
+    assert b.wait_for(lambda s: s["fill_checked_at"] == 0.05, 5)
+    _move(b, clock, 0.149)
+    assert seen == [] and b.stats()["state"] == "filling"  # not before the oldest waited 150 ms
+    _move(b, clock, 0.15)
     assert b.wait_idle(5)
-    elapsed = time.monotonic() - t0
     b.stop()
-    # One batch of both, run once the oldest item had waited max_wait (not earlier, not much later).
-    assert rec.batches == [["a", "b"]]
-    assert 0.14 <= elapsed < 0.6
+    assert seen == [(0.15, ["a", "b"])]  # one batch of both, exactly when max_wait ran out
 
 
 def test_full_batch_runs_without_waiting():
-    rec = Recorder()
-    b = Batcher(rec, max_size=2, max_wait_ms=5000, queue_depth=8).start()
-    t0 = time.monotonic()
+    clock = FakeClock()  # never moves: only a full batch can run
+    seen, run = _timed_recorder(clock)
+    b = Batcher(run, max_size=2, max_wait_ms=5000, queue_depth=8, clock=clock).start()
     b.put(1)
     b.put(2)
     assert b.wait_idle(5)
     b.stop()
-    assert time.monotonic() - t0 < 1.0
-    assert rec.batches == [[1, 2]]
+    assert seen == [(0.0, [1, 2])]
 
 
 def test_zero_wait_takes_what_is_there():
@@ -82,19 +106,25 @@ def test_zero_wait_takes_what_is_there():
 
 
 def test_item_that_waited_while_busy_is_not_held_again():
+    clock = FakeClock()
     hold = threading.Event()
-    rec = Recorder(hold=hold)
-    b = Batcher(rec, max_size=4, max_wait_ms=300, queue_depth=8).start()
+    seen = []
+
+    def run(items):
+        seen.append((clock(), list(items)))
+        if items == ["first"]:
+            hold.wait(5)
+
+    b = Batcher(run, max_size=4, max_wait_ms=300, queue_depth=8, clock=clock).start()
     b.put("first")
-    time.sleep(0.35)  # "first" runs after its 300 ms wait and blocks on `hold`
+    _move(b, clock, 0.3)  # "first" runs after its 300 ms wait and blocks on `hold`
+    assert b.wait_for(lambda s: s["state"] == "running", 5)
     b.put("second")
-    time.sleep(0.4)   # "second" is now older than max_wait
-    t0 = time.monotonic()
+    clock.t = 0.7         # "second" is now older than max_wait; the clock stays here
     hold.set()
-    assert b.wait_idle(5)
+    assert b.wait_idle(5)  # would never finish if "second" waited for the clock again
     b.stop()
-    assert time.monotonic() - t0 < 0.2
-    assert rec.batches == [["first"], ["second"]]
+    assert seen == [(0.3, ["first"]), (0.7, ["second"])]
 
 
 def test_drops_oldest_when_full_and_counts_it():
@@ -103,9 +133,7 @@ def test_drops_oldest_when_full_and_counts_it():
     dropped_hook = []
     b = Batcher(rec, max_size=2, max_wait_ms=0, queue_depth=3, on_drop=dropped_hook.append).start()
     b.put(0)
-    deadline = time.monotonic() + 2
-    while b.stats()["running"] == 0 and time.monotonic() < deadline:
-        time.sleep(0.005)  # item 0 is in flight, blocked on `hold`
+    assert b.wait_for(lambda s: s["running"] == 1, 5)  # item 0 is in flight, blocked on `hold`
     returned = [b.put(i) for i in range(1, 8)]
     assert returned == [None, None, None, 1, 2, 3, 4]
     assert dropped_hook == [1, 2, 3, 4]
@@ -161,10 +189,14 @@ def test_stop_without_drain_discards_and_counts():
     b = Batcher(rec, max_size=1, max_wait_ms=0, queue_depth=10).start()
     for i in range(5):
         b.put(i)
-    time.sleep(0.05)
-    threading.Timer(0.1, hold.set).start()
-    assert b.stop(drain=False, timeout=5)
-    assert not b.alive
+    assert b.wait_for(lambda s: s["running"] == 1, 5)  # item 0 in flight, 1..4 queued
+    stopped = []
+    stopper = threading.Thread(target=lambda: stopped.append(b.stop(drain=False, timeout=5)))
+    stopper.start()
+    assert b.wait_for(lambda s: s["drops"]["shutdown"] == 4, 5)  # queue discarded at once
+    hold.set()
+    stopper.join(5)
+    assert stopped == [True] and not b.alive
     s = b.stats()
     assert rec.items == [0]  # the batch in flight finishes
     assert s["drops"]["shutdown"] == 4
@@ -208,30 +240,44 @@ def test_start_twice_is_an_error():
 
 
 def test_producer_faster_than_consumer_stays_bounded():
-    """Items arrive every 2 ms, a batch takes 20 ms: the queue stays at its limit, items are
-    dropped oldest-first, and no processed item waited longer than the bound."""
-    depth, max_size, run_s = 4, 2, 0.02
-    waits = []
+    """Items arrive every 2 ms, a batch takes 20 ms (both on an injected clock, in lockstep with
+    the worker): the queue stays at its limit, items are dropped oldest-first, and no processed
+    item waited longer than ceil(depth / max_size) + 1 batch times."""
+    depth, max_size, period, run_s = 4, 2, 0.002, 0.02
+    clock = FakeClock()
+    tick = threading.Condition()
+    waits, busy_until, finished = [], [], []
 
     def run(items):
-        now = time.monotonic()
-        waits.extend(now - t for t in items)
-        time.sleep(run_s)
+        start = clock()
+        waits.extend(start - t for t in items)
+        with tick:  # the batch takes run_s of the injected clock
+            busy_until.append(start + run_s)
+            tick.notify_all()
+            tick.wait_for(lambda: finished or clock() >= start + run_s - 1e-12, 5)
 
-    b = Batcher(run, max_size=max_size, max_wait_ms=5, queue_depth=depth).start()
+    def settled(s):
+        if s["state"] == "running":
+            return bool(busy_until) and busy_until[-1] > clock() + 1e-12
+        return s["state"] == "idle" or s["fill_checked_at"] == clock()
+
+    b = Batcher(run, max_size=max_size, max_wait_ms=5, queue_depth=depth, clock=clock).start()
     max_depth = 0
-    t_end = time.monotonic() + 1.0
-    n = 0
-    while time.monotonic() < t_end:
-        b.put(time.monotonic())
-        n += 1
+    for n in range(1, 501):
+        with tick:
+            clock.t = round(n * period, 9)
+            tick.notify_all()
+        b.put(clock.t)
+        b.wake()
+        assert b.wait_for(settled, 5), b.stats()
         max_depth = max(max_depth, b.depth())
-        time.sleep(0.002)
+    with tick:  # the producer is done: what is left runs without waiting for the clock
+        finished.append(True)
+        tick.notify_all()
     assert b.stop(drain=True, timeout=5)
     s = b.stats()
     assert max_depth <= depth and s["max_depth_seen"] == depth
     assert s["drops"]["queue_full"] > 0
-    assert s["put"] == n == s["processed"] + s["drops"]["queue_full"]
-    # Queued at most ceil(depth / max_size) + 1 batch times (generous factor for a busy CPU).
-    bound = (depth // max_size + 1) * run_s
-    assert max(waits) < 3 * bound + 0.05, (max(waits), bound)
+    assert s["put"] == 500 == s["processed"] + s["drops"]["queue_full"]
+    bound = (-(-depth // max_size) + 1) * run_s
+    assert max(waits) <= bound + 1e-9, (max(waits), bound)

@@ -1,4 +1,4 @@
-"""qvl_ros.conversion against OpenCV (cv2.cvtColor / cv2.imdecode) as the independent oracle.
+"""qvl_ros.core.conversion against OpenCV (cv2.cvtColor / cv2.imdecode) as the independent oracle.
 
 Messages are real sensor_msgs/Image and CompressedImage objects; images are random and made
 here. OpenCV is called with the conversion codes cv_bridge uses for a conversion to "rgb8", and
@@ -20,7 +20,7 @@ sensor_msgs_msg = pytest.importorskip("sensor_msgs.msg")
 Image = sensor_msgs_msg.Image
 CompressedImage = sensor_msgs_msg.CompressedImage
 
-from qvl_ros.conversion import (  # noqa: E402
+from qvl_ros.core.conversion import (  # noqa: E402
     SUPPORTED_ENCODINGS,
     ConversionError,
     compressed_to_tensor,
@@ -259,7 +259,7 @@ def test_rclpy_data_is_array_and_output_does_not_alias_it():
 
 
 def test_message_buffer_is_wrapped_without_copy():
-    from qvl_ros.conversion import _bytes_tensor
+    from qvl_ros.core.conversion import _bytes_tensor
 
     buf = array.array("B", range(200))
     t = _bytes_tensor(buf, 150)

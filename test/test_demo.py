@@ -1,4 +1,4 @@
-"""The README demo (`python -m qvl_ros.demo`) runs end to end and exits 0."""
+"""The README demo (`python -m qvl_ros.sim.demo`) runs end to end and exits 0."""
 import os
 import subprocess
 import sys

@@ -1,10 +1,10 @@
-"""qvl_ros.diagnostics: rate and latency windows, log throttling, staleness, status levels."""
+"""qvl_ros.core.diagnostics: rate and latency windows, log throttling, staleness, status levels."""
 import math
 
 import pytest
 
-from qvl_ros.diagnostics import (ERROR, OK, WARN, LatencyWindow, LogThrottle, PipelineMonitor, RateMeter,
-                                 percentile, reason_key, to_diagnostic_array)
+from qvl_ros.core.diagnostics import (ERROR, OK, WARN, LatencyWindow, LogThrottle, PipelineMonitor, RateMeter,
+                                 percentile, reason_key)
 
 
 class FakeClock:
@@ -116,6 +116,8 @@ def test_monitor_stale_invalid_and_levels():
 
 def test_to_diagnostic_array():
     pytest.importorskip("diagnostic_msgs.msg")
+    from qvl_ros.ros.diagnostic_array import to_diagnostic_array
+
     arr = to_diagnostic_array([(WARN, "n: pipeline", "m", [("k", "v")])])
     st = arr.status[0]
     assert st.level == bytes([WARN]) and st.name == "n: pipeline" and st.values[0].key == "k"

@@ -1,4 +1,4 @@
-"""Offline extraction (`qvl-ros extract`, qvl_ros.extract) on recordings written here with rosbags.
+"""Offline extraction (`qvl-ros extract`, qvl_ros.offline.extract) on recordings written here with rosbags.
 
 The recording: three cameras at 10 Hz with jittered stamps, in two inputs of different storage
 (mcap: two raw cameras, rgb8 and bgr8 of different sizes; sqlite3: one JPEG camera). Camera 1
@@ -27,10 +27,10 @@ pytest.importorskip("rosbags")
 from rosbags.highlevel import AnyReader  # noqa: E402
 
 from qvl_ros import extract as ex  # noqa: E402
-from qvl_ros.bag_io import CameraBags, camera_names_for  # noqa: E402
-from qvl_ros.export import load_features  # noqa: E402
+from qvl_ros.offline.bag_io import CameraBags, camera_names_for  # noqa: E402
+from qvl_ros.offline.export import load_features  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, default_tiny_checkpoint  # noqa: E402
-from qvl_ros.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
+from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
@@ -194,7 +194,7 @@ def test_output_is_a_valid_bag_with_stored_definitions(run):
         from rclpy.serialization import deserialize_message
 
         from qvl_ros.msg import VisionFeatures
-        from qvl_ros.tensor_msg import features_to_numpy
+        from qvl_ros.ros.tensor_msg import features_to_numpy
     except ImportError:
         return
     first = deserialize_message(msgs[0][3], VisionFeatures)
@@ -462,7 +462,7 @@ def test_sigterm_in_process_stops_after_the_batch_and_closes_output_and_export(l
 
 def test_console_script_runs_the_subcommand(tmp_path):
     exe = shutil.which("qvl-ros")
-    cmd = [exe] if exe else [sys.executable, "-m", "qvl_ros.cli"]
+    cmd = [exe] if exe else [sys.executable, "-m", "qvl_ros.offline.cli"]
     res = subprocess.run([*cmd, "extract", "--help"], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0 and "--topics" in res.stdout and "--export" in res.stdout
     res = subprocess.run([*cmd, "extract", str(tmp_path / "none"), "--out", str(tmp_path / "o"), "--topics", "/x"],
@@ -472,7 +472,7 @@ def test_console_script_runs_the_subcommand(tmp_path):
 
 @pytest.mark.parametrize("shard_bytes", [1, 1 << 30], ids=["shard-per-set", "one-shard"])
 def test_export_pads_rows_of_different_length_and_records_lengths(tmp_path, shard_bytes):
-    from qvl_ros.export import FeatureExporter
+    from qvl_ros.offline.export import FeatureExporter
 
     exp = FeatureExporter(tmp_path / "arr", ["a"], ["/a/image"], "m", "p", ["vision", "hidden"], captions=True,
                           shard_bytes=shard_bytes)

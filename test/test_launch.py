@@ -128,7 +128,7 @@ else:
         import rclpy
         from rclpy.executors import SingleThreadedExecutor
 
-        from qvl_ros.listener import FeatureListener
+        from qvl_ros.ros.listener import FeatureListener
 
         context = rclpy.Context()
         rclpy.init(context=context)

@@ -1,4 +1,4 @@
-"""The generated messages and the FeatureTensor helpers (qvl_ros.tensor_msg).
+"""The generated messages and the FeatureTensor helpers (qvl_ros.ros.tensor_msg).
 
 Covers: the msg classes import (generated Python plus the typesupport extension modules),
 tensor <-> message round trips for every dtype and several shapes (empty and scalar
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from qvl_ros import tensor_msg
-from qvl_ros.tensor_msg import features_to_numpy, from_tensor, to_numpy, to_torch
+from qvl_ros.ros.tensor_msg import features_to_numpy, from_tensor, to_numpy, to_torch
 
 DTYPES = ["float32", "float16", "bfloat16"]
 SHAPES = [(0,), (3, 0, 2), (), (1,), (7,), (5, 7), (2, 3, 4), (1, 1025), (2, 1, 3, 1, 2)]
@@ -64,9 +64,9 @@ def test_source_tree_and_generated_messages_share_the_package():
     import qvl_ros
     import qvl_ros.msg
 
-    # qvl_ros.tensor_msg comes from the first qvl_ros directory (the source tree in a
+    # qvl_ros.ros.tensor_msg comes from the first qvl_ros directory (the source tree in a
     # checkout); the generated msg subpackage may live in another one (the install tree).
-    assert os.path.dirname(tensor_msg.__file__) == list(qvl_ros.__path__)[0]
+    assert os.path.dirname(os.path.dirname(tensor_msg.__file__)) == list(qvl_ros.__path__)[0]
     assert any(os.path.dirname(os.path.dirname(qvl_ros.msg.__file__)) == p
                for p in qvl_ros.__path__)
 

@@ -1,7 +1,7 @@
 """qvl_node over real DDS (rclpy in this process, localhost discovery, a random domain id).
 
 One context and one executor serve the module; every test runs in its own
-namespace. Cameras are `qvl_ros.synthetic.SyntheticCameras` driven tick by tick from the test
+namespace. Cameras are `qvl_ros.sim.synthetic.SyntheticCameras` driven tick by tick from the test
 thread, which records every message it publishes. The oracle is a second `BatchedQwenVL`
 loaded from the same tiny checkpoint: `encode` / `encode_generate` on the frames of each set
 (converted from the recorded messages), compared with what the node published.
@@ -32,13 +32,13 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
 from rosgraph_msgs.msg import Clock  # noqa: E402
 from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
-from qvl_ros.conversion import msg_to_tensor  # noqa: E402
-from qvl_ros.feature_msgs import stamp_ns, time_msg  # noqa: E402
+from qvl_ros.core.conversion import msg_to_tensor  # noqa: E402
+from qvl_ros.ros.feature_msgs import stamp_ns, time_msg  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
 from qvl_ros.msg import Caption, VisionFeatures  # noqa: E402
-from qvl_ros.node import QvlNode, default_camera_names  # noqa: E402
-from qvl_ros.synthetic import SyntheticCameras  # noqa: E402
-from qvl_ros.tensor_msg import features_to_numpy  # noqa: E402
+from qvl_ros.ros.node import QvlNode, default_camera_names  # noqa: E402
+from qvl_ros.sim.synthetic import SyntheticCameras  # noqa: E402
+from qvl_ros.ros.tensor_msg import features_to_numpy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings(
@@ -68,7 +68,7 @@ def oracle(tiny_path):
 def ros():
     context = rclpy.Context()
     rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)  # as qvl_node's main (see qvl_ros.node)
+    executor = SingleThreadedExecutor(context=context)  # as qvl_node's main (see qvl_ros.ros.node)
     thread = threading.Thread(target=executor.spin, daemon=True)
     thread.start()
     yield context, executor
@@ -504,7 +504,7 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypa
     stays bounded (it does not creep up over the run)."""
     import weakref
 
-    import qvl_ros.node as node_module
+    import qvl_ros.ros.node as node_module
 
     depth, max_size, model_s, queue_size, n_cams = 3, 2, 0.15, 5, 3
     frames_alive = weakref.WeakSet()  # every frame tensor the node has made and still holds
@@ -685,8 +685,8 @@ def test_config_file_documents_every_parameter(rigs):
 
 
 def test_entry_point_with_params_file_and_clean_ctrl_c(tiny_path, tmp_path):
-    """`python -m qvl_ros.node --ros-args --params-file config/multi_cam.yaml` starts, serves
-    synthetic cameras started by `python -m qvl_ros.synthetic`, and exits 0 on SIGINT."""
+    """`python -m qvl_ros.ros.node --ros-args --params-file config/multi_cam.yaml` starts, serves
+    synthetic cameras started by `python -m qvl_ros.sim.synthetic`, and exits 0 on SIGINT."""
     ns = f"/ep_{os.getpid()}"
     env = dict(os.environ, PYTHONUNBUFFERED="1", QVL_ROS_CACHE=str(tmp_path))
     node = subprocess.Popen(

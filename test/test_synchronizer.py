@@ -1,4 +1,4 @@
-"""Tests of qvl_ros.synchronizer: adversarial timing cases plus an exhaustive oracle.
+"""Tests of qvl_ros.core.synchronizer: adversarial timing cases plus an exhaustive oracle.
 
 The oracle (`brute_max_sets`) is an independent search over every choice of frames: the
 largest number of disjoint sets, one frame per camera within slop, each camera's frames used in
@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from qvl_ros.synchronizer import DROP_REASONS, Synchronizer, SyncSet
+from qvl_ros.core.synchronizer import DROP_REASONS, Synchronizer, SyncSet
 
 MS = 1_000_000
 SEC = 1_000_000_000

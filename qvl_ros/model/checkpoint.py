@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .config import PRESETS, QwenVLConfig
+from .processor import CLIP_MEAN, CLIP_STD
 
 SPECIAL_TOKENS = [
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
@@ -48,9 +49,6 @@ CHAT_TEMPLATE = (
     "{%- endfor -%}"
     "{%- if add_generation_prompt -%}{{ '<|im_start|>assistant\\n' }}{%- endif -%}"
 )
-
-CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 # ----------------------------------------------------------------------------- names
@@ -269,7 +267,7 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", se
     (path / "preprocessor_config.json").write_text(json.dumps({
         "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": cfg.patch_size,
         "temporal_patch_size": cfg.temporal_patch_size, "merge_size": cfg.merge_size,
-        "image_mean": CLIP_MEAN, "image_std": CLIP_STD, "do_rescale": True, "do_normalize": True,
+        "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD), "do_rescale": True, "do_normalize": True,
         "rescale_factor": 1 / 255, "do_resize": True, "resample": 3, "do_convert_rgb": True,
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": proc_class,
     }, indent=2))

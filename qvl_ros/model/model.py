@@ -20,7 +20,7 @@ from torch import nn
 
 from .checkpoint import read_weights
 from .config import QwenVLConfig
-from .processor import DEFAULT_FPS, Batch, TensorProcessor
+from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
 from .text import Decoder
 from .vision import VisionTower
 
@@ -39,6 +39,9 @@ def _resolve_device(device) -> torch.device:
     return torch.device(device)
 
 
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
 def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -46,10 +49,9 @@ def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> tor
         if device.type == "cpu":
             return torch.float32
         return {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config_dtype or "", torch.bfloat16)
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if dtype not in table:
+    if dtype not in DTYPES:
         raise ValueError(f"dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
-    return table[dtype]
+    return DTYPES[dtype]
 
 
 def _check_entry(x, b: int, n: int) -> torch.Tensor:
@@ -75,11 +77,9 @@ def _check_entry(x, b: int, n: int) -> torch.Tensor:
             raise ValueError(f"clip [{b}][{n}] must have shape (T, 3, H, W), got {tuple(x.shape)}")
     elif x.dim() != 3 or x.shape[0] != 3:
         raise ValueError(f"image [{b}][{n}] must have shape (3, H, W) (or a clip (T, 3, H, W)), got {tuple(x.shape)}")
-    h, w = x.shape[-2:]
-    if min(h, w) < 28:
-        raise ValueError(f"image [{b}][{n}] is {h}x{w} px: smaller than 28 px on a side")
-    if max(h, w) / min(h, w) > 200:
-        raise ValueError(f"image [{b}][{n}] is {h}x{w} px: aspect ratio over 200")
+    problem = image_size_problem(*x.shape[-2:])
+    if problem:
+        raise ValueError(f"{'clip' if x.dim() == 4 else 'image'} [{b}][{n}]: {problem}")
     return x
 
 

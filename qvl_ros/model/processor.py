@@ -28,13 +28,28 @@ import torch
 from .config import QwenVLConfig
 
 
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalization, the Qwen-VL default
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+MIN_SIDE = 28     # px: one merged 2x2 block of 14 px patches
+MAX_ASPECT = 200  # longest over shortest side, the reference processor's limit
+
+
+def image_size_problem(height: int, width: int) -> str | None:
+    """Why the model cannot take an image of this size (a sentence), or None if it can."""
+    if min(height, width) < MIN_SIDE:
+        return f"{height}x{width} px is smaller than {MIN_SIDE} px on a side"
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        return f"{height}x{width} px has an aspect ratio over {MAX_ASPECT}"
+    return None
+
+
 def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56,
                  max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
     """Size with both sides multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
     if min(height, width) < factor:
         raise ValueError(f"image of {height}x{width} px is smaller than {factor} px on a side")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio of a {height}x{width} image is over 200")
+    if max(height, width) / min(height, width) > MAX_ASPECT:
+        raise ValueError(f"aspect ratio of a {height}x{width} image is over {MAX_ASPECT}")
     h = round(height / factor) * factor
     w = round(width / factor) * factor
     if h * w > max_pixels:
@@ -96,8 +111,8 @@ class Batch:
 class TensorProcessor:
     def __init__(self, cfg: QwenVLConfig, tokenizer, chat_template: str | None,
                  min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280,
-                 image_mean=(0.48145466, 0.4578275, 0.40821073),
-                 image_std=(0.26862954, 0.26130258, 0.27577711), rescale_factor: float = 1 / 255,
+                 image_mean=CLIP_MEAN,
+                 image_std=CLIP_STD, rescale_factor: float = 1 / 255,
                  device="cpu", video_min_pixels: int = VIDEO_MIN_PIXELS, video_max_pixels: int = VIDEO_MAX_PIXELS,
                  video_mean=None, video_std=None, video_rescale_factor: float | None = None):
         self.cfg = cfg
@@ -162,8 +177,8 @@ class TensorProcessor:
         if template is None:
             raise ValueError(f"{path} has no chat template (chat_template.jinja/json or tokenizer_config)")
         return cls(cfg, tok, template, min_pixels=min_pixels or lo, max_pixels=max_pixels or hi,
-                   image_mean=ip.get("image_mean", (0.48145466, 0.4578275, 0.40821073)),
-                   image_std=ip.get("image_std", (0.26862954, 0.26130258, 0.27577711)),
+                   image_mean=ip.get("image_mean", CLIP_MEAN),
+                   image_std=ip.get("image_std", CLIP_STD),
                    rescale_factor=ip.get("rescale_factor", 1 / 255), device=device,
                    video_min_pixels=video_min_pixels or vlo, video_max_pixels=video_max_pixels or vhi,
                    video_mean=vp.get("image_mean"), video_std=vp.get("image_std"),

@@ -15,13 +15,13 @@ from typing import Sequence
 
 _SUBCOMMANDS = (
     ("extract", "extract features (and captions) from camera topics of rosbag2 recordings",
-     "qvl_ros.extract"),
+     "qvl_ros.offline.extract"),
 )
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qvl-ros", description="Batched Qwen2.5-VL / Qwen2-VL tools for ROS 2.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"qvl_ros {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

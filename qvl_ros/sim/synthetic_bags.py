@@ -1,6 +1,6 @@
 """Synthetic multi-camera rosbag2 recordings, for trying the offline tools, tests and benchmarks.
 
-    from qvl_ros.synthetic_bags import CameraSpec, write_camera_bag
+    from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag
     truth = write_camera_bag("cams", [CameraSpec("/cam0/image_raw", 240, 320, "rgb8"),
                                       CameraSpec("/cam1/image/compressed", 240, 320, "jpeg")],
                              ticks=50)

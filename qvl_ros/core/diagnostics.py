@@ -1,8 +1,9 @@
 """Pipeline statistics of the node and their `/diagnostics` form.
 
-Everything here except :func:`to_diagnostic_array` is plain Python (no ROS import), so it is
-unit-testable: the node calls the ``PipelineMonitor`` hooks from its callbacks and worker, and
-once a second turns :meth:`PipelineMonitor.statuses` into a ``diagnostic_msgs/DiagnosticArray``
+Everything here is plain Python (no ROS import), so it is unit-testable: the node calls the
+``PipelineMonitor`` hooks from its callbacks and worker, and once a second turns
+:meth:`PipelineMonitor.statuses` into a ``diagnostic_msgs/DiagnosticArray``
+(:func:`qvl_ros.ros.diagnostic_array.to_diagnostic_array`)
 (the same layout ``diagnostic_updater`` produces: one summary status plus one per camera, each a
 level, a message and key/value pairs).
 
@@ -28,7 +29,7 @@ import time
 from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ["RateMeter", "LatencyWindow", "LogThrottle", "PipelineMonitor", "Status", "percentile",
-           "reason_key", "to_diagnostic_array", "OK", "WARN", "ERROR", "STALE"]
+           "reason_key", "OK", "WARN", "ERROR", "STALE"]
 
 # diagnostic_msgs/DiagnosticStatus levels
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
@@ -362,21 +363,3 @@ def _fmt(x: float) -> str:
 
 def _kv(values: Sequence[Tuple[str, Any]]) -> List[Tuple[str, str]]:
     return [(str(k), str(v)) for k, v in values]
-
-
-def to_diagnostic_array(statuses: Sequence[Status], stamp=None, hardware_id: str = ""):
-    """Build a ``diagnostic_msgs/DiagnosticArray`` from :meth:`PipelineMonitor.statuses`."""
-    from diagnostic_msgs.msg import DiagnosticArray, DiagnosticStatus, KeyValue
-
-    arr = DiagnosticArray()
-    if stamp is not None:
-        arr.header.stamp = stamp
-    for level, name, message, values in statuses:
-        st = DiagnosticStatus()
-        st.level = bytes([level])
-        st.name = name
-        st.message = message
-        st.hardware_id = hardware_id
-        st.values = [KeyValue(key=k, value=v) for k, v in values]
-        arr.status.append(st)
-    return arr

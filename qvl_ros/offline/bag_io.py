@@ -23,8 +23,9 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .feature_msgs import ros_string
-from .topics import camera_names as camera_names_for
+from ..core.stamps import sec_nanosec
+from ..ros.feature_msgs import ros_string
+from ..core.topics import camera_names as camera_names_for
 
 __all__ = [
     "IMAGE_TYPES",
@@ -61,7 +62,7 @@ def find_msg_dir() -> Path:
     Looked up next to the package (a source checkout or an editable install), then in
     ``share/qvl_ros/msg`` of every prefix on ``AMENT_PREFIX_PATH`` (a colcon install).
     """
-    candidates = [Path(__file__).resolve().parent.parent / "msg"]
+    candidates = [Path(__file__).resolve().parents[2] / "msg"]
     for prefix in os.environ.get("AMENT_PREFIX_PATH", "").split(os.pathsep):
         if prefix:
             candidates.append(Path(prefix) / "share" / "qvl_ros" / "msg")
@@ -268,7 +269,8 @@ class CameraBags:
 # ---------------------------------------------------------------------------------------- output
 def _time(store, stamp_ns: int):
     Time = store.types["builtin_interfaces/msg/Time"]
-    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
+    sec, nanosec = sec_nanosec(stamp_ns)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def _header(store, stamp_ns: int, frame_id: str):

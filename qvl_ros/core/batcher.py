@@ -81,6 +81,8 @@ class Batcher(Generic[T]):
         self._busy_s = 0.0
         self._last_batch_size = 0
         self._last_run_s = 0.0
+        self._state = "idle"  # idle | filling | running | stopped (worker's view)
+        self._fill_checked_at: Optional[float] = None  # clock value of the last fill-wait check
 
     # ------------------------------------------------------------------------- configuration
     @property
@@ -139,6 +141,11 @@ class Batcher(Generic[T]):
         thread.join(timeout)
         return not thread.is_alive()
 
+    def wake(self) -> None:
+        """Make the worker re-read the clock now (an injected clock moved, or settings changed)."""
+        with self._cond:
+            self._cond.notify_all()
+
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
@@ -167,11 +174,27 @@ class Batcher(Generic[T]):
         return dropped
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
-        """Block until nothing is queued or running; returns False on timeout."""
-        deadline = None if timeout is None else self._clock() + timeout
+        """Block until nothing is queued or running; returns False on timeout.
+
+        ``timeout`` is real (monotonic) seconds, whatever clock the batcher was given."""
+        deadline = None if timeout is None else time.monotonic() + timeout
         with self._cond:
             while self._queue or self._running:
-                remaining = None if deadline is None else deadline - self._clock()
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                self._cond.wait(remaining if remaining is None else min(remaining, 0.05))
+            return True
+
+    def wait_for(self, predicate: Callable[[Dict[str, Any]], bool], timeout: Optional[float] = None) -> bool:
+        """Block until ``predicate(stats())`` holds; False after ``timeout`` real seconds.
+
+        The worker notifies on every change of state, so tests (and shutdown code) can wait for
+        a condition of the pipeline instead of sleeping."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while not predicate(self._stats_locked()):
+                remaining = None if deadline is None else deadline - time.monotonic()
                 if remaining is not None and remaining <= 0:
                     return False
                 self._cond.wait(remaining if remaining is None else min(remaining, 0.05))
@@ -186,26 +209,32 @@ class Batcher(Generic[T]):
     def stats(self) -> Dict[str, Any]:
         """Snapshot of the counters (a fresh dict)."""
         with self._cond:
-            return {
-                "depth": len(self._queue),
-                "depth_limit": self._depth_limit,
-                "max_depth_seen": self._max_depth_seen,
-                "running": self._running,
-                "put": self._counts["put"],
-                "processed": self._counts["processed"],
-                "batches": self._counts["batches"],
-                "drops": dict(self._drops),
-                "busy_s": self._busy_s,
-                "last_batch_size": self._last_batch_size,
-                "last_run_s": self._last_run_s,
-                "max_size": self._max_size,
-                "max_wait_ms": self._max_wait * 1000.0,
-            }
+            return self._stats_locked()
+
+    def _stats_locked(self) -> Dict[str, Any]:
+        return {
+            "depth": len(self._queue),
+            "depth_limit": self._depth_limit,
+            "max_depth_seen": self._max_depth_seen,
+            "running": self._running,
+            "put": self._counts["put"],
+            "processed": self._counts["processed"],
+            "batches": self._counts["batches"],
+            "drops": dict(self._drops),
+            "busy_s": self._busy_s,
+            "last_batch_size": self._last_batch_size,
+            "last_run_s": self._last_run_s,
+            "max_size": self._max_size,
+            "max_wait_ms": self._max_wait * 1000.0,
+            "state": self._state,
+            "fill_checked_at": self._fill_checked_at,
+        }
 
     # ------------------------------------------------------------------------- worker
     def _take(self) -> Optional[List[T]]:
         """Next batch, or None when the worker should exit. Called with the lock held."""
         cond = self._cond
+        self._state = "idle"
         while not self._queue and not self._stopping:
             cond.wait()
         if not self._queue:  # stopping, nothing left
@@ -213,9 +242,12 @@ class Batcher(Generic[T]):
         if self._stopping and not self._drain_on_stop:
             return None
         while len(self._queue) < self._max_size and not self._stopping:
-            remaining = self._queue[0][1] + self._max_wait - self._clock()
+            now = self._clock()
+            remaining = self._queue[0][1] + self._max_wait - now
             if remaining <= 0:
                 break
+            self._state, self._fill_checked_at = "filling", now
+            cond.notify_all()  # observers (wait_for_state) see the decision to wait
             cond.wait(remaining)
             if not self._queue:  # cannot happen (only the worker pops), kept for safety
                 return []
@@ -227,11 +259,14 @@ class Batcher(Generic[T]):
             with self._cond:
                 batch = self._take()
                 if batch is None:
+                    self._state = "stopped"
                     self._cond.notify_all()
                     return
                 if not batch:
                     continue
                 self._running = len(batch)
+                self._state = "running"
+                self._cond.notify_all()
             t0 = self._clock()
             failed: Optional[BaseException] = None
             try:

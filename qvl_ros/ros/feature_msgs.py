@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
 from .tensor_msg import from_tensor
 
 FEATURE_KINDS = ("vision", "hidden")
@@ -21,12 +22,8 @@ def ros_string(text: str) -> str:
 def time_msg(stamp_ns: int):
     from builtin_interfaces.msg import Time
 
-    return Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000))
-
-
-def stamp_ns(t) -> int:
-    """builtin_interfaces/Time -> integer nanoseconds."""
-    return int(t.sec) * 1_000_000_000 + int(t.nanosec)
+    sec, nanosec = sec_nanosec(stamp_ns)
+    return Time(sec=sec, nanosec=nanosec)
 
 
 def check_kinds(kinds: Sequence[str]) -> list[str]:
