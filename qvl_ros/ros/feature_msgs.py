@@ -59,10 +59,15 @@ def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, fr
 
 
 def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
-                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = ""):
+                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = "",
+                        clip_stamps_ns: Sequence[Sequence[int]] = ()):
+    """`clip_stamps_ns`: per camera, its clip's frame stamps (oldest first); empty for stills."""
     from qvl_ros.msg import VisionFeatures
 
     msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id)
+    if clip_stamps_ns:
+        msg.clip_frames = len(clip_stamps_ns[0])
+        msg.clip_stamps = [time_msg(s) for clip in clip_stamps_ns for s in clip]
     msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
     return msg
 

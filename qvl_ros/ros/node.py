@@ -25,6 +25,12 @@ enqueue, and the model has its own thread. Prefer that when embedding the node t
 and a new message waits, and that loop holds the GIL so much that the model thread crawls
 (measured here: batches of 12 ms took up to 10 s, camera callbacks stalled for seconds).
 
+Clips (``video.frames`` K >= 2): each camera also keeps a ring of its recent frames
+(:mod:`qvl_ros.core.clips`); a synchronized set carries, per camera, the clip of K frames (every
+``video.stride``-th) ending at its matched frame, its frame rate taken from the frames' stamps,
+and the features message lists the clip stamps. Restarts of a ring and sets before every camera
+holds a full clip are counted in ``/diagnostics``.
+
 Parameters are declared with descriptors in ``QvlNode.__init__``; ``config/multi_cam.yaml``
 documents every one. Those that need a restart (topics, QoS, synchronizer, queue depth, model)
 are read-only; ``prompt``, ``features``, ``frame_id``, ``caption.*``, ``batch.max_size``,
@@ -48,6 +54,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
+from ..core.clips import ClipAssembler
 from ..core.conversion import msg_to_tensor
 from ..core.stamps import stamp_ns
 from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key
@@ -108,6 +115,9 @@ class QvlNode(Node):
         self._sync = Synchronizer(
             len(self._topics), int(round(float(v("sync.slop")) * 1e9)), int(v("sync.queue_size")),
             reset_threshold=int(round(float(v("sync.reset_threshold")) * 1e9)))
+        # clips: per camera a ring of its recent frames; a set's frames become the clips ending at them
+        self._clips = (ClipAssembler(len(self._topics), int(v("video.frames")), int(v("video.stride")),
+                                     lag=int(v("sync.queue_size"))) if int(v("video.frames")) else None)
         self._batcher: Batcher[SyncSet] = Batcher(
             self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
             queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker")
@@ -179,6 +189,9 @@ class QvlNode(Node):
           constraints="header | arrival | auto")
         d("sync.reset_threshold", 1.0, _DOUBLE,
           "A camera stamp going back by more than this (s) resets the synchronizer (bag loop).", constraints="> 0")
+        d("video.frames", 0, _INT, "0: still images; K >= 2: each camera's clip of K frames ending at its "
+          "matched frame.", constraints="0 or >= 2")
+        d("video.stride", 1, _INT, "Clips take every s-th frame of their camera.", constraints=">= 1")
         d("batch.max_size", 4, _INT, "Most synchronized sets per model call.", read_only=False, constraints=">= 1")
         d("batch.max_wait_ms", 10.0, _DOUBLE,
           "How long the oldest waiting set may wait for a batch to fill (ms).", read_only=False, constraints=">= 0")
@@ -211,9 +224,11 @@ class QvlNode(Node):
                      "diagnostics.stale_after", "log_throttle"):
             self._check_number(name, self.get_parameter(name).value)
         for name in ("sync.queue_size", "batch.max_size", "batch.queue_depth", "caption.max_new_tokens",
-                     "qos.depth"):
+                     "qos.depth", "video.stride"):
             if int(self.get_parameter(name).value) < 1:
                 raise ValueError(f"parameter {name} must be >= 1")
+        if int(self.get_parameter("video.frames").value) < 0 or int(self.get_parameter("video.frames").value) == 1:
+            raise ValueError("parameter video.frames must be 0 (still images) or >= 2")
 
     def _value(self, name: str) -> Any:
         return self.get_parameter(name).value
@@ -287,8 +302,13 @@ class QvlNode(Node):
         stamp = self._frame_stamp(msg, arrival_ns)
         self._monitor.frame_valid(index, (h, w))
         with self._lock:
+            if self._clips is not None:
+                self._clips.push(index, stamp, frame)
             for sync_set in self._sync.add(index, stamp, frame):
-                self._batcher.put(sync_set)
+                if self._clips is not None:
+                    sync_set = self._clips.assemble(sync_set)  # None until every camera holds a clip
+                if sync_set is not None:
+                    self._batcher.put(sync_set)
 
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
@@ -338,16 +358,17 @@ class QvlNode(Node):
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
         images = [list(s.items) for s in sets]
         prompts = [settings["prompt"]] * len(sets)
+        clip = {"fps": [list(s.fps) for s in sets]} if self._clips is not None else {}
         if settings["caption"]:
-            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"])
-        return self.model.encode(images, prompts), None
+            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"], **clip)
+        return self.model.encode(images, prompts, **clip), None
 
     def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
         features, texts = results
         for b, s in enumerate(sets):
             stamps = list(s.stamps)
             msg = vision_features_msg(features, b, self._names, stamps, settings["kinds"], self._model_name,
-                                      settings["prompt"], settings["frame_id"])
+                                      settings["prompt"], settings["frame_id"], getattr(s, "clip_stamps", ()))
             self._features_pub.publish(msg)
             if texts is not None:
                 self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
@@ -368,6 +389,8 @@ class QvlNode(Node):
             return
         with self._lock:
             self._sync.reset()
+            if self._clips is not None:
+                self._clips.reset()
         self._monitor.clear_latency()
         what = "went back" if backwards else "changed source"
         self.get_logger().info(f"time {what} ({jump.delta.nanoseconds * 1e-9:+.3f} s): synchronizer reset")
@@ -376,7 +399,7 @@ class QvlNode(Node):
         try:
             statuses = self._monitor.statuses(
                 self.get_fully_qualified_name(), self._sync.stats(), self._batcher.stats(),
-                extra=[("model", self._model_name), ("device", str(self._device))])
+                extra=[("model", self._model_name), ("device", str(self._device))] + self._clip_diagnostics())
             stale = set(self._monitor.stale_cameras())
             for name in sorted(stale - self._stale_reported):
                 self.get_logger().warning(f"camera {name} is stale (no valid frame for "
@@ -387,6 +410,17 @@ class QvlNode(Node):
             self._diag_pub.publish(to_diagnostic_array(statuses, self.get_clock().now().to_msg()))
         except Exception as exc:  # diagnostics must never take the node down
             self.get_logger().error(f"diagnostics failed: {type(exc).__name__}: {exc}")
+
+    def _clip_diagnostics(self) -> list:
+        """Clip counters as summary key-values: restarts per camera by reason, sets without a clip."""
+        if self._clips is None:
+            return []
+        st = self._clips.stats()
+        out = [("clip frames", f"{self._value('video.frames')} every {self._value('video.stride')}"),
+               ("sets without a full clip", str(st["incomplete"]))]
+        for name, restarts in zip(self._names, st["restarts"]):
+            out.append((f"clip restarts {name}", ", ".join(f"{r} {n}" for r, n in restarts.items())))
+        return out
 
     # ------------------------------------------------------------------------- introspection
     @property
@@ -399,7 +433,11 @@ class QvlNode(Node):
 
     def pipeline_stats(self) -> dict:
         """Synchronizer, batcher and monitor counters in one dict (tests, tools)."""
-        return {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
+        out = {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
+        if self._clips is not None:
+            with self._lock:
+                out["clips"] = self._clips.stats()
+        return out
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         return self._batcher.wait_idle(timeout)
