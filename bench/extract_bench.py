@@ -176,7 +176,7 @@ def main(argv=None) -> int:
     result = {
         "device": str(device), "device_name": dev_name, "torch": torch.__version__,
         "model": ("bundled tiny Qwen2.5-VL (vision depth 4, width 64; text 2 layers)" if args.model == "tiny"
-                  else "small benchmark config (DESIGN.md), random weights") + ", float32",
+                  else "small benchmark config (docs/architecture.md), random weights") + ", float32",
         "cameras": "3 per set: rgb8, bgr8, JPEG q90", "batch": args.batch, "repeats": args.repeats,
         "prefetch": args.prefetch, "load_average_1min": [load_before, load_after], "runs": rows,
     }

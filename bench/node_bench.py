@@ -4,7 +4,7 @@
                                               [--transport shm|default] [--json FILE]
 
 Setup, one fresh process per malloc mode (the mode must be set before torch allocates):
-  model    the "small" benchmark config (DESIGN.md), random weights, float32, CPU;
+  model    the "small" benchmark config (docs/architecture.md), random weights, float32, CPU;
   cameras  `python -m qvl_ros.sim.synthetic` in a separate process (same ROS_DOMAIN_ID, localhost
            discovery): 3 cameras of 448x448 rgb8 (multiples of 28, so no resize), no stamp
            jitter, reliable QoS; the node subscribes reliably as well, so no frame is lost
@@ -855,7 +855,7 @@ def report(results: list[dict]) -> str:
     r0 = results[0]
     lines = [f"qvl_node vs BatchedQwenVL.encode alone — device cpu ({r0['torch_threads']} torch threads, "
              f"{r0['cores']} cores), float32, torch {r0['torch']}, {r0['rmw']}",
-             f"model: small benchmark config (DESIGN.md), random weights; {CAMERAS} cameras {SIZE}x{SIZE} rgb8 "
+             f"model: small benchmark config (docs/architecture.md), random weights; {CAMERAS} cameras {SIZE}x{SIZE} rgb8 "
              f"from a separate process, reliable QoS, {r0['transport']}; batch.max_size {BATCH}, "
              f"batch.queue_depth {QUEUE_DEPTH}; "
              f"cameras at {OVERLOAD}x the encode-alone rate; encode alone timed between node windows", "",

@@ -2,7 +2,7 @@
 
     python bench/run.py [--quick] [--name NAME] [--threads N]
 
-Same weights (the "small" Qwen2.5-VL config of DESIGN.md, random, float32), same inputs, same
+Same weights (the "small" Qwen2.5-VL config of docs/architecture.md, random, float32), same inputs, same
 device. Rows: preprocessing, vision tower, encode (frames -> vision features + decoder hidden
 states), captions (greedy generation), extraction and node (when those modules are present),
 roofline (vision tower GFLOP/s against this machine's 2048^2 matmul rate) and operator calls per
@@ -217,7 +217,7 @@ class Bench:
                 tr, to, _, _ = side_by_side(f_ref, f_ours, self.reps)
             flops = self.vision_flops(inp.grids)
             # The target's rate: torch's float32 matmul (torch.mm) on 2048^2, the "physical limit"
-            # DESIGN.md measured and against which transformers sits at ~60%. oneDNN's linear runs
+            # the roofline target is stated against (transformers sits at ~60-80% of it). oneDNN's linear runs
             # the same matmul about 2x faster here; the row reports that stricter ratio as well.
             peak = rates["torch.mm"]
             self.add("roofline", {"frames": 12, "size": "448x448", "matmul_2048_gflops": round(peak, 1),

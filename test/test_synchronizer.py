@@ -1,4 +1,5 @@
-"""Tests of qvl_ros.core.synchronizer: adversarial timing cases plus an exhaustive oracle.
+"""Tests of qvl_ros.core.synchronizer's ``max_sets`` policy: adversarial timing cases plus an
+exhaustive oracle. (The default ``approximate_time`` policy: test_sync_policy.py.)
 
 The oracle (`brute_max_sets`) is an independent search over every choice of frames: the
 largest number of disjoint sets, one frame per camera within slop, each camera's frames used in
@@ -14,6 +15,9 @@ import time
 import pytest
 
 from qvl_ros.core.synchronizer import DROP_REASONS, Synchronizer, SyncSet
+
+# Every test here encodes the max_sets rule (earliest set within slop, emitted at once).
+MaxSets = functools.partial(Synchronizer, policy="max_sets")
 
 MS = 1_000_000
 SEC = 1_000_000_000
@@ -119,7 +123,7 @@ def test_jitter_equal_rates_one_set_per_tick_without_delay():
     n, n_ticks = 3, 200
     streams = [ticks(n_ticks, 100 * MS, 5 * MS, rng, offset=10 * SEC) for _ in range(n)]
     arrivals = arrivals_by_latency(rng, streams, [2 * MS, 15 * MS, 40 * MS], 30 * MS)
-    sync = Synchronizer(n, slop=20 * MS, queue_size=10)
+    sync = MaxSets(n, slop=20 * MS, queue_size=10)
     out = feed(sync, arrivals)
     sets = [s for _, s in out]
     check_sets(sets, n, 20 * MS)
@@ -142,7 +146,7 @@ def test_mixed_rates_one_set_per_slow_frame():
     mid = [i * 50 * MS + rng.randint(-2 * MS, 2 * MS) for i in range(200)]
     streams = [fast, slow, mid]
     arrivals = arrivals_by_latency(rng, streams, [5 * MS, 30 * MS, 10 * MS], 10 * MS)
-    sync = Synchronizer(3, slop=20 * MS, queue_size=10)
+    sync = MaxSets(3, slop=20 * MS, queue_size=10)
     out = feed(sync, arrivals)
     sets = [s for _, s in out] + sync.flush()
     check_sets(sets, 3, 20 * MS)
@@ -161,7 +165,7 @@ def test_dropped_frames_skip_only_their_tick():
     streams = [ticks(n_ticks, 100 * MS, 5 * MS, rng) for _ in range(n)]
     streams[1] = [t for i, t in enumerate(streams[1]) if i not in missing]
     arrivals = arrivals_by_latency(rng, streams, [0, 0, 0], 20 * MS)
-    sync = Synchronizer(n, slop=20 * MS)
+    sync = MaxSets(n, slop=20 * MS)
     out = feed(sync, arrivals)
     sets = [s for _, s in out]
     check_sets(sets, n, 20 * MS)
@@ -182,7 +186,7 @@ def test_late_camera_within_queue_size(lag_periods):
     streams = [ticks(n_ticks, 100 * MS, 5 * MS, rng) for _ in range(n)]
     delays = [0, 0, lag_periods * 100 * MS]
     arrivals = arrivals_by_latency(rng, streams, delays, 10 * MS)
-    sync = Synchronizer(n, slop=20 * MS, queue_size=lag_periods + 2)
+    sync = MaxSets(n, slop=20 * MS, queue_size=lag_periods + 2)
     sets = [s for _, s in feed(sync, arrivals)]
     check_sets(sets, n, 20 * MS)
     assert len(sets) == n_ticks
@@ -195,7 +199,7 @@ def test_late_camera_beyond_queue_size_drops_oldest():
     n, n_ticks, lag = 2, 40, 6
     streams = [ticks(n_ticks, 100 * MS, 5 * MS, rng) for _ in range(n)]
     arrivals = arrivals_by_latency(rng, streams, [0, lag * 100 * MS], 0)
-    sync = Synchronizer(n, slop=20 * MS, queue_size=3)
+    sync = MaxSets(n, slop=20 * MS, queue_size=3)
     sets = [s for _, s in feed(sync, arrivals)] + sync.flush()
     check_sets(sets, n, 20 * MS)
     st = sync.stats()
@@ -210,7 +214,7 @@ def test_out_of_order_across_cameras_same_result():
     streams = [ticks(n_ticks, 50 * MS, 8 * MS, rng) for _ in range(n)]
     reference = None
     for _ in range(20):
-        sync = Synchronizer(n, slop=20 * MS, queue_size=n_ticks)
+        sync = MaxSets(n, slop=20 * MS, queue_size=n_ticks)
         sets = [s for _, s in feed(sync, random_interleaving(rng, streams))] + sync.flush()
         check_sets(sets, n, 20 * MS)
         check_accounting(sync)
@@ -237,13 +241,13 @@ def test_out_of_order_within_camera_with_reorder_tolerance():
             arrivals.append(frame(2, cam2[j]))
             j += 1
     assert cam2 != sorted(cam2)
-    sync = Synchronizer(n, slop=20 * MS, queue_size=10, reorder_tolerance=tol)
+    sync = MaxSets(n, slop=20 * MS, queue_size=10, reorder_tolerance=tol)
     sets = [s for _, s in feed(sync, arrivals)] + sync.flush()
     check_sets(sets, n, 20 * MS)
     assert len(sets) == n_ticks
     check_accounting(sync)
     # Without the tolerance the sets stay valid, only frames are lost.
-    sync = Synchronizer(n, slop=20 * MS, queue_size=10)
+    sync = MaxSets(n, slop=20 * MS, queue_size=10)
     sets = [s for _, s in feed(sync, arrivals)] + sync.flush()
     check_sets(sets, n, 20 * MS)
     assert len(sets) < n_ticks
@@ -261,7 +265,7 @@ def test_time_going_backwards_bag_loop():
     n, n_ticks = 3, 20
     first = bag(rng, n, n_ticks, 100 * SEC)
     second = bag(rng, n, n_ticks, 100 * SEC)  # loop: the same time range again
-    sync = Synchronizer(n, slop=20 * MS)
+    sync = MaxSets(n, slop=20 * MS)
     arrivals = [frame(k, s[k][i]) for s in (first, second)
                 for i in range(n_ticks) for k in range(n)]
     sets = [s for _, s in feed(sync, arrivals)]
@@ -285,7 +289,7 @@ def test_bag_loop_with_old_frames_still_in_flight():
                  frame(1, first[1][-1]), frame(2, first[2][-1]),
                  frame(1, second[1][0]), frame(2, second[2][0])]
     arrivals += [frame(k, second[k][i]) for i in range(1, n_ticks) for k in range(n)]
-    sync = Synchronizer(n, slop=20 * MS)
+    sync = MaxSets(n, slop=20 * MS)
     sets = [s for _, s in feed(sync, arrivals)]
     st = sync.stats()
     assert st["resets"] == 1  # the stragglers do not trigger a second reset
@@ -298,7 +302,7 @@ def test_bag_loop_with_old_frames_still_in_flight():
 
 def test_single_glitched_stamp_recovers():
     n = 3
-    sync = Synchronizer(n, slop=20 * MS)
+    sync = MaxSets(n, slop=20 * MS)
     sets = []
     t0 = 1000 * SEC
     for i in range(10):
@@ -316,14 +320,14 @@ def test_single_glitched_stamp_recovers():
 
 
 def test_small_backward_step_is_not_a_reset():
-    sync = Synchronizer(2, slop=10 * MS, reset_threshold=SEC)
+    sync = MaxSets(2, slop=10 * MS, reset_threshold=SEC)
     assert len(sync.add(0, 5 * SEC, ("frame", 0, 5 * SEC))) == 0
     assert len(sync.add(1, 5 * SEC, ("frame", 1, 5 * SEC))) == 1
     assert sync.add(0, 5 * SEC - 500 * MS, ("frame", 0, 5 * SEC - 500 * MS)) == []
     st = sync.stats()
     assert st["resets"] == 0 and st["drops"]["too_old"] == 1
     # Disabled detection: even a large step back is only an old frame.
-    sync = Synchronizer(2, slop=10 * MS, reset_threshold=None)
+    sync = MaxSets(2, slop=10 * MS, reset_threshold=None)
     sync.add(0, 5 * SEC, None)
     sync.add(1, 5 * SEC, None)
     sync.add(0, 0, None)
@@ -332,7 +336,7 @@ def test_small_backward_step_is_not_a_reset():
 
 # ----------------------------------------------------------------------- queues and slop edge
 def test_queue_overflow_counts_and_keeps_newest():
-    sync = Synchronizer(2, slop=10 * MS, queue_size=10)
+    sync = MaxSets(2, slop=10 * MS, queue_size=10)
     for i in range(15):
         assert sync.add(0, i * 100 * MS, ("frame", 0, i * 100 * MS)) == []
     st = sync.stats()
@@ -347,7 +351,7 @@ def test_queue_overflow_counts_and_keeps_newest():
 
 
 def test_frames_that_can_no_longer_match_are_dropped_at_once():
-    sync = Synchronizer(3, slop=10 * MS)
+    sync = MaxSets(3, slop=10 * MS)
     sync.add(0, 100 * MS, None)
     sync.add(2, 104 * MS, None)
     sync.add(0, 200 * MS, None)
@@ -360,7 +364,7 @@ def test_frames_that_can_no_longer_match_are_dropped_at_once():
 
 
 def test_each_frame_used_at_most_once():
-    sync = Synchronizer(2, slop=10 * MS)
+    sync = MaxSets(2, slop=10 * MS)
     out = sync.add(0, 100 * MS, ("frame", 0, 100 * MS))
     out += sync.add(1, 95 * MS, ("frame", 1, 95 * MS))
     out += sync.add(1, 105 * MS, ("frame", 1, 105 * MS))
@@ -375,7 +379,7 @@ def test_each_frame_used_at_most_once():
 
 
 def test_frame_older_than_last_set_is_too_old():
-    sync = Synchronizer(2, slop=10 * MS)
+    sync = MaxSets(2, slop=10 * MS)
     sync.add(0, 100 * MS, None)
     assert len(sync.add(1, 100 * MS, None)) == 1
     assert sync.add(0, 100 * MS, None) == []  # same stamp again
@@ -385,21 +389,21 @@ def test_frame_older_than_last_set_is_too_old():
 
 def test_slop_boundary_is_inclusive():
     slop = 20 * MS
-    sync = Synchronizer(3, slop=slop)
+    sync = MaxSets(3, slop=slop)
     sync.add(0, SEC, None)
     sync.add(1, SEC + slop, None)
     sets = sync.add(2, SEC + slop // 2, None)
     assert len(sets) == 1 and sets[0].span == slop
-    sync = Synchronizer(2, slop=slop)
+    sync = MaxSets(2, slop=slop)
     sync.add(0, SEC, None)
     assert sync.add(1, SEC + slop + 1, None) == [] and sync.flush() == []
-    sync = Synchronizer(2, slop=0)
+    sync = MaxSets(2, slop=0)
     sync.add(0, SEC, None)
     assert len(sync.add(1, SEC, None)) == 1
 
 
 def test_single_input_emits_every_frame_at_once():
-    sync = Synchronizer(1, slop=0, queue_size=1)
+    sync = MaxSets(1, slop=0, queue_size=1)
     for i in range(20):
         sets = sync.add(0, i * MS, ("frame", 0, i * MS))
         assert [s.stamps for s in sets] == [(i * MS,)]
@@ -416,7 +420,7 @@ def test_six_cameras():
     streams[4] = [t for i, t in enumerate(streams[4]) if i % 17 != 5]  # a few missing
     arrivals = arrivals_by_latency(rng, streams, [0, 5 * MS, 10 * MS, 20 * MS, 0, 60 * MS],
                                    40 * MS)
-    sync = Synchronizer(n, slop=25 * MS, queue_size=8)
+    sync = MaxSets(n, slop=25 * MS, queue_size=8)
     sets = [s for _, s in feed(sync, arrivals)]
     check_sets(sets, n, 25 * MS)
     assert len(sets) == len(streams[4])
@@ -438,7 +442,7 @@ def test_matches_exhaustive_optimum_for_any_interleaving(seed):
         optimum = brute_max_sets(streams, slop)
         reference = None
         for _ in range(3):
-            sync = Synchronizer(n, slop=slop, queue_size=16)
+            sync = MaxSets(n, slop=slop, queue_size=16)
             arrivals = random_interleaving(rng, streams)
             sets = []
             for k, t, item in arrivals:
@@ -473,7 +477,7 @@ def test_matches_exhaustive_optimum_with_reordered_arrivals(seed):
         for k in order:
             arrivals.append(frame(k, per_cam[k][pos[k]]))
             pos[k] += 1
-        sync = Synchronizer(n, slop=slop, queue_size=16, reorder_tolerance=tol)
+        sync = MaxSets(n, slop=slop, queue_size=16, reorder_tolerance=tol)
         sets = [s for _, s in feed(sync, arrivals)] + sync.flush()
         check_sets(sets, n, slop)
         check_accounting(sync)
@@ -487,7 +491,7 @@ def test_random_stress_invariants(seed):
     for _ in range(20):
         n = rng.randint(1, 5)
         slop = rng.randint(0, 30)
-        sync = Synchronizer(n, slop=slop, queue_size=rng.randint(1, 6), reset_threshold=500)
+        sync = MaxSets(n, slop=slop, queue_size=rng.randint(1, 6), reset_threshold=500)
         t = [0] * n
         sets = []
         for serial in range(300):
@@ -504,7 +508,7 @@ def test_random_stress_invariants(seed):
 
 # ----------------------------------------------------------------------- API and behaviour
 def test_stats_reset_and_validation():
-    sync = Synchronizer(2, slop=10 * MS, queue_size=4)
+    sync = MaxSets(2, slop=10 * MS, queue_size=4)
     assert sync.num_inputs == 2 and sync.slop == 10 * MS and sync.queue_size == 4
     assert sync.last_stamp_ns(0) is None
     sync.add(0, SEC, None)
@@ -529,19 +533,19 @@ def test_stats_reset_and_validation():
     with pytest.raises(TypeError, match="nanoseconds"):
         sync.add(0, 1.5, None)
     with pytest.raises(TypeError, match="nanoseconds"):
-        Synchronizer(2, slop=0.02)
+        MaxSets(2, slop=0.02)
     with pytest.raises(IndexError):
         sync.add(2, 0, None)
     with pytest.raises(ValueError):
-        Synchronizer(0, slop=0)
+        MaxSets(0, slop=0)
     with pytest.raises(ValueError):
-        Synchronizer(2, slop=-1)
+        MaxSets(2, slop=-1)
     with pytest.raises(ValueError):
-        Synchronizer(2, slop=0, queue_size=0)
+        MaxSets(2, slop=0, queue_size=0)
 
 
 def test_reorder_tolerance_holds_sets_and_flush_releases_them():
-    sync = Synchronizer(3, slop=10 * MS, reorder_tolerance=5 * MS)
+    sync = MaxSets(3, slop=10 * MS, reorder_tolerance=5 * MS)
     sync.add(0, 100 * MS, None)
     sync.add(1, 100 * MS, None)
     # Cameras 0 and 1 may still deliver frames down to 95 ms + 1 ns, and camera 2 one down to
@@ -560,7 +564,7 @@ def test_reorder_tolerance_holds_sets_and_flush_releases_them():
     assert [s.stamps for s in sets] == [(200 * MS, 203 * MS, 205 * MS)]
     assert [s.stamps for s in sync.flush()] == [(300 * MS,) * 3]
     # Without a tolerance the same frames are matched at once and flush has nothing to do.
-    sync = Synchronizer(3, slop=10 * MS)
+    sync = MaxSets(3, slop=10 * MS)
     sync.add(0, 100 * MS, None)
     sync.add(1, 100 * MS, None)
     assert len(sync.add(2, 95 * MS, None)) == 1 and sync.flush() == []
@@ -569,14 +573,14 @@ def test_reorder_tolerance_holds_sets_and_flush_releases_them():
 def test_reorder_tolerance_waits_for_an_earlier_pick():
     """The set is complete and no earlier set can form, yet a late frame may still be a better
     (earlier) pick for it, which leaves the later frame for the next set."""
-    sync = Synchronizer(2, slop=10, reorder_tolerance=5)
+    sync = MaxSets(2, slop=10, reorder_tolerance=5)
     assert sync.add(1, 100, None) == [] and sync.add(1, 104, None) == []
     assert sync.add(0, 95, None) == []  # camera 0 may still deliver 91..94
     assert sync.add(0, 92, None) == []  # ... and still 91
     assert [s.stamps for s in sync.add(0, 110, None)] == [(92, 100)]
     assert [s.stamps for s in sync.add(1, 120, None)] == [(95, 104)]
     # In-order assumption violated without a tolerance: the late frame is lost, and a set too.
-    sync = Synchronizer(2, slop=10)
+    sync = MaxSets(2, slop=10)
     sync.add(1, 100, None)
     sync.add(1, 104, None)
     assert [s.stamps for s in sync.add(0, 95, None)] == [(95, 100)]
@@ -585,7 +589,7 @@ def test_reorder_tolerance_waits_for_an_earlier_pick():
 
 def test_concurrent_adds_from_threads():
     n, n_ticks = 4, 300
-    sync = Synchronizer(n, slop=10 * MS, queue_size=n_ticks)
+    sync = MaxSets(n, slop=10 * MS, queue_size=n_ticks)
     results = []
     lock = threading.Lock()
 
@@ -610,7 +614,7 @@ def test_concurrent_adds_from_threads():
 def test_cost_is_not_a_product_over_queues():
     """8 inputs x 40 queued frames with one silent input: a product search would never end."""
     n, q = 8, 40
-    sync = Synchronizer(n, slop=30 * MS, queue_size=q)
+    sync = MaxSets(n, slop=30 * MS, queue_size=q)
     start = time.perf_counter()
     for i in range(q * 2):
         for k in range(n - 1):
@@ -639,14 +643,14 @@ def test_against_message_filters_approximate_time():
 
     filters = [message_filters.SimpleFilter() for _ in range(n)]
     theirs = []
-    mf = message_filters.ApproximateTimeSynchronizer(filters, 10, slop / SEC)
+    mf = message_filters.ApproximateTimeMaxSets(filters, 10, slop / SEC)
     mf.registerCallback(lambda *msgs: theirs.append(msgs))
     for k, t, _ in arrivals:
         msg = Image()
         msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, SEC)
         filters[k].signalMessage(msg)
 
-    sync = Synchronizer(n, slop=slop, queue_size=10)
+    sync = MaxSets(n, slop=slop, queue_size=10)
     ours = [s for _, s in feed(sync, arrivals)] + sync.flush()
     check_sets(ours, n, slop)
     assert len(ours) >= len(theirs)

@@ -12,7 +12,33 @@ What a set is
     set is newer than the one it contributed to the previous set. So both the newest and the
     oldest stamp of successive sets increase strictly.
 
-Which sets (the matching rule)
+Policies (which sets)
+    ``"approximate_time"`` (the default): the set choice of message_filters' C++
+    ApproximateTime policy with ``max_interval = slop`` and no age penalty: each set is the
+    tightest one (smallest spread) around its pivot, the newest of the inputs' oldest frames;
+    it waits for frames that may still tighten it. Implemented in
+    :mod:`qvl_ros.core.approximate_time`, which describes the rule. Two 30 Hz cameras 28 ms
+    apart are paired 5.3 ms apart (the other camera's next frame), where ``"max_sets"`` pairs
+    them 28 ms apart whenever the slop allows it.
+
+    ``"max_sets"``: the earliest set within ``slop``, which maximises the number of sets but
+    not their tightness; described below. It never waits: a set is emitted by the ``add`` that
+    completes it.
+
+    Default slop: :func:`default_slop_ns` gives a third of the slowest camera's frame period,
+    wide enough for the jitter of real cameras and narrow enough that a window holds at most
+    one frame of each camera.
+
+Reordering (both policies)
+    Frames of one input are assumed to arrive in stamp order (DDS keeps a writer's order).
+    ``reorder_tolerance = d > 0`` accepts a frame down to ``last_k - d + 1``, where ``last_k`` is
+    the newest stamp received on input ``k``, at the cost of up to ``d`` of extra latency.
+    ``"approximate_time"`` holds each frame back until its input is ``d`` past it (then no older
+    frame can come), in stamp order, at most ``queue_size`` frames per input (beyond that the
+    oldest is passed on early); a frame older than one already passed on is ``too_old``.
+    ``"max_sets"`` folds the tolerance into its rule (below).
+
+max_sets: which sets
     Among all sets the queued frames allow, take the one whose newest stamp ``M`` is smallest;
     for it, every input contributes its *earliest* queued frame in ``[M - slop, M]``. That set
     is componentwise the earliest set there is (every other set has, on every input, a frame
@@ -26,7 +52,7 @@ Which sets (the matching rule)
     tightest sets choose ``slop`` below the period of the fastest camera (typically a third to
     a half of it); then each window holds at most one frame per camera.
 
-When a set is emitted (versus waiting for a better one)
+max_sets: when a set is emitted (versus waiting for a better one)
     As soon as it exists. Frames of one input are assumed to arrive in stamp order (DDS keeps
     a writer's order; ``reorder_tolerance`` relaxes this), so a frame input ``k`` delivers
     later is newer than every frame it has queued, in particular newer than the frame ``f_k``
@@ -37,7 +63,7 @@ When a set is emitted (versus waiting for a better one)
     queued frames ending before ``M``, which contradicts the choice of ``S``. Nor can a future
     frame be an earlier pick for ``S`` itself. Waiting therefore never yields a better set:
     ``add`` returns every set the queues hold, and after it returns the queues hold none.
-    (ROS' ApproximateTime waits for later frames because it minimizes the span of each set;
+    (``approximate_time`` waits for later frames because it minimizes the span of each set;
     here any in-slop set is acceptable and the objective is the number of sets.)
 
     With ``reorder_tolerance = d > 0`` a frame may still arrive with a stamp down to
@@ -48,26 +74,27 @@ When a set is emitted (versus waiting for a better one)
     when ``W == M`` (no earlier set can still form) and no input can still deliver a frame in
     ``[M - slop, f_k)`` (no earlier pick). With ``d = 0`` both always hold, as shown above.
 
-Frames that can never match
+max_sets: frames that can never match
     ``W`` bounds every set still possible from below, now and in the future, so a frame
     stamped below ``W - slop`` is dropped at once as ``unmatched``: e.g. when a camera skipped
     a tick, its next frame shows it, and the other cameras' frames of that tick go.
 
-Optimality
+max_sets: optimality
     Under in-order arrival per input (or disorder within ``reorder_tolerance``) and queues
     that do not overflow, the emitted sets are exactly those of the rule applied offline to
     the whole streams, whatever the interleaving of the inputs, hence maximal in number.
     :meth:`flush` applies the rule as if no input will deliver another frame (it only has
     something to emit when ``reorder_tolerance > 0``).
 
-Cost
+max_sets: cost
     Each evaluation merges the N sorted queues and sweeps them once: O(N * Q * log N) time
     for N inputs with Q queued frames each, no product over queues. An arrival triggers one
     evaluation, plus one per set it releases.
 
 Bounded queues, drops and time resets
     Each input keeps at most ``queue_size`` frames, sorted by stamp; on overflow the oldest one
-    is dropped (``queue_full``). A frame not newer than the frame its input contributed to the
+    is dropped (``queue_full``; ``approximate_time`` counts the frames its search slid past
+    too, as message_filters does). A frame not newer than the frame its input contributed to the
     last emitted set is dropped (``too_old``). When an input's stamp goes back by more than
     ``reset_threshold`` (bag loop, simulation restart) all queues are emptied (``time_reset``),
     the reset is counted and the synchronizer continues on the new timeline. Frames still in
@@ -88,14 +115,27 @@ Threads
 from __future__ import annotations
 
 import bisect
+import math
 import operator
 import threading
 from dataclasses import dataclass
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["SyncSet", "Synchronizer", "DROP_REASONS"]
+from .approximate_time import ApproximateTimeMatcher
+
+__all__ = ["SyncSet", "Synchronizer", "DROP_REASONS", "POLICIES", "default_slop_ns"]
 
 DROP_REASONS: Tuple[str, ...] = ("queue_full", "too_old", "unmatched", "time_reset")
+POLICIES: Tuple[str, ...] = ("approximate_time", "max_sets")
+
+
+def default_slop_ns(rates_hz: Sequence[float]) -> int:
+    """The default slop for cameras at ``rates_hz`` (frames/s): a third of the slowest one's
+    frame period, in ns. E.g. 30 Hz -> 11.1 ms; 30 Hz with 10 Hz -> 33.3 ms."""
+    rates = [float(r) for r in rates_hz]
+    if not rates or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ValueError(f"expected frame rates must be finite and > 0, got {rates_hz!r}")
+    return int(round(1e9 / min(rates) / 3))
 
 _NEG_INF = float("-inf")
 
@@ -145,11 +185,17 @@ class Synchronizer:
         reorder_tolerance: how far (ns) an input's frames may arrive out of stamp order and
             still be matched optimally. 0 (the default) assumes in-order arrival per input;
             a positive value delays emission by up to that much.
+        policy: ``"approximate_time"`` (default; message_filters' set choice: the tightest
+            sets) or ``"max_sets"`` (the earliest set within slop: the most sets).
+        inter_message_lower_bound: ``approximate_time`` only: least stamp difference between
+            consecutive frames of an input (ns; one value for all inputs, or one per input).
+            0 (the default) assumes nothing; a true positive bound lets sets out sooner.
     """
 
     def __init__(self, num_inputs: int, slop: int, queue_size: int = 10, *,
                  reset_threshold: Optional[int] = 1_000_000_000,
-                 reorder_tolerance: int = 0) -> None:
+                 reorder_tolerance: int = 0, policy: str = "approximate_time",
+                 inter_message_lower_bound: Union[int, Sequence[int]] = 0) -> None:
         num_inputs = operator.index(num_inputs)
         if num_inputs < 1:
             raise ValueError("num_inputs must be at least 1")
@@ -168,6 +214,16 @@ class Synchronizer:
             raise ValueError("reorder_tolerance must be >= 0")
         if reset_threshold is not None and reorder_tolerance > reset_threshold:
             raise ValueError("reorder_tolerance must not exceed reset_threshold")
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}; got {policy!r}")
+        if isinstance(inter_message_lower_bound, (list, tuple)):
+            bounds = [_ns(b, "inter_message_lower_bound") for b in inter_message_lower_bound]
+        else:
+            bounds = [_ns(inter_message_lower_bound, "inter_message_lower_bound")] * num_inputs
+        if len(bounds) != num_inputs or any(b < 0 for b in bounds):
+            raise ValueError("inter_message_lower_bound must be >= 0, one value or one per input")
+        self._policy = policy
+        self._lower_bound = bounds
         self._n = num_inputs
         self._slop = slop
         self._queue_size = queue_size
@@ -191,10 +247,18 @@ class Synchronizer:
         return self._queue_size
 
     @property
+    def policy(self) -> str:
+        return self._policy
+
+    @property
+    def reorder_tolerance(self) -> int:
+        return self._tolerance
+
+    @property
     def pending(self) -> Tuple[Tuple[int, ...], ...]:
         """Stamps queued per input (sorted), not yet part of a set."""
         with self._lock:
-            return tuple(tuple(q) for q in self._stamps)
+            return tuple(tuple(self._pending_stamps(k)) for k in range(self._n))
 
     @property
     def drops(self) -> Dict[str, int]:
@@ -224,6 +288,10 @@ class Synchronizer:
             elif thr is not None and t < last - thr:
                 self._time_reset()
             used = self._last_used[k]
+            if self._matcher is not None:
+                passed = self._passed[k]
+                if passed is not None and (used is None or passed > used):
+                    used = passed
             if used is not None and t <= used:
                 self._drop(k, "too_old")
                 return []
@@ -231,6 +299,8 @@ class Synchronizer:
                 self._last[k] = t
             if self._epoch_max is not None and t > self._epoch_max:
                 self._epoch_max = t
+            if self._matcher is not None:
+                return self._hold_and_match(k, t, item)
             stamps, items = self._stamps[k], self._items[k]
             pos = bisect.bisect_right(stamps, t)
             stamps.insert(pos, t)
@@ -247,6 +317,11 @@ class Synchronizer:
         Frames that fit no set stay queued (a later frame may still complete them).
         """
         with self._lock:
+            if self._matcher is not None:
+                chosen = []
+                for k in range(self._n):
+                    chosen += self._pass_on(k, len(self._held[k]))
+                return self._emit(chosen + self._matcher.finish())
             return self._drain(final=True)
 
     def reset(self, *, clear_stats: bool = False) -> None:
@@ -275,7 +350,7 @@ class Synchronizer:
                 "received": list(self._received),
                 "used": list(self._used),
                 "dropped": [dict(d) for d in self._dropped],
-                "pending": [len(q) for q in self._stamps],
+                "pending": [len(self._pending_stamps(k)) for k in range(self._n)],
                 "last_stamp_ns": list(self._last),
             }
 
@@ -302,6 +377,12 @@ class Synchronizer:
         self._last_used: List[Optional[int]] = [None] * n  # stamp used in the last set
         self._old_last: Optional[List[Optional[int]]] = None  # per input, before the last reset
         self._epoch_max: Optional[float] = None             # newest stamp since that reset
+        self._matcher: Optional[ApproximateTimeMatcher] = None
+        if self._policy == "approximate_time":
+            self._matcher = ApproximateTimeMatcher(n, self._slop, self._queue_size, self._drop,
+                                                   self._lower_bound)
+        self._held: List[List[Tuple[int, Any]]] = [[] for _ in range(n)]  # awaiting reorder
+        self._passed: List[Optional[int]] = [None] * n  # newest stamp passed to the matcher
 
     def _drop(self, k: int, reason: str, count: int = 1) -> None:
         self._dropped[k][reason] += count
@@ -312,8 +393,9 @@ class Synchronizer:
     def _time_reset(self) -> None:
         """Empty the queues and start a new timeline (the caller adds the new frame)."""
         for k in range(self._n):
-            if self._stamps[k]:
-                self._drop(k, "time_reset", len(self._stamps[k]))
+            queued = len(self._pending_stamps(k))
+            if queued:
+                self._drop(k, "time_reset", queued)
         old_last = list(self._last)
         self._clear_timeline()
         self._old_last = old_last
@@ -329,6 +411,42 @@ class Synchronizer:
         return (old is not None and old - thr <= t <= old + thr
                 and self._epoch_max is not None and t > self._epoch_max + thr)
 
+    def _pending_stamps(self, k: int) -> List[int]:
+        if self._matcher is None:
+            return list(self._stamps[k])
+        return sorted(self._matcher.stamps(k) + [t for t, _ in self._held[k]])
+
+    # ---------------------------------------------------------------- approximate_time policy
+    def _hold_and_match(self, k: int, t: int, item: Any) -> List[SyncSet]:
+        """Hold the frame until input ``k`` is ``reorder_tolerance`` past it, then match it."""
+        held = self._held[k]
+        bisect.insort(held, (t, item), key=lambda f: f[0])
+        final = 0
+        while final < len(held) and held[final][0] <= self._last[k] - self._tolerance:
+            final += 1
+        final = max(final, len(held) - self._queue_size)  # bounded: pass the oldest on early
+        return self._emit(self._pass_on(k, final))
+
+    def _pass_on(self, k: int, count: int) -> List[Tuple[Tuple[int, Any], ...]]:
+        """Give the ``count`` oldest held frames of input ``k`` to the matcher."""
+        chosen = []
+        frames, self._held[k] = self._held[k][:count], self._held[k][count:]
+        for t, item in frames:
+            self._passed[k] = t
+            chosen += self._matcher.add(k, t, item)
+        return chosen
+
+    def _emit(self, chosen: List[Tuple[Tuple[int, Any], ...]]) -> List[SyncSet]:
+        out = []
+        for frames in chosen:
+            for k, (t, _) in enumerate(frames):
+                self._last_used[k] = t
+                self._used[k] += 1
+            self._sets += 1
+            out.append(SyncSet(tuple(t for t, _ in frames), tuple(i for _, i in frames)))
+        return out
+
+    # ------------------------------------------------------------------------ max_sets policy
     def _scan(self, final: bool) -> Tuple[Optional[int], bool]:
         """Sweep window ends ``M'`` upwards over the merged queues.
 

@@ -129,7 +129,7 @@ PRESETS: dict[str, QwenVLConfig] = {
                                   vision_intermediate=128, vision_heads=2, vision_out=64,
                                   vision_act="quick_gelu", window_size=0, fullatt_blocks=(0, 1, 2),
                                   **_TINY_TEXT),
-    # benchmarks: the small config of DESIGN.md
+    # benchmarks: the small config of docs/architecture.md
     "small": QwenVLConfig(vision_depth=8, vision_hidden=256, vision_intermediate=512, vision_heads=4,
                           vision_out=256, fullatt_blocks=(3, 7), **_SMALL_TEXT),
     # released sizes (for shape checks; weights come from the checkpoint directory)
