@@ -90,19 +90,22 @@ def test_memory_bounded_with_one_camera_at_ten_times_the_rate():
             for k in (1, 2):
                 events.append((t + int(rng.integers(0, 2 * MS)), k))
     events.sort()
-    made = []
+    made, emitted = [], []
     for stamp, k in events:
         published[k].append(stamp)
         clips.push(k, stamp, ("frame", k, stamp))
         for s in sync.add(k, stamp, ("frame", k, stamp)):
+            emitted.append(s)
             c = clips.assemble(s)
             if c is not None:
                 made.append(c)
         assert max(clips.stats()["held"]) <= clips.stats()["capacity"] == (K - 1) * S + Q
     st = clips.stats()
     assert st["held"][0] == st["capacity"]  # the fast camera fills its ring and stays there
-    assert st["incomplete"] == (K - 1) * S  # the slow cameras' first (K - 1) * S sets
-    assert len(made) == sync.stats()["sets"] - st["incomplete"] >= 50
+    # sets without a clip: exactly those where a camera had fewer than (K - 1) * S frames before
+    lacking = [s for s in emitted if any(published[k].index(s.stamps[k]) < (K - 1) * S for k in range(3))]
+    assert st["incomplete"] == len(lacking) > 0
+    assert len(made) == len(emitted) - len(lacking) >= 20
     for c in made:
         for k in range(3):
             assert c.clip_stamps[k] == expected_clip(published[k], c.stamps[k], K, S)
@@ -191,14 +194,20 @@ def test_node_publishes_clips_equal_to_encode_on_the_same_frames(tiny_model):
                 published[k].append(stamp)
                 pubs[k].publish(_fill(Image(), rgb, stamp))
             time.sleep(0.004)
-        # 14 slow frames -> 14 sets; the first (K - 1) * S lack the slow camera's history
-        assert _wait(lambda: len(got) >= 14 - (K - 1) * S and node.wait_idle(0.1)), (len(got), node.pipeline_stats())
+        # 14 slow frames -> up to 14 sets (the synchronizer's policy may hold the last one back);
+        # the first (K - 1) * S lack the slow camera's history
+
+        def published_all():
+            st = node.pipeline_stats()
+            return (st["sync"]["sets"] >= 12 and node.wait_idle(0.1)
+                    and len(got) == st["sync"]["sets"] - st["clips"]["incomplete"])
+
+        assert _wait(published_all), (len(got), node.pipeline_stats())
         stats = node.pipeline_stats()["clips"]
         assert stats["incomplete"] == (K - 1) * S
         assert max(stats["held"]) <= stats["capacity"] == (K - 1) * S + Q
         assert _wait(lambda: any(kv.key == "sets without a full clip" and kv.value == str((K - 1) * S)
                                  for a in list(diags) for st in a.status for kv in st.values))
-        assert len(got) == 14 - (K - 1) * S
         for msg in got:
             assert msg.clip_frames == K and len(msg.clip_stamps) == 2 * K
             clip_stamps = [[stamp_ns(t) for t in msg.clip_stamps[n * K:(n + 1) * K]] for n in range(2)]
