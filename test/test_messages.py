@@ -46,7 +46,8 @@ def test_messages_import_with_expected_fields():
         "header": "std_msgs/Header", "camera_names": "sequence<string>",
         "camera_stamps": "sequence<builtin_interfaces/Time>", "model": "string",
         "prompt": "string", "tensors": "sequence<qvl_ros/FeatureTensor>",
-        "inputs": "sequence<qvl_ros/CameraInput>", "hidden_rows": "sequence<qvl_ros/RowRange>"}
+        "inputs": "sequence<qvl_ros/CameraInput>", "hidden_rows": "sequence<qvl_ros/RowRange>",
+        "clip_frames": "uint32", "clip_stamps": "sequence<builtin_interfaces/Time>"}
     assert Caption.get_fields_and_field_types() == {
         "header": "std_msgs/Header", "camera_names": "sequence<string>",
         "camera_stamps": "sequence<builtin_interfaces/Time>", "model": "string",

@@ -26,6 +26,7 @@ class QwenVLConfig:
     window_size: int = 112  # pixels; 2.5-VL only
     fullatt_blocks: tuple[int, ...] = (7, 15, 23, 31)  # 2.5-VL only; 2-VL attends fully everywhere
     vision_rope_theta: float = 10000.0
+    tokens_per_second: float = 2.0  # 2.5-VL: M-RoPE time steps per second of video
     # text decoder
     vocab_size: int = 151936
     hidden: int = 2048
@@ -105,6 +106,7 @@ class QwenVLConfig:
         if family == "qwen2_5_vl":
             return cls(vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
                        vision_out=v.out_hidden_size, vision_act=v.hidden_act,
+                       tokens_per_second=float(getattr(v, "tokens_per_second", 2)),
                        window_size=v.window_size, fullatt_blocks=tuple(v.fullatt_block_indexes),
                        **common)
         return cls(vision_hidden=v.embed_dim, vision_intermediate=int(v.embed_dim * v.mlp_ratio),

@@ -3,6 +3,7 @@
     model = BatchedQwenVL.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
     feats = model.encode(frames, prompts)       # frames: uint8 (B, N, 3, H, W) or nested lists
     texts = model.generate(frames, prompts, max_new_tokens=32)
+    feats = model.encode([[clip, image]], prompts, fps=10)   # clip: uint8 (T, 3, H, W)
 
 Everything between the uint8 frames and the returned tensors stays on the model device; the only
 host work is index math known from image sizes and the tokenizer.
@@ -10,6 +11,7 @@ host work is index math known from image sizes and the tokenizer.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,14 +20,14 @@ from torch import nn
 
 from .checkpoint import read_weights
 from .config import QwenVLConfig
-from .processor import Batch, TensorProcessor, image_size_problem
+from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
 from .text import Decoder
 from .vision import VisionTower
 
 
 @dataclass
 class Features:
-    vision: list          # [B][N] tensors (tokens_n, D): merged vision tokens of each camera
+    vision: list          # [B][N] tensors (tokens_n, D): merged vision tokens of each camera (t*h*w/4 for a clip)
     hidden: torch.Tensor  # (B, L, D) decoder last hidden state after the final norm, left padded (pads zeroed)
     attention_mask: torch.Tensor  # (B, L)
     input_ids: torch.Tensor       # (B, L)
@@ -52,18 +54,49 @@ def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> tor
     return DTYPES[dtype]
 
 
+def _check_entry(x, b: int, n: int) -> torch.Tensor:
+    """One camera entry: a uint8 (3, H, W) image, or a clip as (T, 3, H, W) or a list of T frames."""
+    if isinstance(x, (list, tuple)):  # a clip as a list of frames
+        if len(x) == 0:
+            raise ValueError(f"clip [{b}][{n}] has no frames (T = 0); a clip needs T >= 1")
+        for k, f in enumerate(x):
+            if not isinstance(f, torch.Tensor) or f.dim() != 3:
+                raise ValueError(f"clip [{b}][{n}] frame {k} must be a (3, H, W) tensor")
+            if f.shape != x[0].shape:
+                raise ValueError(f"clip [{b}][{n}] mixes frame sizes: frame {k} is {tuple(f.shape)}, frame 0 is "
+                                 f"{tuple(x[0].shape)}; all frames of a clip must have one size")
+        x = torch.stack(list(x))
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"image [{b}][{n}] must be a torch tensor, got {type(x).__name__}")
+    if x.dtype != torch.uint8:
+        raise ValueError(f"image [{b}][{n}] must be uint8, got {x.dtype}")
+    if x.dim() == 4:
+        if x.shape[0] < 1:
+            raise ValueError(f"clip [{b}][{n}] has no frames (T = 0); a clip needs T >= 1")
+        if x.shape[1] != 3:
+            raise ValueError(f"clip [{b}][{n}] must have shape (T, 3, H, W), got {tuple(x.shape)}")
+    elif x.dim() != 3 or x.shape[0] != 3:
+        raise ValueError(f"image [{b}][{n}] must have shape (3, H, W) (or a clip (T, 3, H, W)), got {tuple(x.shape)}")
+    problem = image_size_problem(*x.shape[-2:])
+    if problem:
+        raise ValueError(f"{'clip' if x.dim() == 4 else 'image'} [{b}][{n}]: {problem}")
+    return x
+
+
 def check_images(images, prompts) -> list[list[torch.Tensor]]:
-    """Validate and normalize input to a list (B) of lists (N) of uint8 (3, H, W) tensors."""
+    """Validate and normalize input to a list (B) of lists (N) of uint8 (3, H, W) images or
+    (T, 3, H, W) clips."""
     if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
         raise ValueError("prompts must be a list of strings, one per sample")
     if isinstance(images, torch.Tensor):
-        if images.dim() != 5:
-            raise ValueError(f"images must have shape (B, N, 3, H, W), got rank {images.dim()} {tuple(images.shape)}")
+        if images.dim() not in (5, 6):
+            raise ValueError(f"images must have shape (B, N, 3, H, W) or clips (B, N, T, 3, H, W), got rank "
+                             f"{images.dim()} {tuple(images.shape)}")
         batch = [list(s.unbind(0)) for s in images.unbind(0)]
     elif isinstance(images, (list, tuple)):
         batch = []
         for b, cams in enumerate(images):
-            if isinstance(cams, torch.Tensor) and cams.dim() == 4:
+            if isinstance(cams, torch.Tensor) and cams.dim() in (4, 5):
                 cams = list(cams.unbind(0))
             if not isinstance(cams, (list, tuple)):
                 raise ValueError(f"images[{b}] must be a list of (3, H, W) tensors, got {type(cams).__name__}")
@@ -79,17 +112,30 @@ def check_images(images, prompts) -> list[list[torch.Tensor]]:
             raise ValueError(f"prompts[{b}] must be a string")
         if len(cams) == 0:
             raise ValueError(f"sample {b} has no camera images")
-        for n, im in enumerate(cams):
-            if not isinstance(im, torch.Tensor):
-                raise ValueError(f"image [{b}][{n}] must be a torch tensor, got {type(im).__name__}")
-            if im.dtype != torch.uint8:
-                raise ValueError(f"image [{b}][{n}] must be uint8, got {im.dtype}")
-            if im.dim() != 3 or im.shape[0] != 3:
-                raise ValueError(f"image [{b}][{n}] must have shape (3, H, W), got {tuple(im.shape)}")
-            problem = image_size_problem(*im.shape[1:])
-            if problem:
-                raise ValueError(f"image [{b}][{n}]: {problem}")
+        batch[b] = [_check_entry(x, b, n) for n, x in enumerate(cams)]
     return batch
+
+
+def check_fps(fps, batch: list) -> list[list[float]] | None:
+    """Frame rate of every clip: one number for all, one per sample, or a list per camera of a
+    sample; None -> 2 fps (DEFAULT_FPS). Entries for still images are ignored."""
+    if not any(x.dim() == 4 for cams in batch for x in cams):
+        return None
+    fps = DEFAULT_FPS if fps is None else fps
+    if not isinstance(fps, (list, tuple)):
+        fps = [fps] * len(batch)
+    if len(fps) != len(batch):
+        raise ValueError(f"fps: got {len(fps)} values for {len(batch)} samples")
+    out = []
+    for b, (f, cams) in enumerate(zip(fps, batch)):
+        f = list(f) if isinstance(f, (list, tuple)) else [f] * len(cams)
+        if len(f) != len(cams):
+            raise ValueError(f"fps[{b}]: got {len(f)} values for {len(cams)} cameras")
+        for n, (r, x) in enumerate(zip(f, cams)):
+            if x.dim() == 4 and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+                raise ValueError(f"fps of clip [{b}][{n}] must be a positive number, got {r!r}")
+        out.append([float(r) if x.dim() == 4 else 0.0 for r, x in zip(f, cams)])
+    return out
 
 
 class BatchedQwenVL(nn.Module):
@@ -112,8 +158,12 @@ class BatchedQwenVL(nn.Module):
         return self.decoder.embed.weight.dtype
 
     @classmethod
-    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None):
-        """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code)."""
+    def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
+                        video_min_pixels=None, video_max_pixels=None):
+        """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
+
+        Pixel bounds default to the checkpoint's processor config: min/max_pixels for still
+        images, video_min/max_pixels for each frame of a clip."""
         from transformers import AutoConfig
 
         path = Path(path)
@@ -128,7 +178,8 @@ class BatchedQwenVL(nn.Module):
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
         proc = TensorProcessor.from_pretrained(path, cfg, device=device, min_pixels=min_pixels,
-                                               max_pixels=max_pixels)
+                                               max_pixels=max_pixels, video_min_pixels=video_min_pixels,
+                                               video_max_pixels=video_max_pixels)
         eos = []
         gen_path = path / "generation_config.json"
         if gen_path.exists():
@@ -152,59 +203,65 @@ class BatchedQwenVL(nn.Module):
         return model.eval().requires_grad_(False)
 
     # ------------------------------------------------------------------ pieces
-    def prepare(self, images, prompts, size=None) -> tuple[list, Batch]:
+    def prepare(self, images, prompts, size=None, fps=None) -> tuple[list, Batch]:
         batch = check_images(images, prompts)
-        return batch, self.processor(batch, list(prompts), size=size)
+        return batch, self.processor(batch, list(prompts), size=size, fps=check_fps(fps, batch))
 
     def vision_features(self, inputs: Batch) -> torch.Tensor:
-        """(total merged tokens, D) for all images of the batch, in input order."""
-        return self.visual(inputs.pixels.to(self.dtype), inputs.grids)
+        """(total merged tokens, D) for all images and clips of the batch, in input order."""
+        clip_pixels = None if inputs.clip_pixels is None else inputs.clip_pixels.to(self.dtype)
+        return self.visual(inputs.pixels.to(self.dtype), inputs.grids, clip_pixels, inputs.clips)
 
     def embed(self, inputs: Batch, vis: torch.Tensor) -> torch.Tensor:
         x = self.decoder.embed(inputs.input_ids)  # (B, L, D)
-        mask = (inputs.input_ids == self.cfg.image_token_id).unsqueeze(-1)  # (B, L, 1)
-        return x.masked_scatter(mask, vis.to(x.dtype))
+        mask = inputs.input_ids == self.cfg.image_token_id
+        if inputs.clips is not None:
+            mask |= inputs.input_ids == self.cfg.video_token_id
+        return x.masked_scatter(mask.unsqueeze(-1), vis.to(x.dtype))  # mask (B, L, 1)
 
     # ------------------------------------------------------------------ public API
     @torch.inference_mode()
-    def encode(self, images, prompts, size=None) -> Features:
-        """Vision tokens per camera and decoder last hidden states for B samples x N cameras."""
-        return self._run(images, prompts, size, 0)[0]
+    def encode(self, images, prompts, size=None, fps=None) -> Features:
+        """Vision tokens per camera and decoder last hidden states for B samples x N cameras.
+
+        A camera entry is a uint8 (3, H, W) image or a (T, 3, H, W) clip (oldest frame first);
+        `fps`: the clips' frame rate, one number, one per sample or a list per sample's cameras."""
+        return self._run(images, prompts, size, 0, fps=fps)[0]
 
     @torch.inference_mode()
     def generate_ids(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, size=None,
-                     generator: torch.Generator | None = None) -> torch.Tensor:
+                     generator: torch.Generator | None = None, fps=None) -> torch.Tensor:
         """(B, max_new_tokens) generated token ids; after a row's end token the row holds pad ids."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        return self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator)[1]
+        return self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)[1]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, size=None,
-                 generator: torch.Generator | None = None) -> list[str]:
+                 generator: torch.Generator | None = None, fps=None) -> list[str]:
         """Batched generation with a KV cache; each row stops at its own end token."""
-        ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator)
+        ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator, fps)
         return self.decode(ids)
 
     @torch.inference_mode()
     def encode_generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                         temperature: float = 1.0, top_p: float = 1.0, size=None,
-                        generator: torch.Generator | None = None) -> tuple[Features, list[str]]:
+                        generator: torch.Generator | None = None, fps=None) -> tuple[Features, list[str]]:
         """Features and captions from one vision pass and one prefill."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator)
+        feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)
         return feats, self.decode(ids)
 
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
 
     def _run(self, images, prompts, size, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None):
+             temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None):
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
-        _, inputs = self.prepare(images, prompts, size)
+        _, inputs = self.prepare(images, prompts, size, fps)
         dev, dt = self.device, self.dtype
         B, L = inputs.input_ids.shape
         K = L + max_new_tokens
@@ -218,7 +275,7 @@ class BatchedQwenVL(nn.Module):
         pads = [L - n for n in inputs.lengths]
         padded = any(pads)
         hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads, caches)
-        counts = [g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
+        counts = [g[0] * g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
         per_image = vis.split(counts)
         out, k = [], 0
         for n in inputs.images_per_sample:

@@ -7,6 +7,10 @@ whose grid the window divides makes exactly one call per layer, and edge windows
 add at most three more. Index math (window order and its inverse, segment groups, rotary tables)
 depends only on the images' grid shapes and is cached per tuple of grids.
 
+Clips enter the same call: a clip of grid (t, h, w) is t slices that attend within themselves
+(windows and full attention alike, as in the reference), each embedded from two frames by the
+unfolded patch-embedding weights; slices of all images and clips share the packed sequence.
+
 CPU cost is dominated by memory passes, so the layer is written to make few of them: the temporal
 patch repeat is folded into the patch-embedding weights, q/k rows are permuted at load time so
 rotary embedding is one complex multiply, gate and up projections are one matmul with an in-place
@@ -50,8 +54,8 @@ class Group:
 
 @dataclass
 class Layout:
-    unit_perm: torch.Tensor      # (U,) window order of merge units (global); gather on inputs
-    unit_inv: torch.Tensor       # (U,) its inverse; gather on merger outputs
+    unit_perm: torch.Tensor      # (U,) source unit of each window-order position; gather on inputs
+    unit_inv: torch.Tensor       # (U,) window-order position of each output unit (entry order)
     rope: torch.Tensor           # (S, hd/2) complex64, in window order
     window_groups: list          # [Group] for window-attention layers
     full_groups: list            # [Group] for full-attention layers
@@ -161,7 +165,9 @@ class VisionTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         D, m = cfg.vision_hidden, cfg.merge_size
-        self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)
+        self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)  # stills: T folded
+        self.patch_embed_clip = nn.Linear(cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2, D,
+                                          bias=False)  # clips: (C, T, p, p) rows
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
         self.merger_norm = Norm(cfg.is_v25)  # gain folded into merger_fc1
         self.merger_fc1 = nn.Linear(D * m * m, D * m * m)
@@ -204,32 +210,44 @@ class VisionTower(nn.Module):
         wpos = (uw * m + iw).reshape(H * W, m * m)
         return order, lengths, hpos, wpos
 
-    def layout(self, grids: list) -> Layout:
-        key = (tuple(grids), self.inv_freq.device)
+    def layout(self, grids: list, clips: list | None = None) -> Layout:
+        """Index math for entries with `grids` [(t, gh, gw)]; `clips[i]` marks entry i as a clip.
+
+        Outputs come in entry order (raster order of merge units, clips slice by slice). Inputs
+        come in source order: the rows of all still images, then the rows of all clips."""
+        clips = tuple(bool(c) for c in clips) if clips else (False,) * len(grids)
+        key = (tuple(grids), clips, self.inv_freq.device)
         lay = self._layouts.get(key)
         if lay is not None:
             return lay
         mm = self.cfg.merge_size ** 2
-        perms, wsegs, fsegs, hs, ws_, units = [], [], [], [], [], []
+        sizes = [t * gh * gw // mm for t, gh, gw in grids]
+        src = [0, sum(n for n, c in zip(sizes, clips) if not c)]  # next source unit: [stills, clips]
+        perms, sources, wsegs, fsegs, hs, ws_, units = [], [], [], [], [], [], []
         u0 = 0
-        for t, gh, gw in grids:
-            if t != 1:
-                raise ValueError("video grids (t > 1) are not supported by the image path")
+        for (t, gh, gw), clip, n_units in zip(grids, clips, sizes):
+            if t != 1 and not clip:
+                raise ValueError("an image grid must have t = 1; clips are marked in `clips`")
             order, lengths, hpos, wpos = self._image_layout(gh, gw)
-            perms.append(order + u0)
-            hs.append(hpos[order].reshape(-1))
-            ws_.append(wpos[order].reshape(-1))
-            start = u0 * mm
-            for n in lengths:
-                wsegs.append((start, n * mm))
-                start += n * mm
-            fsegs.append((u0 * mm, order.numel() * mm))
-            units.append(order.numel())
-            u0 += order.numel()
+            n = order.numel()
+            sources.append(torch.arange(n_units) + src[clip])
+            src[clip] += n_units
+            for _ in range(t):  # each temporal slice attends within itself
+                perms.append(order + u0)
+                hs.append(hpos[order].reshape(-1))
+                ws_.append(wpos[order].reshape(-1))
+                start = u0 * mm
+                for length in lengths:
+                    wsegs.append((start, length * mm))
+                    start += length * mm
+                fsegs.append((u0 * mm, n * mm))
+                u0 += n
+            units.append(n_units)
         dev = self.inv_freq.device
-        perm = torch.cat(perms)
-        inv = torch.empty_like(perm)
-        inv[perm] = torch.arange(perm.numel())
+        window = torch.cat(perms)  # entry-order unit at each window position
+        inv = torch.empty_like(window)
+        inv[window] = torch.arange(window.numel())
+        perm = torch.cat(sources)[window]  # source unit at each window position
         h, w = torch.cat(hs).to(dev), torch.cat(ws_).to(dev)
         angles = torch.cat([h[:, None].float() * self.inv_freq, w[:, None].float() * self.inv_freq], dim=-1)
         rope = torch.polar(torch.ones_like(angles), angles)  # (S, hd/2) complex
@@ -241,13 +259,26 @@ class VisionTower(nn.Module):
         return lay
 
     # -------------------------------------------------------------- forward
-    def forward(self, pixels: torch.Tensor, grids: list) -> torch.Tensor:
-        """pixels (P, C*p*p) in raster patch order -> merged tokens (P/4, out) in raster order."""
-        lay = self.layout(grids)
+    def forward(self, pixels: torch.Tensor, grids: list, clip_pixels: torch.Tensor | None = None,
+                clips: list | None = None) -> torch.Tensor:
+        """Merged tokens (U, out) in entry order.
+
+        pixels (P, C*p*p): still images' rows in raster patch order; clip_pixels (Pv, C*T*p*p):
+        clips' rows (t-major, raster within a slice); `clips[i]` marks entry i as a clip."""
+        lay = self.layout(grids, clips)
         mm = self.cfg.merge_size ** 2
-        P, K = pixels.shape
-        x = pixels.to(self.patch_embed.weight.dtype).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
-        x = linear(x, self.patch_embed.weight)  # (S, D), window order
+        wdt = self.patch_embed.weight.dtype
+        if clip_pixels is None or not clip_pixels.shape[0]:
+            P, K = pixels.shape
+            x = pixels.to(wdt).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
+            x = linear(x, self.patch_embed.weight)  # (S, D), window order
+        else:
+            parts = [linear(pixels.to(wdt), self.patch_embed.weight)] if pixels.shape[0] else []
+            parts.append(linear(clip_pixels.to(wdt), self.patch_embed_clip.weight))
+            x = torch.cat(parts) if len(parts) > 1 else parts[0]  # (S, D), source order
+            S, D = x.shape
+            x = x.view(S // mm, mm, D)[lay.unit_perm].view(S, D)  # window order
+        P = x.shape[0]
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
             x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
@@ -263,6 +294,7 @@ class VisionTower(nn.Module):
         cfg = self.cfg
         pe = w["visual.patch_embed.proj.weight"]  # (D, C, T, p, p)
         self.patch_embed.weight.copy_(pe.float().sum(2).reshape(pe.shape[0], -1))
+        self.patch_embed_clip.weight.copy_(pe.reshape(pe.shape[0], -1))  # (D, C*T*p*p)
         hd, D = cfg.vision_head_dim, cfg.vision_hidden
         perm = interleave_perm(hd)
         qk_rows = torch.cat([(perm + h * hd) for h in range(2 * cfg.vision_heads)])  # q then k heads

@@ -307,13 +307,16 @@ class FeatureBagWriter:
             name=name, dtype=dtype, shape=np.asarray(shape, dtype=np.uint32), data=data)
 
     def write_features(self, stamps_ns: Sequence[int], camera_names: Sequence[str], model: str,
-                       prompt: str, tensors: Sequence, frame_id: str = "") -> None:
+                       prompt: str, tensors: Sequence, frame_id: str = "",
+                       clip_stamps_ns: Sequence[Sequence[int]] = ()) -> None:
         stamp = max(stamps_ns)
         msg = self._types[VISION_FEATURES_TYPE](
             header=_header(self.store, stamp, frame_id),
             camera_names=list(camera_names),
             camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, tensors=list(tensors), inputs=[], hidden_rows=[])
+            model=model, prompt=prompt, tensors=list(tensors), inputs=[], hidden_rows=[],
+            clip_frames=len(clip_stamps_ns[0]) if clip_stamps_ns else 0,
+            clip_stamps=[_time(self.store, s) for clip in clip_stamps_ns for s in clip])
         self._writer.write(self._features, stamp, self.store.serialize_cdr(msg, VISION_FEATURES_TYPE))
         self.counts[FEATURES_TOPIC] += 1
 

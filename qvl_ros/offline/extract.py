@@ -81,6 +81,8 @@ class ExtractConfig:
     queue_size: int = 64  # frames kept per camera while waiting for a match
     reorder: float = 0.2  # seconds of out-of-order stamps tolerated per camera
     frame_id: str = ""
+    clip_frames: int = 0  # 0: still images; K >= 2: per camera, a clip of K frames ending at the matched one
+    clip_stride: int = 1  # the clip takes every S-th frame of its camera
     force: bool = False
     export: str | os.PathLike | None = None
     shard_mb: float = 512.0
@@ -112,6 +114,8 @@ class ExtractReport:
     sets_written: int = 0
     captions_written: int = 0
     sets_unwritten: int = 0  # synchronized but not written (interrupted or failed run)
+    clips_incomplete: int = 0  # with clips: sets before every camera held a full clip (not written)
+    clip_restarts: dict = field(default_factory=dict)  # with clips: {camera: {reason: count}}
     failures: list[tuple[str, int, str]] = field(default_factory=list)  # (topic, stamp ns, reason)
     interrupted: int | None = None  # the signal number that stopped the run
     error: str | None = None  # what stopped the run early, if anything did
@@ -297,6 +301,11 @@ class _SetSource:
         reset_ns = max(1_000_000_000, reorder_ns)
         self.sync = Synchronizer(n, slop_ns, cfg.queue_size, reset_threshold=reset_ns,
                                  reorder_tolerance=reorder_ns)
+        self.clips = None
+        if cfg.clip_frames:  # the node's clip rule (qvl_ros.core.clips)
+            from ..core.clips import ClipAssembler
+
+            self.clips = ClipAssembler(n, cfg.clip_frames, cfg.clip_stride, lag=cfg.queue_size)
         self.frames = [0] * n
         self.failed = [0] * n
         self.failures: list[tuple[str, int, str]] = []
@@ -331,9 +340,20 @@ class _SetSource:
             except ConversionError as exc:
                 self._fail(k, stamp, str(exc))
                 continue
-            yield from sync.add(k, stamp, image)
+            if self.clips is not None:
+                self.clips.push(k, stamp, image)
+            yield from self._sets(sync.add(k, stamp, image))
         self.finished = True
-        yield from sync.flush()
+        yield from self._sets(sync.flush())
+
+    def _sets(self, sync_sets) -> Iterator:
+        if self.clips is None:
+            yield from sync_sets
+            return
+        for s in sync_sets:
+            c = self.clips.assemble(s)
+            if c is not None:
+                yield c
 
 
 _END = object()
@@ -484,6 +504,8 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         raise ExtractError("--max-new-tokens must be at least 1")
     if cfg.stamps not in ("header", "bag"):
         raise ExtractError("--stamps must be 'header' or 'bag'")
+    if cfg.clip_frames < 0 or cfg.clip_frames == 1 or cfg.clip_stride < 1:
+        raise ExtractError("--clip-frames must be 0 (still images) or at least 2, --clip-stride at least 1")
     topics = list(cfg.topics)
     names = list(cfg.camera_names) if cfg.camera_names else camera_names_for(topics)
     if len(names) != len(topics) or len(set(names)) != len(names) or not all(names):
@@ -566,10 +588,12 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
             def compute(batch):
                 images = [list(s.items) for s in batch]
                 prompts = prompts_cache.setdefault(len(batch), [cfg.prompt] * len(batch))
+                fps = [list(s.fps) for s in batch] if cfg.clip_frames else None
                 if cfg.caption:
-                    feats, texts = model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens)
+                    feats, texts = model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens,
+                                                         fps=fps)
                 else:
-                    feats, texts = model.encode(images, prompts), None
+                    feats, texts = model.encode(images, prompts, fps=fps), None
                 return batch, feats, texts
 
             def emit(batch, feats, texts) -> None:
@@ -579,7 +603,8 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
                     for name, t in tensors:
                         dtype, shape, data = _host_storage(t)
                         msgs.append(writer.feature_tensor(name, dtype, shape, data))
-                    writer.write_features(s.stamps, names, model.name, cfg.prompt, msgs, cfg.frame_id)
+                    writer.write_features(s.stamps, names, model.name, cfg.prompt, msgs, cfg.frame_id,
+                                          getattr(s, "clip_stamps", ()))
                     if texts is not None:
                         writer.write_caption(s.stamps, names, model.name, cfg.prompt, texts[b], cfg.frame_id)
                         report.captions_written += 1
@@ -652,13 +677,18 @@ def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop
 def _fill_camera_stats(report: ExtractReport, source: _SetSource) -> None:
     stats = source.sync.stats()
     # Sets the synchronizer emitted that were never written: the run stopped first.
-    report.sets_unwritten = stats["sets"] - report.sets_written
+    if source.clips is not None:  # sets before a camera had a full clip are not written
+        clip_stats = source.clips.stats()
+        report.clips_incomplete = clip_stats["incomplete"]
+        report.clip_restarts = {cam.name: {r: v for r, v in rs.items() if v}
+                                for cam, rs in zip(report.cameras, clip_stats["restarts"])}
+    report.sets_unwritten = stats["sets"] - report.clips_incomplete - report.sets_written
     for k, cam in enumerate(report.cameras):
         cam.frames = source.frames[k]
         cam.failed = source.failed[k]
         cam.dropped = {r: v for r, v in stats["dropped"][k].items() if v}
         cam.pending = stats["pending"][k]
-        cam.used = stats["used"][k] - report.sets_unwritten
+        cam.used = stats["used"][k] - report.sets_unwritten - report.clips_incomplete
         cam.in_unwritten_sets = report.sets_unwritten
     report.failures = list(source.failures)
     report.reached_end = source.finished
@@ -708,6 +738,13 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
         lines.append("  left over: frames still waiting for partners when reading stopped")
     if report.sets_unwritten:
         lines.append(f"  {report.sets_unwritten} synchronized set(s) not written because the run stopped")
+    if report.clips_incomplete:
+        lines.append(f"  {report.clips_incomplete} synchronized set(s) not written: a camera did not yet hold "
+                     f"a full clip (start of the recording, or after a clip restart)")
+    restarts = {name: r for name, r in report.clip_restarts.items() if r}
+    if restarts:
+        lines.append("  clip restarts: " + "; ".join(
+            f"{name} " + ", ".join(f"{k} {v}" for k, v in r.items()) for name, r in restarts.items()))
     if report.sets_written == 0 and not report.error and report.interrupted is None and \
             all(cam.frames for cam in report.cameras):
         lines.append("  no synchronized set found: are the cameras' stamps within --slop of each other? "
@@ -758,6 +795,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reorder", type=float, default=0.2,
                         help="seconds of out-of-order stamps tolerated per camera (default 0.2)")
     parser.add_argument("--frame-id", default="", help="header.frame_id of the output messages")
+    parser.add_argument("--clip-frames", type=int, default=0, metavar="K",
+                        help="0: still images (default); K >= 2: per camera a clip of its K frames ending at "
+                             "the matched one (as the node's video.frames)")
+    parser.add_argument("--clip-stride", type=int, default=1, metavar="S",
+                        help="clips take every S-th frame of a camera (default 1; the node's video.stride)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="also write the features as safetensors shards + index.json to DIR")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="approximate export shard size in MB")
@@ -776,7 +818,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         slop=args.slop, batch=args.batch, prompt=args.prompt, features=args.features, caption=args.caption,
         max_new_tokens=args.max_new_tokens, start=args.start, end=args.end, stamps=args.stamps,
         queue_size=args.queue_size, reorder=args.reorder, frame_id=args.frame_id, force=args.force,
-        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch)
+        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch,
+        clip_frames=args.clip_frames, clip_stride=args.clip_stride)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:

@@ -11,7 +11,7 @@ sample's input ids (image placeholder tokens, in camera order).
 """
 from __future__ import annotations
 
-from typing import Any, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Collection, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
 from .tensor_msg import from_tensor
@@ -34,15 +34,21 @@ class Geometry(NamedTuple):
     grid: Tuple[int, int, int]
 
 
-def input_geometry(model, height: int, width: int) -> Geometry:
-    """The model's input size and vision grid for a (height, width) frame; zeros when the model
-    does not expose its processor (a stand-in model)."""
+def input_geometry(model, height: int, width: int, frames: int = 1) -> Geometry:
+    """The model's input size and vision grid for a (height, width) frame, or a clip of ``frames``
+    such frames; zeros when the model does not expose its processor (a stand-in model)."""
     processor = getattr(model, "processor", None)
     if processor is None:
         return Geometry(0, 0, (0, 0, 0))
-    th, tw = processor.target_size(int(height), int(width))
-    p = int(processor.cfg.patch_size)
-    return Geometry(int(th), int(tw), (1, int(th) // p, int(tw) // p))
+    cfg = processor.cfg
+    if frames > 1:
+        th, tw = processor.clip_target_size(int(height), int(width), int(frames))
+        t = -(-int(frames) // int(cfg.temporal_patch_size))  # odd T is padded with its last frame
+    else:
+        th, tw = processor.target_size(int(height), int(width))
+        t = 1
+    p = int(cfg.patch_size)
+    return Geometry(int(th), int(tw), (t, int(th) // p, int(tw) // p))
 
 
 def camera_input_msgs(headers: Sequence[Any], geometry: Sequence[Geometry]) -> list:
@@ -52,16 +58,18 @@ def camera_input_msgs(headers: Sequence[Any], geometry: Sequence[Geometry]) -> l
             for h, g in zip(headers, geometry)]
 
 
-def hidden_row_ranges(ids: Sequence[int], image_token_id: int, camera_names: Sequence[str]) -> List[Tuple[str, int, int]]:
+def hidden_row_ranges(ids: Sequence[int], vision_token_ids: Collection[int],
+                      camera_names: Sequence[str]) -> List[Tuple[str, int, int]]:
     """[(source, start, count)] over the real tokens ``ids`` of one sample: maximal runs of text
-    tokens ("text") and of image placeholder tokens, the k-th image run being camera k."""
+    tokens ("text") and of vision placeholder tokens (image or clip), the k-th run being camera k."""
+    vision = set(vision_token_ids)
     out: List[Tuple[str, int, int]] = []
     k = 0
     start = 0
     for i in range(1, len(ids) + 1):
-        if i < len(ids) and (ids[i] == image_token_id) == (ids[start] == image_token_id):
+        if i < len(ids) and (ids[i] in vision) == (ids[start] in vision):
             continue
-        if ids[start] == image_token_id:
+        if ids[start] in vision:
             name = camera_names[k] if k < len(camera_names) else f"image_{k}"
             out.append((f"vision/{name}", start, i - start))
             k += 1
@@ -118,26 +126,31 @@ def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, fr
     return msg
 
 
-def hidden_rows_msgs(features, b: int, image_token_id: int, camera_names: Sequence[str]) -> list:
+def hidden_rows_msgs(features, b: int, vision_token_ids: Collection[int], camera_names: Sequence[str]) -> list:
     """RowRange messages for the ``hidden`` tensor of sample b (its real, unpadded tokens)."""
     from qvl_ros.msg import RowRange
 
     n_real = int(features.attention_mask[b].sum())
     ids = features.input_ids[b, features.input_ids.shape[1] - n_real:].tolist()  # once per set
     return [RowRange(source=src, start=start, count=count)
-            for src, start, count in hidden_row_ranges(ids, image_token_id, camera_names)]
+            for src, start, count in hidden_row_ranges(ids, vision_token_ids, camera_names)]
 
 
 def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
-                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = "", *,
-                        inputs: Optional[Sequence[Any]] = None, image_token_id: Optional[int] = None):
-    """``inputs``: CameraInput messages of the set; ``image_token_id``: fills ``hidden_rows``."""
+                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = "",
+                        clip_stamps_ns: Sequence[Sequence[int]] = (), *, inputs: Optional[Sequence[Any]] = None,
+                        vision_token_ids: Collection[int] = ()):
+    """``clip_stamps_ns``: per camera, its clip's frame stamps (oldest first), empty for stills;
+    ``inputs``: CameraInput messages of the set; ``vision_token_ids``: fill ``hidden_rows``."""
     from qvl_ros.msg import VisionFeatures
 
     msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id, inputs)
+    if clip_stamps_ns:
+        msg.clip_frames = len(clip_stamps_ns[0])
+        msg.clip_stamps = [time_msg(s) for clip in clip_stamps_ns for s in clip]
     msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
-    if "hidden" in kinds and image_token_id is not None:
-        msg.hidden_rows = hidden_rows_msgs(features, b, image_token_id, camera_names)
+    if "hidden" in kinds and vision_token_ids:
+        msg.hidden_rows = hidden_rows_msgs(features, b, vision_token_ids, camera_names)
     return msg
 
 

@@ -25,6 +25,12 @@ enqueue, and the model has its own thread. Prefer that when embedding the node t
 and a new message waits, and that loop holds the GIL so much that the model thread crawls
 (measured here: batches of 12 ms took up to 10 s, camera callbacks stalled for seconds).
 
+Clips (``video.frames`` K >= 2): each camera also keeps a ring of its recent frames
+(:mod:`qvl_ros.core.clips`); a synchronized set carries, per camera, the clip of K frames (every
+``video.stride``-th) ending at its matched frame, its frame rate taken from the frames' stamps,
+and the features message lists the clip stamps. Restarts of a ring and sets before every camera
+holds a full clip are counted in ``/diagnostics``.
+
 Parameters are declared with descriptors in ``QvlNode.__init__``; ``config/multi_cam.yaml``
 documents every one. Those that need a restart (topics, QoS, synchronizer, queue depth, model)
 are read-only; ``prompt``, ``features``, ``frame_id``, ``caption.*``, ``batch.max_size``,
@@ -34,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import dataclasses
 import sys
 import threading
 import time
@@ -53,6 +60,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
+from ..core.clips import ClipAssembler, ClipSet
 from ..core.conversion import msg_to_tensor
 from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.rate_limit import RateLimiter
@@ -178,6 +186,9 @@ class QvlPipeline:
         self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
         self._sync = Synchronizer(len(self._topics), self._slop_ns(), int(v("sync.queue_size")),
                                   **self._sync_options())
+        # clips: per camera a ring of its recent frames; a set's frames become the clips ending at them
+        self._clips = (ClipAssembler(len(self._topics), int(v("video.frames")), int(v("video.stride")),
+                                     lag=int(v("sync.queue_size"))) if int(v("video.frames")) else None)
         self._batcher: Batcher[SyncSet] = Batcher(
             self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
             queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker",
@@ -387,6 +398,9 @@ class QvlPipeline:
         d("sync.reset_threshold", 1.0, _DOUBLE,
           "A camera stamp going back by more than this (s) resets the synchronizer (bag loop).", constraints="> 0",
           bounds=(0.001, 3600.0))
+        d("video.frames", 0, _INT, "0: still images; K >= 2: each camera's clip of K frames ending at its "
+          "matched frame.", constraints="0 or >= 2", bounds=(0, 64))
+        d("video.stride", 1, _INT, "Clips take every s-th frame of their camera.", constraints=">= 1", bounds=(1, 100))
         d("batch.max_size", 4, _INT, "Most synchronized sets per model call.", read_only=False, constraints=">= 1",
           bounds=(1, 256))
         d("batch.max_wait_ms", 10.0, _DOUBLE,
@@ -448,9 +462,11 @@ class QvlPipeline:
                      "diagnostics.window", "diagnostics.no_set_after"):
             self._check_number(name, self.get_parameter(name).value)
         for name in ("sync.queue_size", "batch.max_size", "batch.queue_depth", "caption.max_new_tokens",
-                     "qos.depth"):
+                     "qos.depth", "video.stride"):
             if int(self.get_parameter(name).value) < 1:
                 raise ValueError(f"parameter {name} must be >= 1")
+        if int(self.get_parameter("video.frames").value) < 0 or int(self.get_parameter("video.frames").value) == 1:
+            raise ValueError("parameter video.frames must be 0 (still images) or >= 2")
 
     def _value(self, name: str) -> Any:
         return self.get_parameter(name).value
@@ -546,15 +562,30 @@ class QvlPipeline:
         stamp = self._frame_stamp(msg, arrival_ns)
         self._monitor.frame_valid(index, (h, w), frame_id=str(msg.header.frame_id))
         with self._lock:
+            if self._clips is not None:
+                self._clips.push(index, stamp, frame)
             sets = self._sync.add(index, stamp, Frame(frame, msg.header))
             self._monitor.frames_dropped(self._sync.drops)
             for sync_set in sets:
+                if self._clips is not None:
+                    sync_set = self._with_clips(sync_set)  # None until every camera holds a clip
+                    if sync_set is None:
+                        continue
                 self._latest = sync_set
                 self._monitor.set_made()
                 if self._rate.admit(arrival_ns):
                     self._batcher.put(sync_set)
                 else:
                     self._monitor.sets_dropped("rate_limit")
+
+    def _with_clips(self, sync_set: SyncSet) -> Optional[ClipSet]:
+        """The set with each camera's frame replaced by the clip ending at it (frames oldest first,
+        the matched frame's header kept), or None while a camera's ring lacks the history."""
+        clip_set = self._clips.assemble(sync_set)
+        if clip_set is None:
+            return None
+        frames = tuple(Frame(clip, f.header) for clip, f in zip(clip_set.items, sync_set.items))
+        return dataclasses.replace(clip_set, items=frames)
 
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
@@ -605,9 +636,10 @@ class QvlPipeline:
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
         images = [[f.image for f in s.items] for s in sets]
         prompts = [settings["prompt"]] * len(sets)
+        clip = {"fps": [list(s.fps) for s in sets]} if self._clips is not None else {}
         if settings["caption"]:
-            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"])
-        return self.model.encode(images, prompts), None
+            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"], **clip)
+        return self.model.encode(images, prompts, **clip), None
 
     def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
         """One message (pair) per set. Sets of an older timeline (time went back while they ran)
@@ -623,8 +655,8 @@ class QvlPipeline:
             inputs = self._camera_inputs(s)
             try:
                 msg = vision_features_msg(features, b, self._names, stamps, settings["kinds"], self._model_name,
-                                          settings["prompt"], settings["frame_id"], inputs=inputs,
-                                          image_token_id=self._image_token_id())
+                                          settings["prompt"], settings["frame_id"], getattr(s, "clip_stamps", ()),
+                                          inputs=inputs, vision_token_ids=self._vision_token_ids())
                 self._features_pub.publish(msg)
                 if texts is not None:
                     self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
@@ -657,15 +689,18 @@ class QvlPipeline:
         """CameraInput messages of a set: input headers, model input size and vision grid."""
         geometry = []
         for f in s.items:
-            hw = (int(f.image.shape[1]), int(f.image.shape[2]))
-            if hw not in self._geometry:
-                self._geometry[hw] = input_geometry(self.model, *hw)
-            geometry.append(self._geometry[hw])
+            first = f.image[0] if isinstance(f.image, (list, tuple)) else f.image  # a clip: its frames
+            key = (int(first.shape[1]), int(first.shape[2]), len(f.image) if first is not f.image else 1)
+            if key not in self._geometry:
+                self._geometry[key] = input_geometry(self.model, *key)
+            geometry.append(self._geometry[key])
         return camera_input_msgs([f.header for f in s.items], geometry)
 
-    def _image_token_id(self) -> Optional[int]:
+    def _vision_token_ids(self) -> tuple:
+        """The placeholder token ids of images and clips in the model's input ids."""
         cfg = getattr(self.model, "cfg", None)
-        return getattr(cfg, "image_token_id", None)
+        return tuple(t for t in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
+                     if t is not None)
 
     def _on_model_error(self, sets: List[SyncSet], exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
@@ -687,6 +722,8 @@ class QvlPipeline:
             self._epoch += 1
             self._rate.configure(self._rate.max_rate)
             dropped = self._batcher.clear("time_reset")
+            if self._clips is not None:
+                self._clips.reset()
         self._monitor.sets_dropped("time_reset", dropped)
         self._monitor.clear_latency()
         what = "went back" if backwards else "changed source"
@@ -698,7 +735,8 @@ class QvlPipeline:
             statuses = self._monitor.statuses(
                 self.get_fully_qualified_name(), self._sync.stats(), self._batcher.stats(),
                 extra=[("model", self._model_name), ("device", str(self._device)),
-                       ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower())])
+                       ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower())]
+                + self._clip_diagnostics())
             self._log_no_set(statuses[0])
             stale = set(self._monitor.stale_cameras())
             for name in sorted(stale - self._stale_reported):
@@ -741,6 +779,17 @@ class QvlPipeline:
         received = ", ".join(f"{c['name']} {c['received']}" for c in self._monitor.snapshot()["cameras"])
         return f"the synchronizer has made no set yet (frames received: {received})"
 
+    def _clip_diagnostics(self) -> list:
+        """Clip counters as summary key-values: restarts per camera by reason, sets without a clip."""
+        if self._clips is None:
+            return []
+        st = self._clips.stats()
+        out = [("clip frames", f"{self._value('video.frames')} every {self._value('video.stride')}"),
+               ("sets without a full clip", str(st["incomplete"]))]
+        for name, restarts in zip(self._names, st["restarts"]):
+            out.append((f"clip restarts {name}", ", ".join(f"{r} {n}" for r, n in restarts.items())))
+        return out
+
     # ------------------------------------------------------------------------- introspection
     @property
     def camera_names(self) -> List[str]:
@@ -752,7 +801,11 @@ class QvlPipeline:
 
     def pipeline_stats(self) -> dict:
         """Synchronizer, batcher and monitor counters in one dict (tests, tools)."""
-        return {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
+        out = {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
+        if self._clips is not None:
+            with self._lock:
+                out["clips"] = self._clips.stats()
+        return out
 
     def wait_idle(self, timeout: Optional[float] = None) -> bool:
         return self._batcher.wait_idle(timeout)
