@@ -799,6 +799,11 @@ class QvlPipeline:
     def camera_topics(self) -> List[str]:
         return list(self._resolved_topics)
 
+    @property
+    def slop_ns(self) -> int:
+        """The synchronizer's slop in ns (sync.slop, or the default derived from expected rates)."""
+        return self._sync.slop
+
     def pipeline_stats(self) -> dict:
         """Synchronizer, batcher and monitor counters in one dict (tests, tools)."""
         out = {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
