@@ -122,8 +122,8 @@ warnings.filterwarnings(
 DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 
 # ConversionError.key values: a fixed set, so counters keyed by them stay bounded.
-ERROR_KEYS = ("unsupported_encoding", "bad_size", "too_large", "bad_layout", "no_data",
-              "unknown_format", "corrupt", "decode_failed")
+ERROR_KEYS = ("unsupported_encoding", "empty", "too_small", "odd_width", "too_large", "bad_step",
+              "short_data", "no_data", "unknown_format", "corrupt", "decode_failed")
 
 
 class ConversionError(ValueError):
@@ -193,10 +193,10 @@ def _min_hw(min_size: int | Sequence[int]) -> tuple[int, int]:
 
 def _check_size(h: int, w: int, min_size: int | Sequence[int], max_pixels: Optional[int] = None) -> None:
     if h <= 0 or w <= 0:
-        raise ConversionError(f"empty image: height={h} width={w}", "bad_size")
+        raise ConversionError(f"empty image: height={h} width={w}", "empty")
     mh, mw = _min_hw(min_size)
     if h < mh or w < mw:
-        raise ConversionError(f"image too small: {h}x{w} (height x width), minimum is {mh}x{mw}", "bad_size")
+        raise ConversionError(f"image too small: {h}x{w} (height x width), minimum is {mh}x{mw}", "too_small")
     if max_pixels and h * w > max_pixels:
         raise ConversionError(f"image too large: {w}x{h} = {h * w} pixels, more than max_input_pixels "
                               f"{max_pixels}", "too_large")
@@ -371,16 +371,16 @@ def image_to_tensor(
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
     _check_size(h, w, min_size, max_input_pixels)
     if kind in ("uyvy", "yuyv") and w % 2:
-        raise ConversionError(f"{encoding} needs an even width, got {w}", "bad_size")
+        raise ConversionError(f"{encoding} needs an even width, got {w}", "odd_width")
     row_bytes = w * ch * depth
     if step < row_bytes:
         raise ConversionError(
-            f"step {step} is shorter than a row ({w} px x {ch * depth} B = {row_bytes} B)", "bad_layout"
+            f"step {step} is shorter than a row ({w} px x {ch * depth} B = {row_bytes} B)", "bad_step"
         )
     nbytes = step * h
     have = _nbytes(msg.data)
     if have < nbytes:
-        raise ConversionError(f"data has {have} bytes, step x height needs {nbytes}", "bad_layout")
+        raise ConversionError(f"data has {have} bytes, step x height needs {nbytes}", "short_data")
 
     dev = torch.device(device)
     host = _bytes_tensor(msg.data, nbytes)

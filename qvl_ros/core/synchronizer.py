@@ -77,7 +77,9 @@ Bounded queues, drops and time resets
 
     Counters: :meth:`stats` returns a snapshot with the drops by reason (``queue_full``,
     ``too_old``, ``unmatched``, ``time_reset``), per-input ``received`` / ``used`` / drops /
-    ``pending`` counts, the number of emitted ``sets`` and of ``resets``. Per input,
+    ``pending`` counts, the number of emitted ``sets`` and of ``resets``, and the cause of the
+    latest reset (``last_reset``: the input whose stamp went back, from and to which stamp;
+    input None for :meth:`reset`). Per input,
     ``received == used + sum(dropped) + pending`` holds at all times.
 
 Threads
@@ -202,6 +204,12 @@ class Synchronizer:
         with self._lock:
             return self._drop_totals()
 
+    @property
+    def resets(self) -> int:
+        """Number of timeline resets so far (see ``last_reset`` in :meth:`stats` for the cause)."""
+        with self._lock:
+            return self._resets
+
     def last_stamp_ns(self, index: int) -> Optional[int]:
         """Newest stamp received on ``index`` since construction or the last reset, or None."""
         k = self._check_index(index)
@@ -223,6 +231,7 @@ class Synchronizer:
                     return []
             elif thr is not None and t < last - thr:
                 self._time_reset()
+                self._last_reset = {"input": k, "from_ns": last, "to_ns": t}
             used = self._last_used[k]
             if used is not None and t <= used:
                 self._drop(k, "too_old")
@@ -263,6 +272,7 @@ class Synchronizer:
                 self._time_reset()
                 self._old_last = None
                 self._epoch_max = None
+                self._last_reset = {"input": None, "from_ns": None, "to_ns": None}
 
     def stats(self) -> Dict[str, Any]:
         """Snapshot of the counters (a fresh dict; safe to keep or mutate)."""
@@ -277,6 +287,7 @@ class Synchronizer:
                 "dropped": [dict(d) for d in self._dropped],
                 "pending": [len(q) for q in self._stamps],
                 "last_stamp_ns": list(self._last),
+                "last_reset": dict(self._last_reset) if self._last_reset else None,
             }
 
     # ----------------------------------------------------------------------------- internals
@@ -293,6 +304,9 @@ class Synchronizer:
         self._dropped = [{r: 0 for r in DROP_REASONS} for _ in range(n)]
         self._sets = 0
         self._resets = 0
+        # cause of the latest reset: the input whose stamp went back, from and to which stamp
+        # (input None: reset() was called)
+        self._last_reset: Optional[Dict[str, Any]] = None
 
     def _clear_timeline(self) -> None:
         n = self._n

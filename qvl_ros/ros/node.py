@@ -42,13 +42,15 @@ from rcl_interfaces.msg import ParameterDescriptor, ParameterType, SetParameters
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
-from ..core.conversion import msg_to_tensor
+from ..core.conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
+from ..core.input_loss import InputLossEstimator
 from ..core.diagnostics import LogThrottle, PipelineMonitor, reason_key, to_diagnostic_array
 from .feature_msgs import caption_msg, check_kinds, vision_features_msg
 from ..model.checkpoint import resolve_checkpoint
@@ -112,6 +114,8 @@ class QvlNode(Node):
             self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
             queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker")
         self._log_throttle = LogThrottle(float(v("log_throttle")))
+        self._max_input_pixels = int(v("max_input_pixels"))
+        self._loss = InputLossEstimator(self._names)
 
         # --- ROS interfaces ------------------------------------------------------------------
         from qvl_ros.msg import Caption, VisionFeatures
@@ -127,10 +131,7 @@ class QvlNode(Node):
         for i, topic in enumerate(self._topics):
             is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
             msg_type = CompressedImage if is_compressed else Image
-            sub = self.create_subscription(
-                msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), camera_qos,
-                callback_group=MutuallyExclusiveCallbackGroup())
-            self._subs.append(sub)
+            self._subs.append(self._subscribe_camera(i, msg_type, topic, camera_qos))
         self._resolved_topics = [s.topic_name for s in self._subs]
         self._monitor = PipelineMonitor(self._names, self._resolved_topics,
                                         stale_after_s=float(v("diagnostics.stale_after")))
@@ -205,6 +206,9 @@ class QvlNode(Node):
         d("diagnostics.period", 1.0, _DOUBLE, "Period of /diagnostics (s).", constraints="> 0")
         d("diagnostics.stale_after", 2.0, _DOUBLE, "A camera without a valid frame for this long is stale (s).",
           read_only=False, constraints="> 0")
+        d("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS, _INT,
+          "Largest height x width a frame may declare (checked from the header before decoding); "
+          "larger frames are dropped as too_large. 0 = no limit.", constraints=">= 0")
         d("log_throttle", 5.0, _DOUBLE, "At most one log line per camera and error kind per this period (s).",
           constraints=">= 0")
         for name in ("sync.slop", "sync.reset_threshold", "batch.max_wait_ms", "diagnostics.period",
@@ -271,23 +275,54 @@ class QvlNode(Node):
         return model
 
     # ------------------------------------------------------------------------- input side
+    def _subscribe_camera(self, i: int, msg_type: Any, topic: str, qos: QoSProfile):
+        """Camera subscription, with the middleware's message-lost events where it reports them."""
+        group = MutuallyExclusiveCallbackGroup()
+        events = SubscriptionEventCallbacks(
+            message_lost=lambda info, i=i: self._loss.middleware_lost(i, info.total_count_change))
+        try:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group, event_callbacks=events)
+            self._loss.middleware_support(i, True)
+        except UnsupportedEventTypeError:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group)
+            self._loss.middleware_support(i, False)
+        return sub
+
     def _on_frame(self, index: int, msg: Any) -> None:
         """Subscription callback: convert, then hand to the synchronizer. Never raises."""
         self._monitor.frame_received(index)
         arrival_ns = self.get_clock().now().nanoseconds
+        self._loss.frame(index, int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec))
         try:
-            frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE)
+            frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE, max_input_pixels=self._max_input_pixels)
             h, w = int(frame.shape[1]), int(frame.shape[2])
             if max(h, w) / min(h, w) > MAX_ASPECT:
                 raise ValueError(f"aspect ratio of {w}x{h} exceeds {MAX_ASPECT:.0f}")
         except Exception as exc:  # ConversionError, and anything a decoder may raise
-            self._invalid_frame(index, str(exc) or type(exc).__name__)
+            self._invalid_frame(index, exc)
             return
         stamp = self._frame_stamp(msg, arrival_ns)
         self._monitor.frame_valid(index, (h, w))
         with self._lock:
+            resets = self._sync.resets
             for sync_set in self._sync.add(index, stamp, frame):
                 self._batcher.put(sync_set)
+            if self._sync.resets != resets:
+                self._log_sync_reset()
+
+    def _log_sync_reset(self) -> None:
+        """Log a synchronizer reset with its cause, at most once per log_throttle period."""
+        suppressed = self._log_throttle.check(("sync_reset",))
+        if suppressed is None:
+            return
+        cause = self._sync.stats()["last_reset"] or {}
+        k = cause.get("input")
+        what = (f"camera {self._names[k]} stamp went back from {_stamps_text([cause['from_ns']])[1:-1]} to "
+                f"{_stamps_text([max(0, cause['to_ns'])])[1:-1]}" if k is not None else "reset requested")
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self.get_logger().warning(f"synchronizer reset: {what}; queued frames dropped{more}")
 
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
@@ -297,13 +332,16 @@ class QvlNode(Node):
             return arrival_ns
         return stamp
 
-    def _invalid_frame(self, index: int, reason: str) -> None:
-        self._monitor.frame_invalid(index, reason)
+    def _invalid_frame(self, index: int, error: Any) -> None:
+        """Count the frame under a bounded reason key; log at most once per camera, key and period."""
+        self._monitor.frame_invalid(index, error)
         topic = self._resolved_topics[index]
-        suppressed = self._log_throttle.check((index, reason_key(reason)))
+        key = reason_key(error)
+        suppressed = self._log_throttle.check((index, key))
         if suppressed is not None:
             more = f" ({suppressed} more since the last report)" if suppressed else ""
-            self.get_logger().error(f"dropped a frame from {topic}: {reason}{more}")
+            reason = (str(error) or type(error).__name__)[:200]
+            self.get_logger().error(f"dropped a frame from {topic} ({key}): {reason}{more}")
 
     # ------------------------------------------------------------------------- model side
     def _run_batch(self, sets: List[SyncSet]) -> None:
@@ -383,6 +421,7 @@ class QvlNode(Node):
             for name in sorted(self._stale_reported - stale):
                 self.get_logger().info(f"camera {name} is back")
             self._stale_reported = stale
+            statuses.append(self._loss.status(self.get_fully_qualified_name()))
             self._diag_pub.publish(to_diagnostic_array(statuses, self.get_clock().now().to_msg()))
         except Exception as exc:  # diagnostics must never take the node down
             self.get_logger().error(f"diagnostics failed: {type(exc).__name__}: {exc}")
