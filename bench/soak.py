@@ -3,7 +3,7 @@
     scripts/run.sh python bench/soak.py [--duration 180] [--qos best_effort|reliable]
                                         [--transport default|shm] [--tag NAME]
 
-Setup: the cameras are `python -m qvl_ros.sim.synthetic` in a process of their own (3 cameras,
+Setup: the cameras are `qvl_ros.sim.synthetic.SyntheticCameras` in a process of their own (3 cameras,
 320x240 rgb8 = 230 KB frames, 30 Hz, +-2 ms stamp jitter, publishing with the chosen
 reliability); the node is `QvlNode` in this process over real DDS (localhost), spun by a
 SingleThreadedExecutor as `qvl_node` does, with its default parameters except the camera
@@ -12,8 +12,8 @@ float32, CPU): the point is the pipeline, not the model.
 
 Counted, per camera and in total, from the moment both sides are connected:
   sent        frames the camera published between the first and the last frame that reached
-              the node (from their stamps at 30 Hz; the camera process prints its total, the
-              difference is what it sent before discovery matched the two sides);
+              the node (the camera process returns every stamp it published; frames sent
+              before discovery matched the two sides are listed apart);
   received    frames that reached the node's callback (its monitor);
   lost        sent - received: lost in DDS or overwritten in the subscription queue;
   estimated   the node's own estimate of that loss, in /diagnostics (stamp gaps and the
@@ -32,10 +32,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
-import re
-import subprocess
 import sys
 import tempfile
 import threading
@@ -44,7 +43,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.node_bench import _die_with_parent, apply_transport  # noqa: E402
+from bench.node_bench import apply_transport  # noqa: E402
 
 CAMERAS, RATE, SIZE = 3, 30.0, "320x240"
 
@@ -58,6 +57,34 @@ def _pct(values, q):
     from qvl_ros.core.diagnostics import percentile
 
     return percentile(sorted(values), q)
+
+
+def camera_process(ns: str, topics, duration: float, qos: str, conn) -> None:
+    """The cameras, in a process of their own: publish for ``duration`` s, then send back the
+    stamps published per camera."""
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.parameter import Parameter
+
+    from qvl_ros.ros.feature_msgs import stamp_ns
+    from qvl_ros.sim.synthetic import SyntheticCameras
+
+    rclpy.init(args=[])
+    stamps = [[] for _ in topics]
+    node = SyntheticCameras(namespace=ns, on_publish=lambda i, msg: stamps[i].append(stamp_ns(msg.header.stamp)),
+                            parameter_overrides=[
+                                Parameter("topics", value=list(topics)), Parameter("encodings", value=["rgb8"]),
+                                Parameter("sizes", value=[SIZE]), Parameter("rate", value=RATE),
+                                Parameter("jitter_ms", value=2.0), Parameter("qos.reliability", value=qos)])
+    executor = SingleThreadedExecutor()
+    executor.add_node(node)
+    end = time.monotonic() + duration
+    while time.monotonic() < end:
+        executor.spin_once(timeout_sec=0.05)
+    node.stop()
+    conn.send(stamps)
+    node.destroy_node()
+    rclpy.try_shutdown()
 
 
 def run(args) -> dict:
@@ -103,15 +130,16 @@ def run(args) -> dict:
     spin = threading.Thread(target=executor.spin, daemon=True)
     spin.start()
 
-    cmd = [sys.executable, "-m", "qvl_ros.synthetic", "--cameras", str(CAMERAS), "--size", SIZE,
-           "--rate", str(RATE), "--jitter-ms", "2", "--duration", str(args.duration),
-           *(["--reliable"] if args.qos == "reliable" else []), "--ros-args", "-r", f"__ns:={ns}"]
-    log = tempfile.TemporaryFile()
+    ctx = multiprocessing.get_context("spawn")
+    parent_end, child_end = ctx.Pipe()
+    cams = ctx.Process(target=camera_process, args=(ns, topics, args.duration, args.qos, child_end), daemon=True)
     rss, t0 = [], time.monotonic()
-    cams = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
-    while cams.poll() is None:
+    cams.start()
+    while cams.is_alive() and not parent_end.poll():
         rss.append((time.monotonic() - t0, _rss_mb()))
         time.sleep(1.0)
+    published = parent_end.recv()  # per camera, the stamps it published
+    cams.join(30)
     drain_end = time.monotonic() + 20
     while time.monotonic() < drain_end:  # frames in flight, then an idle batcher
         st = node.pipeline_stats()
@@ -120,12 +148,6 @@ def run(args) -> dict:
             break
         time.sleep(0.2)
     rss.append((time.monotonic() - t0, _rss_mb()))
-    log.seek(0)
-    out = log.read().decode(errors="replace")
-    found = re.search(r"published (\d+) ticks", out)
-    if not found:
-        raise RuntimeError(f"camera process output without a count: {out[-2000:]}")
-    sent = int(found.group(1))
     stats = node.pipeline_stats()
     loss = node._loss.snapshot()
     diag_loss = node._loss.status(node.get_fully_qualified_name())
@@ -139,9 +161,9 @@ def run(args) -> dict:
     per_cam = []
     for k, c in enumerate(mon["cameras"]):
         first, last = seen[k]
-        expected = int(round((last - first) * 1e-9 * RATE)) + 1 if first is not None else 0
+        expected = sum(1 for t in published[k] if first is not None and first <= t <= last)
         lost = expected - c["received"]
-        per_cam.append({"camera": c["name"], "sent": expected, "sent_before_match": sent - expected,
+        per_cam.append({"camera": c["name"], "sent": expected, "sent_before_match": len(published[k]) - expected,
                         "received": c["received"], "lost": lost, "lost_pct": 100 * lost / expected if expected else 0,
                         "estimated_lost": loss[k]["lost"], "estimated_gap": loss[k]["gap_lost"],
                         "estimated_rmw": loss[k]["rmw_lost"], "invalid": c["invalid"],
