@@ -626,7 +626,7 @@ class _Extraction:
         cfg, bags = self.cfg, self.bags
         return {
             "qvl_ros.inputs": " ".join(str(p) for p in bags.paths),
-            "qvl_ros.core.topics": " ".join(c.topic for c in bags.cameras),
+            "qvl_ros.topics": " ".join(c.topic for c in bags.cameras),
             "qvl_ros.camera_names": " ".join(self.plan.names),
             "qvl_ros.model": self.model.name,
             "qvl_ros.prompt": cfg.prompt,
