@@ -106,6 +106,10 @@ def test_input_loss_from_stamp_gaps_and_middleware_events():
     assert a["lost"] == 5 and a["loss_ratio"] == pytest.approx(5 / 122)
     assert b["gap_lost"] == 0 and b["rmw_lost"] == 3 and b["lost"] == 3
     assert a["period_s"] == pytest.approx(period * 1e-9, rel=0.05)
+    late = InputLossEstimator(["c"])  # frames late by 0.6 period, then on time: nothing lost
+    for i in range(100):
+        late.frame(0, t + i * period + (int(0.6 * period) if i % 10 == 5 else 0))
+    assert late.snapshot()[0]["gap_lost"] == 0
     level, name, message, values = est.status("/n")
     assert level == 1 and "a 5 (4.1%)" in message and dict(values)["a.gap_lost"] == "5"
     assert est.status("/n")[0] == 0  # nothing new since

@@ -10,7 +10,9 @@ so two estimates are kept per camera:
   best-effort readers; KEEP_LAST overwrites are not reported by any middleware);
 * ``gap_lost``: gaps in the camera's own rate, from header stamps: the period is the median of
   the last ``window`` stamp differences, and a difference of ``d > gap_factor * period`` counts
-  ``round(d / period) - 1`` lost frames. Differences longer than ``max_gap_s`` (a camera that
+  ``round(d / period) - 1`` lost frames, taken back when the next frame comes early enough to
+  show that the frame was late, not lost (a camera timer under load). Differences longer than
+  ``max_gap_s`` (a camera that
   paused or restarted), stamps going back, and zero stamps are not counted as loss.
 
 ``lost`` is the larger of the two (a frame lost in the middleware is also a gap), and
@@ -39,6 +41,7 @@ class _Cam:
         self.gap_lost = 0
         self.rmw_lost = 0
         self.pauses = 0
+        self.last_gap: Optional[Tuple[int, int]] = None  # (frames counted, interval) of the last gap
         self.rmw_supported: Optional[bool] = None
 
 
@@ -81,8 +84,16 @@ class InputLossEstimator:
             if d > self._max_gap_ns:
                 cam.pauses += 1
                 return
+            late = cam.last_gap
+            cam.last_gap = None
+            if late is not None:  # was the previous gap a late frame rather than a lost one?
+                counted, d_prev = late
+                both = max(0, round((d_prev + d) / cam.period) - 2)  # lost over both intervals
+                cam.gap_lost -= max(0, counted - both)
             if cam.period is not None and d > self._gap_factor * cam.period:
-                cam.gap_lost += max(0, round(d / cam.period) - 1)
+                counted = max(0, round(d / cam.period) - 1)
+                cam.gap_lost += counted
+                cam.last_gap = (counted, d) if counted else None
             cam.deltas.append(d)
             if len(cam.deltas) >= self._min_deltas:
                 cam.period = float(statistics.median(cam.deltas))
