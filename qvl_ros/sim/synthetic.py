@@ -327,7 +327,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         pass
     finally:
         if node is not None:
-            print(f"published {node.tick} ticks", flush=True)  # benchmarks count sent frames from this
             node.destroy_node()
         rclpy.try_shutdown()
     return 0
