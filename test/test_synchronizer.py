@@ -516,7 +516,7 @@ def test_stats_reset_and_validation():
     sync.add(0, 2 * SEC, None)
     st = sync.stats()
     assert set(st) == {"num_inputs", "sets", "resets", "drops", "received", "used", "dropped",
-                       "pending", "last_stamp_ns"}
+                       "pending", "last_stamp_ns", "last_reset"}
     assert set(st["drops"]) == set(DROP_REASONS) == {"queue_full", "too_old", "unmatched",
                                                      "time_reset"}
     assert st["received"] == [2, 1] and st["used"] == [1, 1] and st["pending"] == [1, 0]

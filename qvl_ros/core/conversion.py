@@ -54,9 +54,21 @@ Compressed images
     OpenCV) and it ignores EXIF orientation; hence off by default. torchvision 0.29 marks its
     image codecs deprecated in favour of torchcodec; they are what is used here.
 
+Hostile input
+    Compressed data is checked by :mod:`qvl_ros.core.containers` before a decoder sees it (PNG:
+    chunk lengths and CRCs, IHDR, the whole zlib stream and row filters; JPEG: the marker
+    structure, frame header, scans and EOI), because torchvision's libpng binding crashes the
+    process on some damaged PNGs and decoders accept truncated JPEGs. ``gpu_jpeg`` data passes
+    the same check. ``max_input_pixels`` (default :data:`DEFAULT_MAX_INPUT_PIXELS` = 4096 x 4096,
+    16.8 MP: above 4K UHD and the 12 MP of common machine-vision sensors; a frame that size is
+    a 48 MiB RGB tensor) bounds the size a header may declare (raw: ``height x width``), checked
+    before anything is decoded or copied; 0 or None turns the limit off. test/test_fuzz_decode.py
+    feeds thousands of mutated messages through this module in a child process.
+
 Errors
-    Anything malformed raises :class:`ConversionError` (a ``ValueError``) with a short reason:
-    unknown encoding, zero or too small height/width (``min_size``, default 2x2), ``step``
+    Anything malformed raises :class:`ConversionError` (a ``ValueError``) with a short reason
+    and a ``key`` from :data:`ERROR_KEYS` (for counting): unknown encoding, zero or too small
+    height/width (``min_size``, default 2x2), more pixels than ``max_input_pixels``, ``step``
     shorter than a row, ``data`` shorter than ``step * height``, odd width for YUV 4:2:2,
     empty/corrupt/truncated/unsupported compressed data.
 
@@ -81,12 +93,16 @@ cost there is the single host-to-device copy of the raw bytes.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from .containers import ContainerError, as_bytes_view, check_jpeg, check_png
+
 __all__ = [
     "ConversionError",
+    "DEFAULT_MAX_INPUT_PIXELS",
+    "ERROR_KEYS",
     "SUPPORTED_ENCODINGS",
     "image_to_tensor",
     "compressed_to_tensor",
@@ -103,8 +119,20 @@ warnings.filterwarnings(
 )
 
 
+DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
+
+# ConversionError.key values: a fixed set, so counters keyed by them stay bounded.
+ERROR_KEYS = ("unsupported_encoding", "empty", "too_small", "odd_width", "too_large", "bad_step",
+              "short_data", "no_data", "unknown_format", "corrupt", "decode_failed")
+
+
 class ConversionError(ValueError):
-    """A message that cannot be turned into an RGB tensor; ``str(err)`` says why."""
+    """A message that cannot be turned into an RGB tensor; ``str(err)`` says why, ``key`` (one of
+    :data:`ERROR_KEYS`) what kind of problem it is."""
+
+    def __init__(self, reason: str, key: str = "decode_failed") -> None:
+        super().__init__(reason)
+        self.key = key if key in ERROR_KEYS else "decode_failed"
 
 
 # encoding -> (kind, channels, bytes per channel)
@@ -163,12 +191,15 @@ def _min_hw(min_size: int | Sequence[int]) -> tuple[int, int]:
     return int(mh), int(mw)
 
 
-def _check_size(h: int, w: int, min_size: int | Sequence[int]) -> None:
+def _check_size(h: int, w: int, min_size: int | Sequence[int], max_pixels: Optional[int] = None) -> None:
     if h <= 0 or w <= 0:
-        raise ConversionError(f"empty image: height={h} width={w}")
+        raise ConversionError(f"empty image: height={h} width={w}", "empty")
     mh, mw = _min_hw(min_size)
     if h < mh or w < mw:
-        raise ConversionError(f"image too small: {h}x{w} (height x width), minimum is {mh}x{mw}")
+        raise ConversionError(f"image too small: {h}x{w} (height x width), minimum is {mh}x{mw}", "too_small")
+    if max_pixels and h * w > max_pixels:
+        raise ConversionError(f"image too large: {w}x{h} = {h * w} pixels, more than max_input_pixels "
+                              f"{max_pixels}", "too_large")
 
 
 def _nbytes(data: Any) -> int:
@@ -323,30 +354,33 @@ def image_to_tensor(
     msg: Any,
     device: str | torch.device = "cpu",
     min_size: int | Sequence[int] = (2, 2),
+    max_input_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
 ) -> torch.Tensor:
     """Convert a ``sensor_msgs/Image`` to a uint8 ``(3, H, W)`` RGB tensor on ``device``.
 
-    ``min_size`` is the smallest accepted ``(height, width)`` (an int applies to both).
+    ``min_size`` is the smallest accepted ``(height, width)`` (an int applies to both),
+    ``max_input_pixels`` the largest ``height * width`` (0/None: no limit).
     Raises :class:`ConversionError` for malformed or unsupported messages.
     """
     encoding = str(msg.encoding)
     spec = _ENCODINGS.get(encoding) or _ENCODINGS.get(encoding.lower())
     if spec is None:
-        raise ConversionError(f"unsupported encoding {encoding!r}")
+        shown = encoding if len(encoding) <= 32 else encoding[:32] + "..."
+        raise ConversionError(f"unsupported encoding {shown!r}", "unsupported_encoding")
     kind, ch, depth = spec
     h, w, step = int(msg.height), int(msg.width), int(msg.step)
-    _check_size(h, w, min_size)
+    _check_size(h, w, min_size, max_input_pixels)
     if kind in ("uyvy", "yuyv") and w % 2:
-        raise ConversionError(f"{encoding} needs an even width, got {w}")
+        raise ConversionError(f"{encoding} needs an even width, got {w}", "odd_width")
     row_bytes = w * ch * depth
     if step < row_bytes:
         raise ConversionError(
-            f"step {step} is shorter than a row ({w} px x {ch * depth} B = {row_bytes} B)"
+            f"step {step} is shorter than a row ({w} px x {ch * depth} B = {row_bytes} B)", "bad_step"
         )
     nbytes = step * h
     have = _nbytes(msg.data)
     if have < nbytes:
-        raise ConversionError(f"data has {have} bytes, step x height needs {nbytes}")
+        raise ConversionError(f"data has {have} bytes, step x height needs {nbytes}", "short_data")
 
     dev = torch.device(device)
     host = _bytes_tensor(msg.data, nbytes)
@@ -366,35 +400,47 @@ _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+def _check_container(data: Any, fmt: str, max_input_pixels: Optional[int]) -> str:
+    """Codec of the data ("jpeg" / "png") once its structure passed the checks; raises otherwise."""
+    if "compresseddepth" in fmt.lower().replace(" ", ""):
+        raise ConversionError(f"unsupported compressed format {fmt[:64]!r} (compressedDepth)", "unknown_format")
+    view = as_bytes_view(data)
+    if len(view) == 0:
+        raise ConversionError("compressed image has no data", "no_data")
+    head = bytes(view[:8])
+    try:
+        if head.startswith(_JPEG_MAGIC):
+            check_jpeg(view, max_input_pixels)
+            return "jpeg"
+        if head.startswith(_PNG_MAGIC):
+            check_png(view, max_input_pixels)
+            return "png"
+    except ContainerError as exc:
+        raise ConversionError(str(exc), exc.key) from None
+    raise ConversionError(f"data is neither JPEG nor PNG (format {fmt[:64]!r})", "unknown_format")
+
+
 def compressed_to_tensor(
     msg: Any,
     device: str | torch.device = "cpu",
     min_size: int | Sequence[int] = (2, 2),
     gpu_jpeg: bool = False,
+    max_input_pixels: Optional[int] = DEFAULT_MAX_INPUT_PIXELS,
 ) -> torch.Tensor:
     """Decode a ``sensor_msgs/CompressedImage`` (JPEG or PNG) to uint8 ``(3, H, W)`` RGB.
 
     Decoding happens on the host (bit-exact with ``cv2.imdecode``), followed by one pinned,
     non-blocking copy to ``device``. With ``gpu_jpeg=True`` and a CUDA ``device``, JPEG is
-    decoded by nvJPEG on the device instead (not bit-exact with OpenCV).
-    Raises :class:`ConversionError` for empty, corrupt, truncated or unsupported data.
+    decoded by nvJPEG on the device instead (not bit-exact with OpenCV). Either way the data
+    passes :mod:`qvl_ros.core.containers` first, and a declared size above ``max_input_pixels``
+    (0/None: no limit) is rejected before decoding.
+    Raises :class:`ConversionError` for empty, corrupt, truncated, too large or unsupported data.
     """
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 
     fmt = str(getattr(msg, "format", ""))
-    if "compresseddepth" in fmt.lower().replace(" ", ""):
-        raise ConversionError(f"unsupported compressed format {fmt!r} (compressedDepth)")
-    n = _nbytes(msg.data)
-    if n == 0:
-        raise ConversionError("compressed image has no data")
-    data = _bytes_tensor(msg.data, n)
-    head = bytes(data[:8].tolist())
-    if head.startswith(_JPEG_MAGIC):
-        codec = "jpeg"
-    elif head.startswith(_PNG_MAGIC):
-        codec = "png"
-    else:
-        raise ConversionError(f"data is neither JPEG nor PNG (format {fmt!r})")
+    codec = _check_container(msg.data, fmt, max_input_pixels)
+    data = _bytes_tensor(msg.data, _nbytes(msg.data))
 
     dev = torch.device(device)
     try:
@@ -407,7 +453,7 @@ def compressed_to_tensor(
         reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
         if "," in reason and "/" in reason.split(",")[1]:
             reason = reason.split(",", 2)[-1].strip()  # drop the C++ source location
-        raise ConversionError(f"cannot decode {codec}: {reason}") from exc
+        raise ConversionError(f"cannot decode {codec}: {reason}", "decode_failed") from exc
     _check_size(int(img.shape[1]), int(img.shape[2]), min_size)
     if img.dtype != torch.uint8:  # 16-bit PNG: scale like cv_bridge does for 16 -> 8 bit
         img = _scale16(img.to(torch.int32))
@@ -427,6 +473,6 @@ def msg_to_tensor(msg: Any, device: str | torch.device = "cpu", **kwargs: Any) -
     if hasattr(msg, "format"):
         return compressed_to_tensor(msg, device, **kwargs)
     if hasattr(msg, "encoding"):
-        kwargs.pop("gpu_jpeg", None)
+        kwargs.pop("gpu_jpeg", None)  # max_input_pixels applies to both
         return image_to_tensor(msg, device, **kwargs)
     raise TypeError(f"not an image message: {type(msg).__name__}")

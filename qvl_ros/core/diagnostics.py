@@ -49,7 +49,7 @@ from typing import Any, Callable, Deque, Dict, List, Optional, Sequence, Tuple
 __all__ = ["RateMeter", "LatencyWindow", "LogThrottle", "PipelineMonitor", "Status", "percentile",
            "frequency_check", "no_set_problem", "drop_problems", "pipeline_level", "pipeline_status",
            "camera_level", "camera_status", "expected_rates",
-           "reason_key", "OK", "WARN", "ERROR", "STALE"]
+           "reason_key", "DROP_REASON_KEYS", "OK", "WARN", "ERROR", "STALE"]
 
 # diagnostic_msgs/DiagnosticStatus levels
 OK, WARN, ERROR, STALE = 0, 1, 2, 3
@@ -134,13 +134,17 @@ class LogThrottle:
     """Decides whether a repeated message may be logged now: at most once per ``period_s`` per key.
 
     ``check(key)`` returns None when the message must be suppressed, otherwise the number of
-    messages suppressed for that key since it was last logged.
+    messages suppressed for that key since it was last logged. At most ``max_keys`` keys are
+    remembered (the least recently logged is forgotten first), so memory stays bounded whatever
+    the keys are; callers should still use a bounded key set (see :func:`reason_key`).
     """
 
-    def __init__(self, period_s: float = 5.0, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, period_s: float = 5.0, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 1024) -> None:
         self.period_s = float(period_s)
+        self.max_keys = int(max_keys)
         self._clock = clock
-        self._last: Dict[Any, float] = {}
+        self._last: "collections.OrderedDict[Any, float]" = collections.OrderedDict()
         self._suppressed: Dict[Any, int] = collections.defaultdict(int)
         self._lock = threading.Lock()
 
@@ -152,19 +156,50 @@ class LogThrottle:
                 self._suppressed[key] += 1
                 return None
             self._last[key] = now
+            self._last.move_to_end(key)
+            while len(self._last) > self.max_keys:
+                old, _ = self._last.popitem(last=False)
+                self._suppressed.pop(old, None)
             return self._suppressed.pop(key, 0)
 
 
-_VALUE = re.compile(r"'[^']*'|\"[^\"]*\"|\d+(\.\d+)?")
+# Keys under which invalid frames are counted and their log lines throttled: a fixed set, so
+# /diagnostics and the throttle stay bounded whatever the input (an attacker choosing encodings
+# cannot create keys). All but the last two are qvl_ros.core.conversion.ERROR_KEYS.
+DROP_REASON_KEYS = ("unsupported_encoding", "empty", "too_small", "odd_width", "too_large", "bad_step",
+                    "short_data", "no_data", "unknown_format", "corrupt", "decode_failed", "aspect_ratio",
+                    "other")
+_REASON_TEXT = (  # for reasons given as text: the conversion's messages
+    (re.compile(r"^unsupported encoding"), "unsupported_encoding"),
+    (re.compile(r"^empty image"), "empty"),
+    (re.compile(r"^image too small"), "too_small"),
+    (re.compile(r"^\S+ needs an even width"), "odd_width"),
+    (re.compile(r"max_input_pixels|^image too large"), "too_large"),
+    (re.compile(r"^step \d+ is shorter"), "bad_step"),
+    (re.compile(r"^data has \d+ bytes"), "short_data"),
+    (re.compile(r"^compressed image has no data"), "no_data"),
+    (re.compile(r"^(data is neither JPEG nor PNG|unsupported compressed format)"), "unknown_format"),
+    (re.compile(r"^cannot decode (png|jpeg): .*(CRC|truncated|ends early|bad |invalid|expected a marker)"),
+     "corrupt"),
+    (re.compile(r"^cannot decode"), "decode_failed"),
+    (re.compile(r"aspect ratio"), "aspect_ratio"),
+)
 
 
-def reason_key(reason: str) -> str:
-    """Stable key for a reason text: the part before ':' with numbers and quoted values blanked.
+def reason_key(reason: Any) -> str:
+    """One of :data:`DROP_REASON_KEYS` for an error or its text.
 
-    ``"data has 10 bytes, step x height needs 300"`` -> ``"data has # bytes, step x height needs #"``.
+    An exception with a ``key`` attribute in that set (``ConversionError``) gives its key;
+    otherwise the text is matched against the conversion's messages; anything else is "other".
     """
-    head = str(reason).split(":", 1)[0]
-    return _VALUE.sub("#", head).strip()
+    key = getattr(reason, "key", None)
+    if key in DROP_REASON_KEYS:
+        return key
+    text = str(reason)
+    for pattern, key in _REASON_TEXT:
+        if pattern.search(text):
+            return key
+    return "other"
 
 
 class _Camera:
@@ -280,12 +315,13 @@ class PipelineMonitor:
             if frame_id:
                 cam.frame_id = frame_id
 
-    def frame_invalid(self, index: int, reason: str) -> None:
+    def frame_invalid(self, index: int, reason: Any) -> None:
+        """Count an invalid frame; ``reason``: the error (or its text), counted by :func:`reason_key`."""
         with self._lock:
             cam = self._cameras[index]
             cam.invalid += 1
             cam.invalid_by_reason[reason_key(reason)] += 1
-            cam.last_error = str(reason)
+            cam.last_error = (str(reason) or type(reason).__name__)[:200]
             cam.recent_invalid.tick()
 
     def frames_dropped(self, totals: Dict[str, int]) -> None:

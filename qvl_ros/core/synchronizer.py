@@ -104,7 +104,9 @@ Bounded queues, drops and time resets
 
     Counters: :meth:`stats` returns a snapshot with the drops by reason (``queue_full``,
     ``too_old``, ``unmatched``, ``time_reset``), per-input ``received`` / ``used`` / drops /
-    ``pending`` counts, the number of emitted ``sets`` and of ``resets``. Per input,
+    ``pending`` counts, the number of emitted ``sets`` and of ``resets``, and the cause of the
+    latest reset (``last_reset``: the input whose stamp went back, from and to which stamp;
+    input None for :meth:`reset`). Per input,
     ``received == used + sum(dropped) + pending`` holds at all times.
 
 Threads
@@ -266,6 +268,12 @@ class Synchronizer:
         with self._lock:
             return self._drop_totals()
 
+    @property
+    def resets(self) -> int:
+        """Number of timeline resets so far (see ``last_reset`` in :meth:`stats` for the cause)."""
+        with self._lock:
+            return self._resets
+
     def last_stamp_ns(self, index: int) -> Optional[int]:
         """Newest stamp received on ``index`` since construction or the last reset, or None."""
         k = self._check_index(index)
@@ -287,6 +295,7 @@ class Synchronizer:
                     return []
             elif thr is not None and t < last - thr:
                 self._time_reset()
+                self._last_reset = {"input": k, "from_ns": last, "to_ns": t}
             used = self._last_used[k]
             if self._matcher is not None:
                 passed = self._passed[k]
@@ -338,6 +347,7 @@ class Synchronizer:
                 self._time_reset()
                 self._old_last = None
                 self._epoch_max = None
+                self._last_reset = {"input": None, "from_ns": None, "to_ns": None}
 
     def stats(self) -> Dict[str, Any]:
         """Snapshot of the counters (a fresh dict; safe to keep or mutate)."""
@@ -352,6 +362,7 @@ class Synchronizer:
                 "dropped": [dict(d) for d in self._dropped],
                 "pending": [len(self._pending_stamps(k)) for k in range(self._n)],
                 "last_stamp_ns": list(self._last),
+                "last_reset": dict(self._last_reset) if self._last_reset else None,
             }
 
     # ----------------------------------------------------------------------------- internals
@@ -368,6 +379,9 @@ class Synchronizer:
         self._dropped = [{r: 0 for r in DROP_REASONS} for _ in range(n)]
         self._sets = 0
         self._resets = 0
+        # cause of the latest reset: the input whose stamp went back, from and to which stamp
+        # (input None: reset() was called)
+        self._last_reset: Optional[Dict[str, Any]] = None
 
     def _clear_timeline(self) -> None:
         n = self._n

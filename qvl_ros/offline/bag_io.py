@@ -164,6 +164,7 @@ class CameraBags:
             raise
         self._store = _image_typestore()
         self._deserializers = [self._store.get_msgdef(c.msgtype) for c in self.cameras]
+        self.damaged: list[str] = []  # "file: chunk at byte N (M messages): reason", skipped
 
     def _find_topics(self, topics: list[str]) -> list[CameraTopic]:
         found: dict[str, CameraTopic] = {}
@@ -234,9 +235,11 @@ class CameraBags:
         else:
             yield from heapq.merge(*streams, key=lambda rec: rec[1])
 
-    @staticmethod
-    def _stream(reader, conns, topic_index, start_ns, stop_ns):
-        for conn, t, raw in reader.messages(connections=conns, start=start_ns, stop=stop_ns):
+    def _stream(self, reader, conns, topic_index, start_ns, stop_ns):
+        messages = _chunk_tolerant_messages(reader, conns, start_ns, stop_ns, self.damaged.append)
+        if messages is None:  # not mcap, or a layout read as a whole
+            messages = reader.messages(connections=conns, start=start_ns, stop=stop_ns)
+        for conn, t, raw in messages:
             yield topic_index[conn.topic], t, raw
 
     def deserialize(self, k: int, raw: bytes | memoryview) -> Any:
@@ -264,6 +267,78 @@ class CameraBags:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _mcap_storages(reader, conns):
+    """[(McapReader, {storage connection id: reader connection})] of a rosbags Reader, or None
+    when any storage is not an indexed, chunk-compressed-or-plain mcap file."""
+    from rosbags.rosbag2.storage_mcap import McapReader
+
+    top = reader.storage
+    if isinstance(top, McapReader):
+        pairs = [(top, {c.id: c for c in conns})]
+    else:
+        storages = getattr(top, "storages", None)
+        meta = getattr(top, "metadata", None)
+        if not storages or getattr(meta, "compression_mode", "") == "message":
+            return None
+        pairs = []
+        for storage in storages:
+            connmap = {}
+            for sc in getattr(storage, "connections", []):
+                match = next((c for c in conns if c.topic == sc.topic and c.msgtype == sc.msgtype), None)
+                if match is not None:
+                    connmap[sc.id] = match
+            pairs.append((storage, connmap))
+    if not all(isinstance(st, McapReader) and st.chunks for st, _ in pairs):
+        return None
+    return pairs
+
+
+def _chunk_tolerant_messages(reader, conns, start_ns, stop_ns, report):
+    """Messages of an mcap recording in time order, like ``reader.messages``, except that a
+    chunk that cannot be read (bad CRC, sizes or records) is reported through ``report`` with
+    its file and byte offset and skipped, instead of ending the whole read. None when the
+    recording is not indexed mcap (then the caller reads it the ordinary way).
+
+    Built on rosbags' mcap reader (its chunk index and per-chunk reader, ``msgsrc``)."""
+    try:
+        from rosbags.rosbag2.storage_mcap import msgsrc
+        pairs = _mcap_storages(reader, conns)
+    except (ImportError, AttributeError):
+        return None
+    if pairs is None:
+        return None
+    return _tolerant_iter(pairs, msgsrc, start_ns, stop_ns, report)
+
+
+def _tolerant_iter(pairs, msgsrc, start_ns, stop_ns, report):
+    def guarded(source, path, chunk, wanted):
+        try:
+            yield next(source)  # a marker with the chunk's start time (nothing read yet)
+            yield from source  # the chunk is read, checked and parsed here
+        except Exception as exc:
+            reason = str(exc) or type(exc).__name__
+            report(f"{path}: chunk at byte {chunk.chunk_start_offset} ({wanted} camera messages, "
+                   f"{chunk.message_start_time / 1e9:.3f}-{chunk.message_end_time / 1e9:.3f} s): "
+                   f"{type(exc).__name__}: {reason}")
+
+    for storage, connmap in pairs:
+        channel_map = {sc.id: sc for sc in storage.connections if sc.id in connmap}
+        if not channel_map:
+            continue
+        sources = []
+        for x in storage.chunks:
+            wanted = sum(x.channel_count.get(cid, 0) for cid in channel_map)
+            if wanted and (start_ns is None or start_ns <= x.message_end_time) and \
+                    (stop_ns is None or x.message_start_time < stop_ns):
+                lo = x.message_start_time if start_ns is None else start_ns
+                hi = x.message_end_time + 1 if stop_ns is None else stop_ns
+                sources.append(guarded(msgsrc(x, channel_map, lo, hi, storage.bio),
+                                       getattr(storage, "path", "?"), x, wanted))
+        for timestamp, offset, sconn, data in heapq.merge(*sources):
+            if offset:
+                yield connmap[sconn.id], timestamp, data
 
 
 # ---------------------------------------------------------------------------------------- output

@@ -19,12 +19,25 @@ listed in the summary at the end.
 
 Interrupting (Ctrl-C or SIGTERM) finishes the batch the model is working on, writes it, and
 closes OUTPUT (and the export) so that they hold every set finished so far as a valid bag; a
-second Ctrl-C stops at once but still closes the files.
+second Ctrl-C stops at once but still closes the files. An error during the run (a model or
+read failure, a full disk) also closes OUTPUT as a valid bag with every set written so far.
+Until it is closed, OUTPUT holds a marker file, ``EXTRACTION_INCOMPLETE``: after SIGKILL or a
+crash of the process it stays there, says what happened, and lets ``--force`` remove the
+directory (:mod:`qvl_ros.offline.output_guard`, which also keeps the space closing needs on a
+full disk). A damaged chunk of an mcap input is reported with its file and byte offset and
+skipped; the run goes on with the next chunk.
 
-Exit status: 0 done; 1 an error during the run (OUTPUT is closed and holds what was written);
-2 a problem found before starting (missing input, topic not in the recordings, topic of another
-type, unreadable recording, model that cannot be loaded, OUTPUT exists without --force, bad
-arguments); 130 / 143 interrupted by SIGINT / SIGTERM (OUTPUT is complete up to that point).
+Every option, the inputs, the topics and OUTPUT (can it be created?) are checked before the
+model loads.
+
+Exit status: 0 done; 1 an error during the run (OUTPUT is closed and holds what was written,
+or, if even closing failed, keeps its marker); 2 a problem found before starting (bad or
+out-of-range option, missing input, topic not in the recordings or without messages, topic of
+another type, unreadable recording, --start past the end, model that cannot be loaded, OUTPUT
+exists without --force or cannot be created); 3 the run finished but produced no set (no
+matching stamps; pass --allow-empty to make that a success); 130 / 143 interrupted by SIGINT /
+SIGTERM (OUTPUT is complete up to that point; 130 also for Ctrl-C while the model loads,
+before anything was written).
 
 The same run as a function: :func:`extract` with an :class:`ExtractConfig`, returning an
 :class:`ExtractReport`.
@@ -48,7 +61,7 @@ from typing import Callable, Iterator, Sequence
 __all__ = ["ExtractConfig", "ExtractReport", "ExtractError", "extract", "add_arguments", "run_cli", "main"]
 
 DEFAULT_PROMPT = "Describe the scene."
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_EMPTY = 0, 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
@@ -91,6 +104,9 @@ class ExtractConfig:
     prefetch: int | None = None
     reader_threads: int | None = 1  # torch threads of the reading thread on a CPU device (None: torch's)
     handle_signals: bool = True  # SIGINT/SIGTERM finish the batch in flight, then stop
+    max_input_pixels: int | None = None  # largest declared frame size; None: the conversion's default
+    allow_empty: bool = False  # an output without sets is a success (otherwise: exit 3)
+    announce_model_load: bool = False  # write "loading model ..." on the stream before loading
 
 
 @dataclass
@@ -123,6 +139,8 @@ class ExtractReport:
     elapsed_s: float = 0.0  # from the first frame read to OUTPUT closed
     model: str = ""
     device: str = ""
+    output_complete: bool = False  # the bag was closed (valid); False: it keeps the incomplete marker
+    damaged: list[str] = field(default_factory=list)  # input chunks that could not be read, skipped
 
     @property
     def sets_per_s(self) -> float:
@@ -144,16 +162,6 @@ def _parse_time(spec: str | float | None, bag_start_ns: int, what: str) -> int |
         raise ExtractError(f"--{what} {spec!r} is not a finite number of seconds")
     ns = int(seconds * 1_000_000_000)
     return bag_start_ns + ns if relative else ns
-
-
-def _looks_like_bag(path: Path) -> bool:
-    """Whether `path` is a rosbag2 directory we may delete for --force."""
-    if not path.is_dir():
-        return False
-    allowed = (".mcap", ".db3", ".zstd", ".yaml", ".db3-shm", ".db3-wal")
-    entries = list(path.iterdir())
-    return any(e.name == "metadata.yaml" for e in entries) and all(
-        e.is_file() and e.name.endswith(allowed) for e in entries)
 
 
 def _looks_like_export(path: Path) -> bool:
@@ -193,10 +201,9 @@ def _resolve_model_path(spec: str | None) -> Path:
         raise ExtractError(f"cannot load model: {exc}") from None
 
 
-def _load_model(cfg: ExtractConfig):
+def _load_model(cfg: ExtractConfig, path: Path):
     from ..model import BatchedQwenVL
 
-    path = _resolve_model_path(cfg.model)
     try:
         return BatchedQwenVL.from_pretrained(path, device=cfg.device, dtype=cfg.dtype,
                                              min_pixels=cfg.min_pixels, max_pixels=cfg.max_pixels)
@@ -207,9 +214,9 @@ def _load_model(cfg: ExtractConfig):
 
 def _host_storage(tensor):
     """(dtype name, shape, uint8 numpy bytes) of a host tensor, C order little-endian."""
-    from ..ros.tensor_msg import _storage_array
+    from ..ros.tensor_msg import storage_array
 
-    arr, dtype = _storage_array(tensor, None)
+    arr, dtype = storage_array(tensor, None)
     return dtype, arr.shape, arr.reshape(-1).view("u1")
 
 
@@ -310,6 +317,7 @@ class _SetSource:
         self.failed = [0] * n
         self.failures: list[tuple[str, int, str]] = []
         self.finished = False  # the whole requested range was read
+        self.limits = {} if cfg.max_input_pixels is None else {"max_input_pixels": cfg.max_input_pixels}
 
     @property
     def frames_read(self) -> int:
@@ -336,7 +344,7 @@ class _SetSource:
                 continue
             stamp = header_ns(msg.header.stamp) if use_header else rec_ns
             try:
-                image = msg_to_tensor(msg, device, min_size=(28, 28))
+                image = msg_to_tensor(msg, device, min_size=(28, 28), **self.limits)
             except ConversionError as exc:
                 self._fail(k, stamp, str(exc))
                 continue
@@ -474,204 +482,332 @@ class _StopOnSignal:
 
 
 # --------------------------------------------------------------------------------- extraction
-def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | None = None,
-            stop: threading.Event | None = None, stream=None, progress: str = "auto",
-            progress_interval: float | None = None, model=None) -> ExtractReport:
-    """Run one extraction (see the module doc). Raises :class:`ExtractError` before starting
-    when an input, topic, model or the output is unusable; otherwise returns a report, also
-    when the run was interrupted (``report.interrupted``) or failed (``report.error``).
+@dataclass
+class _Plan:
+    """A run's options after every check that needs neither the model nor an output file."""
 
-    ``on_progress`` is called with the report after every written batch; ``stop`` ends the run
-    after the batch in flight when set (as SIGINT does). ``model``: an already loaded
-    ``BatchedQwenVL`` to use instead of loading ``cfg.model`` (several runs, one load).
-    """
-    from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore
-    from ..ros.feature_msgs import check_kinds, sample_tensors
+    cfg: ExtractConfig
+    names: list[str]
+    kinds: list[str]
+    output: Path
+    export: Path | None
+    start_ns: int | None
+    stop_ns: int | None
 
-    stream = stream if stream is not None else sys.stderr
-    stop = stop if stop is not None else threading.Event()
+
+def _check_number(value, what: str, *, minimum: float = 0.0, strict: bool = False, maximum: float = 1e9,
+                  integer: bool = False) -> None:
+    """A finite number within [minimum, maximum] (or (minimum, maximum] with ``strict``)."""
+    if value is None:
+        return
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > minimum if strict else value >= minimum) and value <= maximum
+    ok = ok and (not integer or float(value).is_integer())
+    if not ok:
+        bound = f"{'>' if strict else '>='} {minimum:g}"
+        raise ExtractError(f"--{what} must be a finite {'integer' if integer else 'number'} {bound} "
+                           f"and at most {maximum:g}, got {value!r}")
+
+
+def _check_options(cfg: ExtractConfig) -> None:
+    """Every numeric and choice option, so that nothing overflows or fails after the model loaded."""
+    checks = [
+        (cfg.batch, "batch", dict(minimum=1, integer=True, maximum=1 << 20)),
+        (cfg.slop, "slop", dict(maximum=3600.0)),
+        (cfg.reorder, "reorder", dict(maximum=3600.0)),
+        (cfg.queue_size, "queue-size", dict(minimum=1, integer=True, maximum=1 << 20)),
+        (cfg.max_new_tokens, "max-new-tokens", dict(minimum=1, integer=True, maximum=1 << 20)),
+        (cfg.shard_mb, "shard-mb", dict(strict=True, maximum=1 << 20)),
+        (cfg.prefetch, "prefetch", dict(integer=True, maximum=1024)),
+        (cfg.min_pixels, "min-pixels", dict(integer=True, maximum=1 << 40)),
+        (cfg.max_pixels, "max-pixels", dict(integer=True, maximum=1 << 40)),
+        (cfg.max_input_pixels, "max-input-pixels", dict(integer=True, maximum=1 << 40)),
+    ]
+    for value, what, kw in checks:
+        _check_number(value, what, **kw)
+    if cfg.stamps not in ("header", "bag"):
+        raise ExtractError("--stamps must be 'header' or 'bag'")
+    _check_number(cfg.clip_stride, "clip-stride", minimum=1, integer=True, maximum=1 << 20)
+    _check_number(cfg.clip_frames, "clip-frames", integer=True, maximum=1 << 10)
+    if cfg.clip_frames == 1:
+        raise ExtractError("--clip-frames must be 0 (still images) or at least 2")
+
+
+def _plan(cfg: ExtractConfig, bags) -> _Plan:
+    """Check options, names, output and time range against the opened recordings."""
+    from ..ros.feature_msgs import check_kinds
+    from .bag_io import camera_names_for
+
     try:
         kinds = check_kinds(list(cfg.features))
     except ValueError as exc:
         raise ExtractError(str(exc)) from None
-    if cfg.batch < 1:
-        raise ExtractError("--batch must be at least 1")
-    if not cfg.slop >= 0:
-        raise ExtractError("--slop must be >= 0 seconds")
-    if cfg.reorder < 0 or cfg.queue_size < 1:
-        raise ExtractError("--reorder must be >= 0 and --queue-size at least 1")
-    if cfg.caption and cfg.max_new_tokens < 1:
-        raise ExtractError("--max-new-tokens must be at least 1")
-    if cfg.stamps not in ("header", "bag"):
-        raise ExtractError("--stamps must be 'header' or 'bag'")
-    if cfg.clip_frames < 0 or cfg.clip_frames == 1 or cfg.clip_stride < 1:
-        raise ExtractError("--clip-frames must be 0 (still images) or at least 2, --clip-stride at least 1")
     topics = list(cfg.topics)
     names = list(cfg.camera_names) if cfg.camera_names else camera_names_for(topics)
     if len(names) != len(topics) or len(set(names)) != len(names) or not all(names):
         raise ExtractError(f"--names needs one unique, non-empty name per topic; got {names} for {topics}")
+    start_ns = _parse_time(cfg.start, bags.start_ns, "start")
+    stop_ns = _parse_time(cfg.end, bags.start_ns, "end")
+    if start_ns is not None and stop_ns is not None and stop_ns <= start_ns:
+        raise ExtractError("--end must be after --start")
+    if not cfg.allow_empty:
+        empty = [c.topic for c in bags.cameras if c.count == 0]
+        if empty:
+            raise ExtractError(f"topic{'s' if len(empty) > 1 else ''} {', '.join(empty)} "
+                               f"{'have' if len(empty) > 1 else 'has'} no messages in the recordings, so no set "
+                               f"can be formed (pass --allow-empty to write an empty output anyway)")
+        if start_ns is not None and start_ns >= bags.end_ns:
+            raise ExtractError(f"--start {cfg.start} is at or after the end of the recordings "
+                               f"({_fmt_stamp(bags.end_ns)}; pass --allow-empty to write an empty output anyway)")
+        if stop_ns is not None and stop_ns <= bags.start_ns:
+            raise ExtractError(f"--end {cfg.end} is at or before the start of the recordings "
+                               f"({_fmt_stamp(bags.start_ns)}; pass --allow-empty to write an empty output anyway)")
+    return _Plan(cfg, names, kinds, Path(cfg.output), Path(cfg.export) if cfg.export is not None else None,
+                 start_ns, stop_ns)
+
+
+def _check_outputs(cfg: ExtractConfig, inputs: list[Path]) -> None:
+    from .output_guard import check_writable, looks_like_output
 
     output = Path(cfg.output)
     export = Path(cfg.export) if cfg.export is not None else None
-    inputs = [Path(p) for p in cfg.inputs]
     for target in [output] + ([export] if export else []):
         if any(target.resolve() == p.resolve() for p in inputs):
             raise ExtractError(f"{target} is also an input")
     if export is not None and export.resolve() == output.resolve():
         raise ExtractError("--export must differ from --out")
-    _check_target(output, cfg.force, "output", _looks_like_bag)
+    _check_target(output, cfg.force, "output", looks_like_output)
     if export is not None:
         _check_target(export, cfg.force, "export directory", _looks_like_export)
+    for target, what in ((output, "--out"), (export, "--export")):
+        if target is None:
+            continue
+        try:
+            check_writable(target)
+        except OSError as exc:
+            raise ExtractError(f"{what} {target} cannot be created: {exc.strerror or exc}") from None
 
+
+def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | None = None,
+            stop: threading.Event | None = None, stream=None, progress: str = "auto",
+            progress_interval: float | None = None, model=None) -> ExtractReport:
+    """Run one extraction (see the module doc). Raises :class:`ExtractError` before starting
+    when an option, input, topic, model or the output is unusable (all checked before the model
+    loads); otherwise returns a report, also when the run was interrupted
+    (``report.interrupted``) or failed (``report.error``).
+
+    ``on_progress`` is called with the report after every written batch; ``stop`` ends the run
+    after the batch in flight when set (as SIGINT does). ``model``: an already loaded
+    ``BatchedQwenVL`` to use instead of loading ``cfg.model`` (several runs, one load).
+    """
+    from .bag_io import BagInputError, CameraBags, qvl_typestore
+
+    _check_options(cfg)
+    inputs = [Path(p) for p in cfg.inputs]
+    _check_outputs(cfg, inputs)
     try:
         qvl_typestore()  # the output's message definitions, read from msg/*.msg
     except FileNotFoundError as exc:
         raise ExtractError(str(exc)) from None
     try:
-        bags = CameraBags(inputs, topics)
+        bags = CameraBags(inputs, list(cfg.topics))
     except BagInputError as exc:
         raise ExtractError(str(exc)) from None
     try:
-        start_ns = _parse_time(cfg.start, bags.start_ns, "start")
-        stop_ns = _parse_time(cfg.end, bags.start_ns, "end")
-        if start_ns is not None and stop_ns is not None and stop_ns <= start_ns:
-            raise ExtractError("--end must be after --start")
+        plan = _plan(cfg, bags)
         if model is None:
-            model = _load_model(cfg)
-        return _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop, stream,
-                    progress, progress_interval, on_progress, FeatureBagWriter, sample_tensors)
+            model_path = _resolve_model_path(cfg.model)
+            if cfg.announce_model_load:
+                (stream or sys.stderr).write(f"loading model {model_path} ...\n")
+                (stream or sys.stderr).flush()
+            model = _load_model(cfg, model_path)
+        run = _Extraction(plan, bags, model, stop if stop is not None else threading.Event(),
+                          stream if stream is not None else sys.stderr, on_progress)
+        return run.run(progress, progress_interval)
     finally:
         bags.close()
 
 
-def _run(cfg, bags, model, names, kinds, output, export, start_ns, stop_ns, stop, stream, progress,
-         progress_interval, on_progress, FeatureBagWriter, sample_tensors) -> ExtractReport:
-    from .export import FeatureExporter
+class _Extraction:
+    """One run: opens the outputs, reads/computes/writes batches, closes everything."""
 
-    cameras = [CameraReport(c.topic, name, c.short_type) for c, name in zip(bags.cameras, names)]
-    report = ExtractReport(output=output, export=export, cameras=cameras, model=model.name,
-                           device=str(model.device))
-    if cfg.force:
-        _remove(output)
-        if export is not None:
-            _remove(export)
-    custom = {
-        "qvl_ros.inputs": " ".join(str(p) for p in bags.paths),
-        "qvl_ros.core.topics": " ".join(c.topic for c in bags.cameras),
-        "qvl_ros.camera_names": " ".join(names),
-        "qvl_ros.model": model.name,
-        "qvl_ros.prompt": cfg.prompt,
-        "qvl_ros.slop_ns": str(int(round(cfg.slop * 1e9))),
-        "qvl_ros.stamps": cfg.stamps,
-    }
-    prompts_cache: dict[int, list[str]] = {}
-    progress_bar = Progress(bags.estimated_frames(start_ns, stop_ns), progress, progress_interval, stream)
-    halt = threading.Event()  # set by a signal, and when the run ends for any reason
+    def __init__(self, plan: _Plan, bags, model, stop: threading.Event, stream, on_progress) -> None:
+        cfg = plan.cfg
+        self.plan, self.cfg, self.bags, self.model = plan, cfg, bags, model
+        self.stop, self.stream, self.on_progress = stop, stream, on_progress
+        cameras = [CameraReport(c.topic, name, c.short_type) for c, name in zip(bags.cameras, plan.names)]
+        self.report = ExtractReport(output=plan.output, export=plan.export, cameras=cameras, model=model.name,
+                                    device=str(model.device))
+        self.halt = threading.Event()  # set by a signal, and when the run ends for any reason
+        self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped)
+        self.writer = self.exporter = self.guard = None
+        self._prompts: dict[int, list[str]] = {}
 
-    def stopped() -> bool:
-        return halt.is_set() or stop.is_set()
+    def stopped(self) -> bool:
+        return self.halt.is_set() or self.stop.is_set()
 
-    source = _SetSource(bags, cfg, model.device, start_ns, stop_ns, stopped)
-    t0 = time.perf_counter()
-    with _StopOnSignal(halt, cfg.handle_signals, stream) as signals:
-        writer = FeatureBagWriter(output, captions=cfg.caption, custom_data=custom)
-        exporter = None
-        reader = None
-        pending = None  # (batch, features, texts): computed, not yet written
-        at_once = False  # a second Ctrl-C: close the files without writing more
-        try:
-            if export is not None:
-                exporter = FeatureExporter(export, names, [c.topic for c in bags.cameras], model.name,
-                                           cfg.prompt, kinds, cfg.caption,
-                                           shard_bytes=int(cfg.shard_mb * (1 << 20)))
+    # ------------------------------------------------------------------------------ outputs
+    def _custom_data(self) -> dict[str, str]:
+        cfg, bags = self.cfg, self.bags
+        return {
+            "qvl_ros.inputs": " ".join(str(p) for p in bags.paths),
+            "qvl_ros.topics": " ".join(c.topic for c in bags.cameras),
+            "qvl_ros.camera_names": " ".join(self.plan.names),
+            "qvl_ros.model": self.model.name,
+            "qvl_ros.prompt": cfg.prompt,
+            "qvl_ros.slop_ns": str(int(round(cfg.slop * 1e9))),
+            "qvl_ros.stamps": cfg.stamps,
+        }
 
-            def compute(batch):
-                images = [list(s.items) for s in batch]
-                prompts = prompts_cache.setdefault(len(batch), [cfg.prompt] * len(batch))
-                fps = [list(s.fps) for s in batch] if cfg.clip_frames else None
-                if cfg.caption:
-                    feats, texts = model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens,
-                                                         fps=fps)
-                else:
-                    feats, texts = model.encode(images, prompts, fps=fps), None
-                return batch, feats, texts
+    def _open_outputs(self) -> None:
+        from .bag_io import FeatureBagWriter
+        from .export import FeatureExporter
+        from .output_guard import OutputGuard
 
-            def emit(batch, feats, texts) -> None:
-                for b, s in enumerate(batch):
-                    tensors = sample_tensors(feats, b, names, kinds)  # waits for the device
-                    msgs = []
-                    for name, t in tensors:
-                        dtype, shape, data = _host_storage(t)
-                        msgs.append(writer.feature_tensor(name, dtype, shape, data))
-                    writer.write_features(s.stamps, names, model.name, cfg.prompt, msgs, cfg.frame_id,
-                                          getattr(s, "clip_stamps", ()))
-                    if texts is not None:
-                        writer.write_caption(s.stamps, names, model.name, cfg.prompt, texts[b], cfg.frame_id)
-                        report.captions_written += 1
-                    if exporter is not None:
-                        exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)
-                    report.sets_written += 1
-                progress_bar.update(source.frames_read, report.sets_written)
-                if on_progress is not None:
-                    on_progress(report)
+        plan, cfg = self.plan, self.cfg
+        if cfg.force:
+            _remove(plan.output)
+            if plan.export is not None:
+                _remove(plan.export)
+        self.writer = FeatureBagWriter(plan.output, captions=cfg.caption, custom_data=self._custom_data())
+        self.guard = OutputGuard(plan.output)
+        self.guard.start()
+        if plan.export is not None:
+            self.exporter = FeatureExporter(plan.export, plan.names, [c.topic for c in self.bags.cameras],
+                                            self.model.name, cfg.prompt, plan.kinds, cfg.caption,
+                                            shard_bytes=int(cfg.shard_mb * (1 << 20)))
 
-            if cfg.prefetch is None:
-                depth = 0 if model.device.type == "cpu" else 2
-            else:
-                depth = cfg.prefetch
-            if depth > 0:
-                threads = cfg.reader_threads if model.device.type == "cpu" and cfg.reader_threads else None
-                reader = _ReadAhead(source, depth * cfg.batch, torch_threads=threads)
-            # Software pipeline in one thread: batch i+1 is read and decoded, and batch i written,
-            # while a GPU still computes batch i+1 (on a CPU the order changes nothing).
-            batch: list = []
-            for s in (reader if reader is not None else source):
-                batch.append(s)
-                if len(batch) == cfg.batch:
-                    result = compute(batch)
-                    batch = []
-                    if pending is not None:
-                        done, pending = pending, None
-                        emit(*done)
-                    pending = result
-                    if stopped():
-                        break
-            if batch and not stopped():
-                result = compute(batch)
-                if pending is not None:
-                    done, pending = pending, None
-                    emit(*done)
-                pending = result
-            if pending is not None:
-                done, pending = pending, None
-                emit(*done)
-        except KeyboardInterrupt:
-            at_once = True
-            report.error = "stopped at once by Ctrl-C"
-            if signals.signum is None:
-                signals.signum = signal.SIGINT
-        except Exception as exc:  # a read or model failure mid-run: keep what is written
-            report.error = f"{type(exc).__name__}: {exc}"
-        finally:
-            signals.closing = True  # from here on, signals no longer interrupt: close the files
-            halt.set()
-            if reader is not None:
-                reader.close()
-            if pending is not None and not at_once:
-                try:  # a batch computed before the failure is still written
-                    emit(*pending)
-                except Exception as exc:
-                    report.error = report.error or f"{type(exc).__name__}: {exc}"
+    def _close_outputs(self) -> None:
+        """Close the bag and the export; never raises (a failure is the report's error, and the
+        output keeps its incomplete marker)."""
+        report = self.report
+        closed = True
+        if self.guard is not None:
+            self.guard.release()  # its space is what closing needs on a full disk
+        for name, closer in (("output", self.writer), ("export", self.exporter)):
+            if closer is None:
+                continue
             try:
-                writer.close()
+                closer.close()
+            except Exception as exc:
+                closed = closed and name != "output"
+                report.error = report.error or f"closing the {name} failed: {type(exc).__name__}: {exc}"
+        if self.guard is not None and closed:
+            self.guard.finish()
+        report.output_complete = closed and self.writer is not None
+
+    # ------------------------------------------------------------------------------ batches
+    def _compute(self, batch):
+        cfg = self.cfg
+        images = [list(s.items) for s in batch]
+        prompts = self._prompts.setdefault(len(batch), [cfg.prompt] * len(batch))
+        fps = [list(s.fps) for s in batch] if cfg.clip_frames else None  # clips: rate from their stamps
+        if cfg.caption:
+            feats, texts = self.model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens, fps=fps)
+        else:
+            feats, texts = self.model.encode(images, prompts, fps=fps), None
+        return batch, feats, texts
+
+    def _emit(self, batch, feats, texts) -> None:
+        """Write one computed batch (after making sure the disk can take it and still close)."""
+        from ..ros.feature_msgs import sample_tensors
+
+        cfg, names, writer, report = self.cfg, self.plan.names, self.writer, self.report
+        rows = []
+        for b in range(len(batch)):
+            tensors = sample_tensors(feats, b, names, self.plan.kinds)  # waits for the device
+            rows.append((tensors, [(name, *_host_storage(t)) for name, t in tensors]))
+        sizes = [sum(int(d.nbytes) for *_, d in storage) + 4096 for _, storage in rows]
+        self.guard.before_write(sum(sizes), max(sizes))
+        for b, (s, (tensors, storage)) in enumerate(zip(batch, rows)):
+            msgs = [writer.feature_tensor(name, dtype, shape, data) for name, dtype, shape, data in storage]
+            writer.write_features(s.stamps, names, self.model.name, cfg.prompt, msgs, cfg.frame_id,
+                                  getattr(s, "clip_stamps", ()))
+            if texts is not None:
+                writer.write_caption(s.stamps, names, self.model.name, cfg.prompt, texts[b], cfg.frame_id)
+                report.captions_written += 1
+            if self.exporter is not None:
+                self.exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)
+            report.sets_written += 1
+        self.progress.update(self.source.frames_read, report.sets_written)
+        if self.on_progress is not None:
+            self.on_progress(report)
+
+    def _pipeline(self, sets) -> None:
+        """Software pipeline in one thread: batch i+1 is read and decoded, and batch i written,
+        while a GPU still computes batch i+1 (on a CPU the order changes nothing)."""
+        batch: list = []
+        for s in sets:
+            batch.append(s)
+            if len(batch) == self.cfg.batch:
+                result = self._compute(batch)
+                batch = []
+                self._emit_pending()
+                self.pending = result
+                if self.stopped():
+                    return
+        if batch and not self.stopped():
+            result = self._compute(batch)
+            self._emit_pending()
+            self.pending = result
+        self._emit_pending()
+
+    def _emit_pending(self) -> None:
+        if self.pending is not None:
+            done, self.pending = self.pending, None
+            self._emit(*done)
+
+    def _reader(self):
+        cfg, device = self.cfg, self.model.device
+        depth = (0 if device.type == "cpu" else 2) if cfg.prefetch is None else cfg.prefetch
+        if depth <= 0:
+            return None
+        threads = cfg.reader_threads if device.type == "cpu" and cfg.reader_threads else None
+        return _ReadAhead(self.source, depth * cfg.batch, torch_threads=threads)
+
+    # ------------------------------------------------------------------------------ the run
+    def run(self, progress: str, progress_interval: float | None) -> ExtractReport:
+        from .output_guard import DiskFull
+
+        report, source = self.report, self.source
+        self.progress = Progress(self.bags.estimated_frames(self.plan.start_ns, self.plan.stop_ns), progress,
+                                 progress_interval, self.stream)
+        self.pending = None  # (batch, features, texts): computed, not yet written
+        reader = None
+        at_once = False  # a second Ctrl-C: close the files without writing more
+        t0 = time.perf_counter()
+        with _StopOnSignal(self.halt, self.cfg.handle_signals, self.stream) as signals:
+            try:
+                self._open_outputs()
+                reader = self._reader()
+                self._pipeline(reader if reader is not None else source)
+            except KeyboardInterrupt:
+                at_once = True
+                report.error = "stopped at once by Ctrl-C"
+                if signals.signum is None:
+                    signals.signum = signal.SIGINT
+            except DiskFull as exc:
+                report.error = f"disk full: {exc.strerror}; the sets written so far are kept"
+                self.pending = None
+            except Exception as exc:  # a read, model or write failure mid-run: keep what is written
+                report.error = f"{type(exc).__name__}: {exc}"
             finally:
-                if exporter is not None:
-                    exporter.close()
-        report.interrupted = signals.signum
-    report.elapsed_s = time.perf_counter() - t0
-    progress_bar.finish(source.frames_read, report.sets_written)
-    _fill_camera_stats(report, source)
-    return report
+                signals.closing = True  # from here on, signals no longer interrupt: close the files
+                self.halt.set()
+                if reader is not None:
+                    reader.close()
+                if self.pending is not None and not at_once and self.writer is not None:
+                    try:  # a batch computed before the failure is still written
+                        self._emit_pending()
+                    except Exception as exc:
+                        report.error = report.error or f"{type(exc).__name__}: {exc}"
+                self._close_outputs()
+            report.interrupted = signals.signum
+        report.elapsed_s = time.perf_counter() - t0
+        self.progress.finish(source.frames_read, report.sets_written)
+        _fill_camera_stats(report, source)
+        report.damaged = list(self.bags.damaged)
+        return report
 
 
 def _fill_camera_stats(report: ExtractReport, source: _SetSource) -> None:
@@ -719,6 +855,11 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
         lines.append(f"features exported to {report.export}")
     if report.error:
         lines.append(f"error: {report.error}")
+    if not report.output_complete:
+        lines.append(f"OUTPUT {report.output} could not be closed: it is incomplete (marked by "
+                     f"EXTRACTION_INCOMPLETE); rerun with --force to replace it")
+    for damage in report.damaged:
+        lines.append(f"input damage, skipped: {damage}")
     header = ("camera", "topic", "type", "frames", "used", "failed", "unmatched", "other drops", "left over")
     rows = []
     for cam in report.cameras:
@@ -805,7 +946,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--shard-mb", type=float, default=512.0, help="approximate export shard size in MB")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="batches read and decoded ahead in a thread (default: 0 on a CPU, 2 on a GPU)")
-    parser.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT (and the export DIR)")
+    parser.add_argument("--max-input-pixels", type=int, default=None, metavar="N",
+                        help="largest height x width a frame may declare; larger frames are counted as failed "
+                             "(default 16777216 = 4096x4096; 0 = no limit)")
+    parser.add_argument("--allow-empty", action="store_true",
+                        help="exit 0 even when no set is produced (empty topic, --start past the end, no match)")
+    parser.add_argument("-f", "--force", action="store_true",
+                        help="overwrite OUTPUT (and the export DIR): an earlier output, finished or incomplete")
     parser.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
                         help="progress display on stderr (auto: a bar on a terminal, else a line every 10 s)")
     parser.add_argument("--progress-interval", type=float, default=None, help="seconds between progress updates")
@@ -818,7 +965,8 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         slop=args.slop, batch=args.batch, prompt=args.prompt, features=args.features, caption=args.caption,
         max_new_tokens=args.max_new_tokens, start=args.start, end=args.end, stamps=args.stamps,
         queue_size=args.queue_size, reorder=args.reorder, frame_id=args.frame_id, force=args.force,
-        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch,
+        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch, max_input_pixels=args.max_input_pixels,
+        allow_empty=args.allow_empty, announce_model_load=args.progress != "none",
         clip_frames=args.clip_frames, clip_stride=args.clip_stride)
 
 
@@ -828,15 +976,24 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
 
     tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
     try:
+        _check_number(args.progress_interval, "progress-interval", maximum=1e6)
         report = extract(config_from_args(args), progress=args.progress, progress_interval=args.progress_interval)
     except ExtractError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
+    except KeyboardInterrupt:  # Ctrl-C before the run started (model loading): nothing written
+        sys.stderr.write(f"\n{prog}: interrupted before extraction started; nothing was written\n")
+        return EXIT_SIGNAL[signal.SIGINT]
     sys.stderr.write(format_summary(report) + "\n")
     sys.stderr.flush()
     if report.interrupted is not None:
         return EXIT_SIGNAL.get(report.interrupted, EXIT_FAILED)
-    return EXIT_FAILED if report.error else EXIT_OK
+    if report.error:
+        return EXIT_FAILED
+    if report.sets_written == 0 and not args.allow_empty:
+        sys.stderr.write(f"{prog}: no set was produced (pass --allow-empty if that is expected)\n")
+        return EXIT_EMPTY
+    return EXIT_OK
 
 
 def build_parser(prog: str = "python -m qvl_ros.offline.extract") -> argparse.ArgumentParser:

@@ -53,6 +53,7 @@ from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
 from rclpy.exceptions import InvalidParameterValueException
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
@@ -61,7 +62,8 @@ from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
 from ..core.clips import ClipAssembler, ClipSet
-from ..core.conversion import msg_to_tensor
+from ..core.conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
+from ..core.input_loss import InputLossEstimator
 from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
@@ -195,6 +197,8 @@ class QvlPipeline:
             on_drop=lambda _set: self._monitor.sets_dropped("queue_full"),
             task_depth=int(v("ask.queue_depth")))
         self._log_throttle = LogThrottle(float(v("log_throttle")))
+        self._max_input_pixels = int(v("max_input_pixels"))
+        self._loss = InputLossEstimator(self._names)
         self._rate = RateLimiter(float(v("max_rate")))
         self._monitor = PipelineMonitor(self._names, self._resolved_topics, **self._monitor_options())
         self._monitor.set_paused(True)  # until the cameras are subscribed
@@ -327,9 +331,22 @@ class QvlPipeline:
         for i, topic in enumerate(self._topics):
             is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
             msg_type = CompressedImage if is_compressed else Image
-            self._subs.append(self.create_subscription(
-                msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), self._camera_qos,
-                callback_group=MutuallyExclusiveCallbackGroup()))
+            self._subs.append(self._subscribe_camera(i, msg_type, topic, self._camera_qos))
+
+    def _subscribe_camera(self, i: int, msg_type: Any, topic: str, qos: QoSProfile):
+        """Camera subscription, with the middleware's message-lost events where it reports them."""
+        group = MutuallyExclusiveCallbackGroup()
+        events = SubscriptionEventCallbacks(
+            message_lost=lambda info, i=i: self._loss.middleware_lost(i, info.total_count_change))
+        try:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group, event_callbacks=events)
+            self._loss.middleware_support(i, True)
+        except UnsupportedEventTypeError:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group)
+            self._loss.middleware_support(i, False)
+        return sub
 
     def _unsubscribe(self) -> None:
         subs, self._subs = self._subs, []
@@ -453,6 +470,9 @@ class QvlPipeline:
         d("diagnostics.drop_warn_fraction", 0.2, _DOUBLE,
           "WARN when more than this fraction of frames or sets was dropped over the window.",
           constraints="0..1", bounds=(0.0, 1.0))
+        d("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS, _INT,
+          "Largest height x width a frame may declare (checked from the header before decoding); "
+          "larger frames are dropped as too_large. 0 = no limit.", constraints=">= 0", bounds=(0, 1 << 40))
         d("log_throttle", 5.0, _DOUBLE, "At most one log line per camera and error kind per this period (s).",
           constraints=">= 0", bounds=(0.0, 3600.0))
         if self.get_parameter("sync.slop").value != AUTO_SLOP:
@@ -546,26 +566,45 @@ class QvlPipeline:
         return model
 
     # ------------------------------------------------------------------------- input side
+    def _subscribe_camera(self, i: int, msg_type: Any, topic: str, qos: QoSProfile):
+        """Camera subscription, with the middleware's message-lost events where it reports them."""
+        group = MutuallyExclusiveCallbackGroup()
+        events = SubscriptionEventCallbacks(
+            message_lost=lambda info, i=i: self._loss.middleware_lost(i, info.total_count_change))
+        try:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group, event_callbacks=events)
+            self._loss.middleware_support(i, True)
+        except UnsupportedEventTypeError:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group)
+            self._loss.middleware_support(i, False)
+        return sub
+
     def _on_frame(self, index: int, msg: Any) -> None:
         """Subscription callback: convert, then hand to the synchronizer. Never raises."""
         self._monitor.frame_received(index)
         arrival_ns = self.get_clock().now().nanoseconds
+        self._loss.frame(index, stamp_ns(msg.header.stamp))
         try:
-            frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE)
+            frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE, max_input_pixels=self._max_input_pixels)
             h, w = int(frame.shape[1]), int(frame.shape[2])
             problem = image_size_problem(h, w)  # frames the model cannot take are invalid input
             if problem:
                 raise ValueError(problem)
         except Exception as exc:  # ConversionError, and anything a decoder may raise
-            self._invalid_frame(index, str(exc) or type(exc).__name__)
+            self._invalid_frame(index, exc)
             return
         stamp = self._frame_stamp(msg, arrival_ns)
         self._monitor.frame_valid(index, (h, w), frame_id=str(msg.header.frame_id))
         with self._lock:
             if self._clips is not None:
                 self._clips.push(index, stamp, frame)
+            resets = self._sync.resets
             sets = self._sync.add(index, stamp, Frame(frame, msg.header))
             self._monitor.frames_dropped(self._sync.drops)
+            if self._sync.resets != resets:
+                self._log_sync_reset()
             for sync_set in sets:
                 if self._clips is not None:
                     sync_set = self._with_clips(sync_set)  # None until every camera holds a clip
@@ -587,6 +626,18 @@ class QvlPipeline:
         frames = tuple(Frame(clip, f.header) for clip, f in zip(clip_set.items, sync_set.items))
         return dataclasses.replace(clip_set, items=frames)
 
+    def _log_sync_reset(self) -> None:
+        """Log a synchronizer reset with its cause, at most once per log_throttle period."""
+        suppressed = self._log_throttle.check(("sync_reset",))
+        if suppressed is None:
+            return
+        cause = self._sync.stats()["last_reset"] or {}
+        k = cause.get("input")
+        what = (f"camera {self._names[k]} stamp went back from {_stamps_text([cause['from_ns']])[1:-1]} to "
+                f"{_stamps_text([max(0, cause['to_ns'])])[1:-1]}" if k is not None else "reset requested")
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self.get_logger().warning(f"synchronizer reset: {what}; queued frames dropped{more}")
+
     def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
         if self._stamp_source == "arrival":
             return arrival_ns
@@ -595,13 +646,16 @@ class QvlPipeline:
             return arrival_ns
         return stamp
 
-    def _invalid_frame(self, index: int, reason: str) -> None:
-        self._monitor.frame_invalid(index, reason)
+    def _invalid_frame(self, index: int, error: Any) -> None:
+        """Count the frame under a bounded reason key; log at most once per camera, key and period."""
+        self._monitor.frame_invalid(index, error)
         topic = self._resolved_topics[index]
-        suppressed = self._log_throttle.check((index, reason_key(reason)))
+        key = reason_key(error)
+        suppressed = self._log_throttle.check((index, key))
         if suppressed is not None:
             more = f" ({suppressed} more since the last report)" if suppressed else ""
-            self.get_logger().error(f"dropped a frame from {topic}: {reason}{more}")
+            reason = (str(error) or type(error).__name__)[:200]
+            self.get_logger().error(f"dropped a frame from {topic} ({key}): {reason}{more}")
 
     # ------------------------------------------------------------------------- model side
     def _run_batch(self, sets: List[SyncSet]) -> None:
@@ -745,6 +799,7 @@ class QvlPipeline:
             for name in sorted(self._stale_reported - stale):
                 self.get_logger().info(f"camera {name} is back")
             self._stale_reported = stale
+            statuses.append(self._loss.status(self.get_fully_qualified_name()))
             self._diag_pub.publish(to_diagnostic_array(statuses, self.get_clock().now().to_msg(),
                                                        hardware_ids=self._hardware_ids()))
         except Exception as exc:  # diagnostics must never take the node down

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DTYPES", "from_tensor", "to_numpy", "to_torch", "features_to_numpy"]
+__all__ = ["DTYPES", "storage_array", "from_tensor", "to_numpy", "to_torch", "features_to_numpy"]
 
 # dtype name -> (little-endian storage dtype of one element, numpy dtype to_numpy returns)
 _STORAGE = {
@@ -63,7 +63,7 @@ def _unsupported(dtype: Any) -> TypeError:
     return TypeError(f"unsupported dtype {dtype}; expected one of {DTYPES} (or pass dtype= to convert)")
 
 
-def _storage_array(tensor: Any, dtype: str | None) -> tuple[np.ndarray, str]:
+def storage_array(tensor: Any, dtype: str | None) -> tuple[np.ndarray, str]:
     """C-contiguous little-endian numpy array holding the bytes to send, and the dtype name.
 
     bfloat16 is carried as its raw 16-bit patterns (uint16), since numpy has no bfloat16.
@@ -131,7 +131,7 @@ def from_tensor(name: str, tensor: Any, dtype: str | None = None):
     The bytes are C-contiguous and little-endian. A GPU tensor is copied to the host here (one
     synchronizing copy); the bytes are then copied once into the message.
     """
-    arr, dtype_name = _storage_array(tensor, dtype)
+    arr, dtype_name = storage_array(tensor, dtype)
     if any(d >= 2**32 for d in arr.shape):
         raise ValueError(f"dimension too large for uint32 shape: {arr.shape}")
     msg = _new_feature_tensor()
