@@ -701,11 +701,11 @@ class _Extraction:
         cfg = self.cfg
         images = [list(s.items) for s in batch]
         prompts = self._prompts.setdefault(len(batch), [cfg.prompt] * len(batch))
-        fps = [list(s.fps) for s in batch] if cfg.clip_frames else None  # clips: rate from their stamps
+        clip = {"fps": [list(s.fps) for s in batch]} if cfg.clip_frames else {}  # rates from clip stamps
         if cfg.caption:
-            feats, texts = self.model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens, fps=fps)
+            feats, texts = self.model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens, **clip)
         else:
-            feats, texts = self.model.encode(images, prompts, fps=fps), None
+            feats, texts = self.model.encode(images, prompts, **clip), None
         return batch, feats, texts
 
     def _emit(self, batch, feats, texts) -> None:
