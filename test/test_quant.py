@@ -3,8 +3,8 @@
 Oracles: a plain reading of each format written here with Python integer ops (shifts and masks
 per word, following the AutoAWQ / GPTQ layouts), and transformers' own model running the float
 twin that `save_tiny_checkpoint(quantize=...)` writes next to the quantized checkpoint (the same
-weights, dequantized). Our int4 kernels compute in the model dtype on the CPU: float32 by default,
-bfloat16 when asked (on CUDA always bfloat16). Metric: mean(|ours - ref| / (|ref| + 1)).
+weights, dequantized). Our int4 linears compute in bfloat16 (CPU and CUDA; quant.py says why),
+the rest of the model in its dtype. Metric: mean(|ours - ref| / (|ref| + 1)).
 """
 from __future__ import annotations
 
@@ -122,9 +122,10 @@ def setup(request, tmp_path_factory):
     path = save_tiny_checkpoint(tmp_path_factory.mktemp(request.param) / "ckpt", family=family, seed=0, **kw)
     twin = path.parent / "ckpt-float"
     ref = REF_CLASS[family].from_pretrained(str(twin), dtype=torch.float32).eval()
+    ref16 = REF_CLASS[family].from_pretrained(str(twin), dtype=torch.bfloat16).eval()
     proc = AutoProcessor.from_pretrained(str(twin))
     ours = BatchedQwenVL.from_pretrained(path)
-    return dict(name=request.param, family=family, path=path, twin=twin, ref=ref, proc=proc, ours=ours)
+    return dict(name=request.param, family=family, path=path, twin=twin, ref=ref, ref16=ref16, proc=proc, ours=ours)
 
 
 # ------------------------------------------------------------------ exact unpacking
@@ -146,14 +147,16 @@ def test_every_stored_integer_reads_as_the_format_says(setup):
 
 
 def test_repacked_kernel_weights_equal_the_twin(setup):
-    """What the int4 kernels compute with (W from x = identity) is the twin's fused weight."""
+    """What the int4 kernels compute with (W from x = identity) is the twin's fused weight, to
+    bfloat16 rounding of the scales and the output (a wrong nibble, row or group is off by a
+    whole quantization step: 1/15 of a group's range, 3x this tolerance or more)."""
     ours, twin = setup["ours"], BatchedQwenVL.from_pretrained(setup["twin"])
     for a, b in zip(ours.decoder.layers, twin.decoder.layers):
         for name in ("qkv", "o", "gate_up", "down"):
             qlin, flin = getattr(a, name), getattr(b, name)
             assert isinstance(qlin, Int4Linear) and isinstance(flin, nn.Linear)
             w = qlin.weight(torch.eye(flin.in_features)).T  # (out, in)
-            torch.testing.assert_close(w, flin.weight, rtol=1e-6, atol=0)
+            torch.testing.assert_close(w, flin.weight, rtol=2 ** -7, atol=0.02 * flin.weight.abs().max().item())
             if flin.bias is not None:
                 assert torch.equal(qlin.bias, flin.bias)
 
@@ -187,10 +190,12 @@ def test_odd_shapes_unpack_exactly_and_multiply_right(case):
     assert_reads_equal(p, plain)
     w = plain_dequantize(*plain)
     assert torch.equal(p.dequantize(), w)
-    kernel = Int4Weight.pack(*p.unpack(), p.group_size, "cpu", torch.float32)
     x = torch.randn(5, inn, generator=g)
     bias = torch.randn(out, generator=g)
-    torch.testing.assert_close(kernel(x, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    exact = Int4Weight.pack(*p.unpack(), p.group_size, "cpu", torch.float32)  # the kernel in float32
+    torch.testing.assert_close(exact(x, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
+    fast = Int4Weight.pack(*p.unpack(), p.group_size, "cpu")  # in bfloat16, as the model runs it
+    torch.testing.assert_close(fast(x, bias), x @ w.T + bias, rtol=0.02, atol=0.02 * (x @ w.T).abs().max().item())
 
 
 def test_group_size_the_kernels_cannot_take_is_a_clear_error():
@@ -202,9 +207,10 @@ def test_group_size_the_kernels_cannot_take_is_a_clear_error():
 
 # ------------------------------------------------------------------ parity with transformers on the twin
 def test_encode_matches_transformers_on_the_twin(setup):
-    """float32 (what our int4 kernels compute in here): vision features and hidden states as exact
-    as the float path (test_model.py's 1e-5)."""
-    ours, ref, proc = setup["ours"], setup["ref"], setup["proc"]
+    """A float32 model: vision features as exact as the float path (test_model.py's 1e-5); hidden
+    states against transformers in float32 no less exact than transformers itself running the twin
+    in bfloat16, the dtype our int4 linears compute in."""
+    ours, ref, ref16, proc = setup["ours"], setup["ref"], setup["ref16"], setup["proc"]
     imgs = frames([[(224, 252), (280, 280)], [(308, 420), (224, 224)], [(252, 224)]], seed=1)
     prompts = ["Describe the scene.", "What is on the left of the road ahead?", "Hi"]
     feats = ours.encode(imgs, prompts)
@@ -214,20 +220,21 @@ def test_encode_matches_transformers_on_the_twin(setup):
         with torch.no_grad():
             hidden = ref.model(**inp).last_hidden_state[0]
             vis = ref.model.get_image_features(inp["pixel_values"], inp["image_grid_thw"]).pooler_output
+            inp16 = dict(inp, pixel_values=inp["pixel_values"].to(torch.bfloat16))
+            hidden16 = ref16.model(**inp16).last_hidden_state[0]
         n = inp["input_ids"].shape[1]
         assert torch.equal(feats.input_ids[b, L - n:], inp["input_ids"][0])
         for k, v in enumerate(vis):
             assert rel_err(feats.vision[b][k], v) <= 1e-5
-        assert rel_err(feats.hidden[b, L - n:], hidden) <= 1e-5, setup["name"]
+        assert rel_err(feats.hidden[b, L - n:], hidden) <= rel_err(hidden16, hidden), setup["name"]
 
 
 def test_bfloat16_no_less_exact_than_transformers_in_bfloat16(setup):
-    """In bfloat16 (what the kernels compute in on CUDA, and here with dtype=bfloat16), against
-    transformers in float32: within transformers' own bfloat16 error on the twin. bfloat16 rounding
-    noise differs run to run by a few percent either way (our float path's too), hence 1.25x."""
-    ref, proc = setup["ref"], setup["proc"]
+    """A bfloat16 model, against transformers in float32: within transformers' own bfloat16 error
+    on the twin. Rounding noise of two bfloat16 computations differs by a few percent either way
+    (our float path's too: 1.02-1.05x here), hence 1.25x."""
+    ref, ref16, proc = setup["ref"], setup["ref16"], setup["proc"]
     ours = BatchedQwenVL.from_pretrained(setup["path"], dtype=torch.bfloat16)
-    ref16 = REF_CLASS[setup["family"]].from_pretrained(str(setup["twin"]), dtype=torch.bfloat16).eval()
     cams = frames([[(224, 252), (280, 280)]], seed=2)[0]
     inp = ref_inputs(proc, cams, "Describe.")
     with torch.no_grad():
@@ -240,7 +247,12 @@ def test_bfloat16_no_less_exact_than_transformers_in_bfloat16(setup):
 
 
 def test_greedy_tokens_identical_to_transformers_on_the_twin(setup):
-    ours, ref, proc = setup["ours"], setup["ref"], setup["proc"]
+    """int4 linears computing in float32 (int4_dtype; exact to float32 rounding) give
+    transformers' float32 tokens. In bfloat16 (the default) tokens can flip at near-tied logits of
+    these random models, as transformers' own bfloat16 run flips (same sample, same step here)."""
+    ref, proc = setup["ref"], setup["proc"]
+    ours = BatchedQwenVL.from_pretrained(setup["path"], int4_dtype=torch.float32)
+    assert ours.decoder.layers[0].qkv.weight.scale_zero.dtype == torch.float32
     imgs = frames([[(224, 252), (280, 280)], [(308, 420)], [(480, 640), (100, 90)]], seed=11)
     prompts = ["Describe.", "What is on the left side of the road?", "Count the cars, please."]
     ids = ours.generate_ids(imgs, prompts, max_new_tokens=16)

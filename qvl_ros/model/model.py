@@ -114,10 +114,12 @@ class BatchedQwenVL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
-                        dequantize=False):
+                        dequantize=False, int4_dtype=torch.bfloat16):
         """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
 
-        4-bit AWQ / GPTQ checkpoints (quant.py) run their decoder linears on torch's int4 kernels;
+        4-bit AWQ / GPTQ checkpoints (quant.py) run their decoder linears on torch's int4 kernels,
+        computing in `int4_dtype` (bfloat16: the CUDA kernel's only dtype and the CPU kernel's fast
+        one; float32 on the CPU is exact to float32 rounding but slower than float weights);
         `dequantize=True` loads them as float weights of `dtype` instead."""
         from transformers import AutoConfig
 
@@ -156,7 +158,7 @@ class BatchedQwenVL(nn.Module):
         model = model.to(device=device, dtype=dtype)
         model.visual.inv_freq = model.visual.inv_freq.float()
         model.decoder.inv_freq = model.decoder.inv_freq.float()
-        attach_int4_linears(model.decoder, int4, device, dtype)
+        attach_int4_linears(model.decoder, int4, device, dtype, int4_dtype)
         model.name = str(path)
         return model.eval().requires_grad_(False)
 

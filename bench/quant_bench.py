@@ -1,0 +1,179 @@
+"""4-bit decoder (AWQ / GPTQ on torch's int4 kernels) against the same weights in float32 and bfloat16.
+
+    scripts/run.sh python bench/quant_bench.py [--config 3b-slice|small] [--method awq|gptq] [--device cpu|cuda]
+
+Writes a quantized checkpoint (group size 128) and its float twin (the same weights, dequantized),
+loads each as int4 and as float models, and reports per variant:
+  decoder weight bytes  parameters and buffers of the decoder layers (what quantization shrinks;
+                        embeddings, lm_head and the vision tower stay float in the releases)
+  load                  from_pretrained seconds and peak memory it adds
+  decode step           ms per generated token at batch 1 and 4: (time for 1 + S tokens - time
+                        for 1 token) / S, end tokens disabled so that every run decodes S steps
+  caption               seconds for one 32-token caption of one 448x448 camera, prefill included,
+                        and the peak memory it adds
+  tokens                whether the greedy tokens equal the float32 twin's
+Config "3b-slice": Qwen2.5-VL-3B's decoder shapes (hidden 2048, intermediate 11008, 16/2 heads)
+with 4 of its 36 layers and the small vision tower, so the per-layer weight traffic of the real
+model at a size this machine holds twice over; "small": the benchmark config of bench/run.py.
+Writes bench/results/quant-<device>.json and .md (override with --out); prints the command line
+for the GPU run.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.memory import peak_rss_reset, process_peak_mb  # noqa: E402
+from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+from qvl_ros.model.quant import weight_bytes  # noqa: E402
+
+CONFIGS = {
+    "3b-slice": replace(PRESETS["small"], hidden=2048, intermediate=11008, layers=4, heads=16, kv_heads=2,
+                        mrope_section=(16, 24, 24), vision_out=2048),
+    "small": PRESETS["small"],
+}
+GPU_COMMAND = "scripts/run.sh python bench/quant_bench.py --device cuda --config 3b-slice"
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def peak(device, fn):
+    """(result of fn(), peak memory in MB it adds: host RSS on the CPU, allocated memory on CUDA)."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        out = fn()
+        torch.cuda.synchronize(device)
+        return out, (torch.cuda.max_memory_allocated(device) - base) / 2 ** 20
+    base = peak_rss_reset() / 2 ** 20
+    out = fn()
+    return out, max(0.0, process_peak_mb() - base)
+
+
+def timed(device, fn, repeats: int) -> float:
+    """Median seconds of fn() over `repeats` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def camera(seed: int, size=448):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
+
+
+def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -> dict:
+    t0 = time.perf_counter()
+    model, load_mb = peak(device, lambda: BatchedQwenVL.from_pretrained(path, device=device, dtype=dtype))
+    row = {"decoder_weight_bytes": weight_bytes(model.decoder.layers), "load_s": round(time.perf_counter() - t0, 2),
+           "load_peak_mb": round(load_mb, 1)}
+    model.eos_ids = []  # every run decodes the full number of steps
+    for B in (1, 4):
+        imgs = [[camera(b)] for b in range(B)]
+        prompts = ["Describe the scene."] * B
+        one = timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=1), repeats)
+        many = timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=1 + steps), repeats)
+        row[f"decode_step_ms_b{B}"] = round(1000 * max(0.0, many - one) / steps, 2)
+        row[f"prefill_s_b{B}"] = round(one, 3)
+    imgs, prompts = [[camera(0)]], ["Describe the scene."]
+    row["caption_s"] = round(timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32), repeats), 3)
+    ids, row["caption_peak_mb"] = peak(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32))
+    row["caption_peak_mb"] = round(row["caption_peak_mb"], 1)
+    row["tokens_equal_float32"] = None if reference_ids is None else bool(torch.equal(ids.cpu(), reference_ids))
+    del model
+    gc.collect()
+    return row, ids.cpu()
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# 4-bit decoder: {report['method'].upper()} group 128, config {report['config']}", "",
+             f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), device {m['device']}, "
+             f"torch {m['torch']}; {report['steps']} decode steps per run, median of {report['repeats']}.", "",
+             "| variant | decoder weights MB | vs bf16 | decode step ms (B=1) | decode step ms (B=4) | "
+             "caption 32 tok s | load peak MB | caption peak MB | tokens = float32 |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    bf16 = next(r["decoder_weight_bytes"] for r in report["rows"] if r["variant"] == "float bfloat16")
+    for r in report["rows"]:
+        lines.append(f"| {r['variant']} | {r['decoder_weight_bytes'] / 2 ** 20:.1f} | "
+                     f"{r['decoder_weight_bytes'] / bf16:.0%} | {r['decode_step_ms_b1']} | {r['decode_step_ms_b4']} | "
+                     f"{r['caption_s']} | {r['load_peak_mb']} | {r['caption_peak_mb']} | {r['tokens_equal_float32']} |")
+    lines += ["", "int4 rows run the decoder linears on torch's int4 kernels, which compute in the model dtype on "
+              "the CPU and in bfloat16 on CUDA; float rows load the twin checkpoint (the same weights, "
+              "dequantized). Decoder weights: the decoder layers only (embeddings, lm_head and vision stay float).",
+              "", f"GPU run: `{GPU_COMMAND}`"]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--config", choices=list(CONFIGS), default="3b-slice")
+    ap.add_argument("--method", choices=["awq", "gptq"], default="awq")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", default=None, help="path prefix (default bench/results/quant-<device>)")
+    args = ap.parse_args(argv)
+    device = torch.device(args.device)
+    t_start = time.perf_counter()
+    dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.bfloat16, torch.float32]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = save_tiny_checkpoint(Path(tmp) / "q", config=CONFIGS[args.config], quantize=args.method,
+                                    group_size=128)
+        twin = Path(f"{path}-float")
+        rows, ref_ids = [], None
+        for kind, p in (("float", twin), ("int4", path)):
+            for dt in dtypes:
+                name = f"{kind} {str(dt).split('.')[-1]}"
+                print(f"  {name} ...", flush=True)
+                row, ids = measure(p, device, dt, args.steps, args.repeats, ref_ids)
+                if kind == "float" and dt == torch.float32:
+                    ref_ids = ids
+                    row["tokens_equal_float32"] = True
+                rows.append({"variant": name, **row})
+                print("   ", json.dumps(rows[-1]), flush=True)
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
+    report = {"config": args.config, "method": args.method, "group_size": 128, "steps": args.steps,
+              "repeats": args.repeats, "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
+              "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                          "python": platform.python_version(), "torch": torch.__version__,
+                          "device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
+                                                   if device.type == "cuda" else "")}}
+    out = Path(args.out) if args.out else ROOT / "bench" / "results" / f"quant-{device.type}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {out}.json/.md in {report['seconds']} s")
+    print(f"on a GPU: {GPU_COMMAND}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
