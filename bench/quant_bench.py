@@ -7,10 +7,10 @@ loads each as int4 and as float models, and reports per variant:
   decoder weight bytes  parameters and buffers of the decoder layers (what quantization shrinks;
                         embeddings, lm_head and the vision tower stay float in the releases)
   load                  from_pretrained seconds and peak memory it adds
-  decode step           ms per generated token at batch 1 and 4: (time for 1 + S tokens - time
-                        for 1 token) / S, end tokens disabled so that every run decodes S steps
-  caption               seconds for one 32-token caption of one 448x448 camera, prefill included,
-                        and the peak memory it adds
+  decode step           ms per token at batch 1 and 4: decoder steps (and logits) after a
+                        128-token context, fastest of --repeats runs of --steps steps
+  caption               seconds for one 32-token caption of one 224x224 camera (vision and
+                        prefill included; end tokens disabled), and the peak memory it adds
   tokens                whether the greedy tokens equal the float32 twin's
 Config "3b-slice": Qwen2.5-VL-3B's decoder shapes (hidden 2048, intermediate 11008, 16/2 heads)
 with 4 of its 36 layers and the small vision tower, so the per-layer weight traffic of the real
@@ -25,7 +25,6 @@ import gc
 import json
 import os
 import platform
-import statistics
 import sys
 import tempfile
 import time
@@ -69,8 +68,9 @@ def peak(device, fn):
     return out, max(0.0, process_peak_mb() - base)
 
 
-def timed(device, fn, repeats: int) -> float:
-    """Median seconds of fn() over `repeats` runs after one warm-up."""
+def best(device, fn, repeats: int) -> float:
+    """Fastest of `repeats` runs of fn() after one warm-up, in seconds (the minimum: other
+    processes on a shared machine only ever add time)."""
     fn()
     times = []
     for _ in range(repeats):
@@ -79,29 +79,41 @@ def timed(device, fn, repeats: int) -> float:
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return min(times)
 
 
-def camera(seed: int, size=448):
+def camera(seed: int, size=224):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, 256, (3, size, size), dtype=torch.uint8, generator=g)
 
 
-def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -> dict:
+@torch.inference_mode()
+def decode_steps(model, B: int, steps: int, context: int = 128) -> None:
+    """`steps` decode steps of B rows after a `context`-token prompt (cache filled with zeros):
+    the per-token work of generation, without vision and prefill."""
+    cfg, dev, dt = model.cfg, model.device, model.dtype
+    K = context + steps
+    caches = [(torch.zeros(B, cfg.kv_heads, K, cfg.head_dim, device=dev, dtype=dt),
+               torch.zeros(B, cfg.kv_heads, K, cfg.head_dim, device=dev, dtype=dt)) for _ in range(cfg.layers)]
+    key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
+    key_mask[..., :context] = True
+    tok = torch.zeros(B, dtype=torch.long, device=dev)
+    for t in range(steps):
+        key_mask[..., context + t] = True
+        h = model.decoder.step(tok, torch.full((B,), context + t, device=dev), key_mask, caches, context + t)
+        tok = model.decoder.logits(h).argmax(-1)
+
+
+def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -> tuple[dict, torch.Tensor]:
     t0 = time.perf_counter()
     model, load_mb = peak(device, lambda: BatchedQwenVL.from_pretrained(path, device=device, dtype=dtype))
     row = {"decoder_weight_bytes": weight_bytes(model.decoder.layers), "load_s": round(time.perf_counter() - t0, 2),
            "load_peak_mb": round(load_mb, 1)}
-    model.eos_ids = []  # every run decodes the full number of steps
+    model.eos_ids = []  # every caption decodes the full number of tokens
     for B in (1, 4):
-        imgs = [[camera(b)] for b in range(B)]
-        prompts = ["Describe the scene."] * B
-        one = timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=1), repeats)
-        many = timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=1 + steps), repeats)
-        row[f"decode_step_ms_b{B}"] = round(1000 * max(0.0, many - one) / steps, 2)
-        row[f"prefill_s_b{B}"] = round(one, 3)
+        row[f"decode_step_ms_b{B}"] = round(1000 * best(device, lambda: decode_steps(model, B, steps), repeats) / steps, 2)
     imgs, prompts = [[camera(0)]], ["Describe the scene."]
-    row["caption_s"] = round(timed(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32), repeats), 3)
+    row["caption_s"] = round(best(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32), 1), 3)
     ids, row["caption_peak_mb"] = peak(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32))
     row["caption_peak_mb"] = round(row["caption_peak_mb"], 1)
     row["tokens_equal_float32"] = None if reference_ids is None else bool(torch.equal(ids.cpu(), reference_ids))
@@ -114,7 +126,8 @@ def markdown(report: dict) -> str:
     m = report["machine"]
     lines = [f"# 4-bit decoder: {report['method'].upper()} group 128, config {report['config']}", "",
              f"{m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads), device {m['device']}, "
-             f"torch {m['torch']}; {report['steps']} decode steps per run, median of {report['repeats']}.", "",
+             f"torch {m['torch']}, load average {report['load_average']}; decode: fastest of {report['repeats']} "
+             f"runs of {report['steps']} steps.", "",
              "| variant | decoder weights MB | vs bf16 | decode step ms (B=1) | decode step ms (B=4) | "
              "caption 32 tok s | load peak MB | caption peak MB | tokens = float32 |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -123,9 +136,9 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['variant']} | {r['decoder_weight_bytes'] / 2 ** 20:.1f} | "
                      f"{r['decoder_weight_bytes'] / bf16:.0%} | {r['decode_step_ms_b1']} | {r['decode_step_ms_b4']} | "
                      f"{r['caption_s']} | {r['load_peak_mb']} | {r['caption_peak_mb']} | {r['tokens_equal_float32']} |")
-    lines += ["", "int4 rows run the decoder linears on torch's int4 kernels, which compute in the model dtype on "
-              "the CPU and in bfloat16 on CUDA; float rows load the twin checkpoint (the same weights, "
-              "dequantized). Decoder weights: the decoder layers only (embeddings, lm_head and vision stay float).",
+    lines += ["", "int4 rows run the decoder linears on torch's int4 kernels computing in bfloat16 (the rest of "
+              "the model in the row's dtype); float rows load the twin checkpoint (the same weights, dequantized). "
+              "Decoder weights: the decoder layers only (embeddings, lm_head and vision stay float).",
               "", f"GPU run: `{GPU_COMMAND}`"]
     return "\n".join(lines) + "\n"
 
@@ -136,7 +149,7 @@ def main(argv=None) -> int:
     ap.add_argument("--method", choices=["awq", "gptq"], default="awq")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--steps", type=int, default=16)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None, help="path prefix (default bench/results/quant-<device>)")
     args = ap.parse_args(argv)
     device = torch.device(args.device)
@@ -149,7 +162,7 @@ def main(argv=None) -> int:
         rows, ref_ids = [], None
         for kind, p in (("float", twin), ("int4", path)):
             for dt in dtypes:
-                name = f"{kind} {str(dt).split('.')[-1]}"
+                name = f"{kind} {str(dt).split('.')[-1]}" if kind == "float" else f"int4, {str(dt).split('.')[-1]} model"
                 print(f"  {name} ...", flush=True)
                 row, ids = measure(p, device, dt, args.steps, args.repeats, ref_ids)
                 if kind == "float" and dt == torch.float32:
@@ -159,7 +172,7 @@ def main(argv=None) -> int:
                 print("   ", json.dumps(rows[-1]), flush=True)
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
-    report = {"config": args.config, "method": args.method, "group_size": 128, "steps": args.steps,
+    report = {"load_average": [round(x, 1) for x in os.getloadavg()], "config": args.config, "method": args.method, "group_size": 128, "steps": args.steps,
               "repeats": args.repeats, "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
               "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__,
