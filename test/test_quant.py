@@ -169,8 +169,8 @@ ODD = {  # (method, out, in, group, act order, zero offset): out not a multiple 
 }
 
 
-@pytest.mark.parametrize("case", list(ODD))
-def test_odd_shapes_unpack_exactly_and_multiply_right(case):
+def odd_case(case):
+    """Random plain integers of an ODD case, stored in its format -> (PackedLinear, plain reading)."""
     method, out, inn, gs, act, offset = ODD[case]
     g = torch.Generator().manual_seed(len(case))
     G = 1 if gs == -1 else -(-inn // gs)
@@ -185,17 +185,51 @@ def test_odd_shapes_unpack_exactly_and_multiply_right(case):
     qc = {"quant_method": method, "group_size": gs, "checkpoint_format": "gptq" if offset else "gptq_v2"}
     plain = read_plainly(stored, "m", qc)
     assert plain[0] == q.tolist() and plain[1] == zeros.tolist() and plain[3] == groups.tolist()
-    cfg = QuantConfig(method, gs, offset, act)
-    p = read_packed(dict(stored), "m", cfg, out, inn, "test")
+    return read_packed(dict(stored), "m", QuantConfig(method, gs, offset, act), out, inn, "test"), plain
+
+
+@pytest.mark.parametrize("case", list(ODD))
+def test_odd_shapes_unpack_exactly_and_multiply_right(case):
+    p, plain = odd_case(case)
     assert_reads_equal(p, plain)
     w = plain_dequantize(*plain)
     assert torch.equal(p.dequantize(), w)
-    x = torch.randn(5, inn, generator=g)
-    bias = torch.randn(out, generator=g)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, p.in_features, generator=g)
+    bias = torch.randn(p.out_features, generator=g)
     exact = Int4Weight.pack(*p.unpack(), p.group_size, "cpu", torch.float32)  # the kernel in float32
     torch.testing.assert_close(exact(x, bias), x @ w.T + bias, rtol=1e-5, atol=1e-5)
     fast = Int4Weight.pack(*p.unpack(), p.group_size, "cpu")  # in bfloat16, as the model runs it
     torch.testing.assert_close(fast(x, bias), x @ w.T + bias, rtol=0.02, atol=0.02 * (x @ w.T).abs().max().item())
+
+
+CUDA_INT4 = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] >= 8
+
+
+@pytest.mark.skipif(not CUDA_INT4, reason="needs a CUDA GPU of sm80 or later")
+@pytest.mark.parametrize("case", list(ODD))
+def test_cuda_kernel_multiplies_right(case):
+    """The CUDA packing (two input rows per byte, even row in the high nibble) and kernel."""
+    p, plain = odd_case(case)
+    w = plain_dequantize(*plain)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(5, p.in_features, generator=g)
+    kernel = Int4Weight.pack(*p.unpack(), p.group_size, "cuda")
+    got = kernel(x.cuda().bfloat16()).float().cpu()
+    torch.testing.assert_close(got, x @ w.T, rtol=0.02, atol=0.02 * (x @ w.T).abs().max().item())
+
+
+@pytest.mark.skipif(not CUDA_INT4, reason="needs a CUDA GPU of sm80 or later")
+def test_cuda_model_matches_transformers_on_the_twin(setup):
+    ref, ref16, proc = setup["ref"], setup["ref16"], setup["proc"]
+    ours = BatchedQwenVL.from_pretrained(setup["path"], device="cuda", dtype=torch.bfloat16)
+    cams = frames([[(224, 252), (280, 280)]], seed=2)[0]
+    inp = ref_inputs(proc, cams, "Describe.")
+    with torch.no_grad():
+        want = ref.model(**inp).last_hidden_state[0]
+        theirs = ref16.model(**dict(inp, pixel_values=inp["pixel_values"].to(torch.bfloat16))).last_hidden_state[0]
+    got = ours.encode([cams], ["Describe."]).hidden[0].cpu()
+    assert rel_err(got, want) <= 1.25 * rel_err(theirs, want)
 
 
 def test_group_size_the_kernels_cannot_take_is_a_clear_error():
