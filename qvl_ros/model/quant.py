@@ -127,12 +127,12 @@ class PackedLinear:
         O, I, G = self.out_features, self.in_features, self.groups
         if self.cfg.method == "awq":
             inverse = torch.tensor(AWQ_ORDER).argsort()  # nibble that holds each channel
-            q = nibbles(self.qweight)[..., inverse].reshape(I, O).T  # (out, in)
-            zeros = nibbles(self.qzeros)[..., inverse].reshape(G, O)
+            q = nibbles(self.qweight)[..., inverse].reshape(I, O).T  # (in, out/8, 8) -> (out, in)
+            zeros = nibbles(self.qzeros)[..., inverse].reshape(G, O)  # (groups, out/8, 8) -> (groups, out)
             g_idx = torch.arange(I) // self.group_size
         else:
             q = nibbles(self.qweight).permute(0, 2, 1).reshape(I, O).T  # (in/8, out, 8) -> (out, in)
-            zeros = nibbles(self.qzeros).reshape(G, -1)[:, :O]  # (groups, out)
+            zeros = nibbles(self.qzeros).reshape(G, -1)[:, :O]  # (groups, ceil(out/8), 8) -> (groups, out)
             g_idx = torch.arange(I) // self.group_size if self.g_idx is None else self.g_idx.long()
         return q.contiguous(), zeros.to(torch.int32) + self.cfg.zero_offset, self.scales, g_idx
 

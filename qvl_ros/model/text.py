@@ -163,4 +163,5 @@ def fused_linears(cfg: QwenVLConfig) -> dict[str, list[tuple[str, torch.Tensor |
 
 
 def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """t's rows in the order `rows` gives (all of them when None)."""
     return t if rows is None else t[rows]
