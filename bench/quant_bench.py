@@ -12,6 +12,8 @@ loads each as int4 and as float models, and reports per variant:
   caption               seconds for one 32-token caption of one 224x224 camera (vision and
                         prefill included; end tokens disabled), and the peak memory it adds
   tokens                whether the greedy tokens equal the float32 twin's
+and one decoder linear alone (int4 / float32 / bfloat16 at 1, 4 and 64 rows), which other
+processes on a shared machine disturb much less than whole decode steps.
 Config "3b-slice": Qwen2.5-VL-3B's decoder shapes (hidden 2048, intermediate 11008, 16/2 heads)
 with 4 of its 36 layers and the small vision tower, so the per-layer weight traffic of the real
 model at a size this machine holds twice over; "small": the benchmark config of bench/run.py.
@@ -104,6 +106,33 @@ def decode_steps(model, B: int, steps: int, context: int = 128) -> None:
         tok = model.decoder.logits(h).argmax(-1)
 
 
+@torch.inference_mode()
+def linear_rows(cfg, device, repeats: int = 10) -> list[dict]:
+    """One decoder linear alone (the config's gate_up and down shapes, random weights, group 128):
+    ms per call of the int4 kernel (bfloat16) against dense float32 and bfloat16 weights, at the
+    batch sizes of decode (1, 4) and of a short prefill (64 rows)."""
+    from qvl_ros.model.kernels import linear
+    from qvl_ros.model.quant import Int4Weight
+
+    rows = []
+    for name, (N, K) in (("gate_up", (2 * cfg.intermediate, cfg.hidden)), ("down", (cfg.hidden, cfg.intermediate))):
+        g = torch.Generator().manual_seed(0)
+        q = torch.randint(0, 16, (N, K), dtype=torch.uint8, generator=g)
+        zeros = torch.randint(0, 16, (K // 128, N), dtype=torch.int32, generator=g)
+        w4 = Int4Weight.pack(q, zeros, torch.rand(K // 128, N, generator=g) / 100, torch.arange(K) // 128, 128, device)
+        w32 = torch.randn(N, K, generator=g).to(device)
+        w16 = w32.bfloat16()
+        for M in (1, 4, 64):
+            x = torch.randn(M, K, generator=g).to(device)
+            row = {"linear": f"{name} {N}x{K}", "rows": M}
+            for kind, fn in (("int4", lambda: w4(x)), ("float32", lambda: linear(x, w32)),
+                             ("bfloat16", lambda: linear(x.bfloat16(), w16))):
+                row[f"{kind}_ms"] = round(1000 * best(device, fn, repeats), 3)
+            rows.append(row)
+            print("   ", json.dumps(row), flush=True)
+    return rows
+
+
 def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -> tuple[dict, torch.Tensor]:
     t0 = time.perf_counter()
     model, load_mb = peak(device, lambda: BatchedQwenVL.from_pretrained(path, device=device, dtype=dtype))
@@ -136,6 +165,11 @@ def markdown(report: dict) -> str:
         lines.append(f"| {r['variant']} | {r['decoder_weight_bytes'] / 2 ** 20:.1f} | "
                      f"{r['decoder_weight_bytes'] / bf16:.0%} | {r['decode_step_ms_b1']} | {r['decode_step_ms_b4']} | "
                      f"{r['caption_s']} | {r['load_peak_mb']} | {r['caption_peak_mb']} | {r['tokens_equal_float32']} |")
+    lines += ["", "One decoder linear alone (random weights, group 128), ms per call, fastest of 10:", "",
+              "| linear | rows | int4 (bfloat16) | float32 | bfloat16 | int4 vs float32 |", "|---|---|---|---|---|---|"]
+    for r in report["linears"]:
+        lines.append(f"| {r['linear']} | {r['rows']} | {r['int4_ms']} | {r['float32_ms']} | {r['bfloat16_ms']} | "
+                     f"{r['float32_ms'] / r['int4_ms']:.2f}x |")
     lines += ["", "int4 rows run the decoder linears on torch's int4 kernels computing in bfloat16 (the rest of "
               "the model in the row's dtype); float rows load the twin checkpoint (the same weights, dequantized). "
               "Decoder weights: the decoder layers only (embeddings, lm_head and vision stay float).",
@@ -155,6 +189,8 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     t_start = time.perf_counter()
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.bfloat16, torch.float32]
+    print("  one linear ...", flush=True)
+    linears = linear_rows(CONFIGS[args.config], device)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_checkpoint(Path(tmp) / "q", config=CONFIGS[args.config], quantize=args.method,
                                     group_size=128)
@@ -173,7 +209,7 @@ def main(argv=None) -> int:
     cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                 if ln.startswith("model name")), "?") if Path("/proc/cpuinfo").exists() else "?"
     report = {"load_average": [round(x, 1) for x in os.getloadavg()], "config": args.config, "method": args.method, "group_size": 128, "steps": args.steps,
-              "repeats": args.repeats, "rows": rows, "seconds": round(time.perf_counter() - t_start, 1),
+              "repeats": args.repeats, "rows": rows, "linears": linears, "seconds": round(time.perf_counter() - t_start, 1),
               "machine": {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                           "python": platform.python_version(), "torch": torch.__version__,
                           "device": str(device) + (f" ({torch.cuda.get_device_name(device)})"
