@@ -119,8 +119,8 @@ def canonical_name(name: str) -> str:
     return name
 
 
-def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.Tensor]:
-    """All weights of a checkpoint directory, by released-layout name; checks names and shapes."""
+def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory (sharded or not, safetensors only), by released-layout name."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -138,7 +138,15 @@ def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.
         with safe_open(str(path / f), framework="pt") as st:
             for k in st.keys():
                 tensors[canonical_name(k)] = st.get_tensor(k)
+    return tensors
+
+
+def check_weights(tensors: dict[str, torch.Tensor], cfg: QwenVLConfig, path, absent=()) -> dict[str, torch.Tensor]:
+    """`tensors` after checking names and shapes against the config; names in `absent` (weights held
+    elsewhere, e.g. 4-bit linears) are not expected."""
     want = expected_weights(cfg)
+    for k in absent:
+        want.pop(k, None)
     if cfg.tie_word_embeddings:
         tensors.pop("lm_head.weight", None)
     missing = sorted(set(want) - set(tensors))
@@ -154,6 +162,11 @@ def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.
         if tuple(tensors[k].shape) != shape:
             raise ValueError(f"weight {k} has shape {tuple(tensors[k].shape)}, config expects {shape}")
     return tensors
+
+
+def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.Tensor]:
+    """All weights of a float checkpoint directory, by released-layout name; checks names and shapes."""
+    return check_weights(read_tensors(path), cfg, path)
 
 
 # ----------------------------------------------------------------------------- tiny checkpoints
@@ -246,23 +259,41 @@ def _write_tokenizer(path: Path, model_max_length: int = 32768) -> None:
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
-                         config: QwenVLConfig | None = None) -> Path:
+                         config: QwenVLConfig | None = None, quantize: str | None = None,
+                         group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                         twin: str | os.PathLike | None = None) -> Path:
     """Write a deterministic random checkpoint as a real Hugging Face directory.
 
     `family` is "qwen2_5_vl" or "qwen2_vl"; `config` overrides the preset (e.g. the "small"
     benchmark config). Same arguments give byte-identical weights. No network is used.
-    """
-    from safetensors.torch import save_file
 
+    `quantize="awq"` or `"gptq"` stores the decoder linears in that 4-bit format (round to
+    nearest, `group_size` input rows per group; GPTQ also `sym` and `desc_act`, act order) and
+    writes at `twin` (default: "<path>-float") the float checkpoint holding exactly the
+    dequantized weights, which any float implementation runs as the reference.
+    """
     if config is None:
         if family not in ("qwen2_5_vl", "qwen2_vl"):
             raise ValueError(f"family must be 'qwen2_5_vl' or 'qwen2_vl', got {family!r}")
         config = PRESETS["tiny" if family == "qwen2_5_vl" else "tiny-qwen2-vl"]
-    cfg = config
-    path = Path(path)
+    weights, qconfig = _random_weights(config, seed), None
+    if quantize is not None:
+        from .quant import quantize_weights
+
+        weights, float_twin, qconfig = quantize_weights(weights, config, quantize, group_size, sym, desc_act, seed)
+        _write_checkpoint(Path(twin) if twin is not None else Path(f"{path}-float"), config, float_twin)
+    return _write_checkpoint(Path(path), config, weights, qconfig)
+
+
+def _write_checkpoint(path: Path, cfg: QwenVLConfig, weights: dict, quantization_config: dict | None = None) -> Path:
+    from safetensors.torch import save_file
+
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_random_weights(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(_hf_config_dict(cfg), indent=2))
+    save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf = _hf_config_dict(cfg)
+    if quantization_config:
+        hf["quantization_config"] = quantization_config
+    (path / "config.json").write_text(json.dumps(hf, indent=2))
     proc_class = "Qwen2_5_VLProcessor" if cfg.is_v25 else "Qwen2VLProcessor"
     (path / "preprocessor_config.json").write_text(json.dumps({
         "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": cfg.patch_size,

@@ -3,6 +3,7 @@
 On the CPU, oneDNN's linear (the kernel torch.compile's freezing pass picks) runs these
 tall-skinny float32 matmuls 1.6-2x faster than the default `addmm` here, and fuses the bias and
 a residual add into the matmul's output pass. Elsewhere (CUDA, other dtypes) this is F.linear.
+A weight may also be a packed 4-bit matrix (quant.Int4Weight), which runs torch's int4 kernels.
 """
 from __future__ import annotations
 
@@ -16,15 +17,19 @@ def _use_onednn(x: torch.Tensor) -> bool:
     return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T + bias."""
+    if not isinstance(weight, torch.Tensor):  # a 4-bit weight (quant.Int4Weight)
+        return weight(x, bias)
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
 
 
-def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
+def linear_add(x: torch.Tensor, weight, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
     """residual + x @ weight.T + bias, with the add in the matmul's output pass where possible."""
+    if not isinstance(weight, torch.Tensor):  # a 4-bit weight (quant.Int4Weight)
+        return weight(x, bias).add_(residual)
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())

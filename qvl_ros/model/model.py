@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import read_weights
+from .checkpoint import check_weights, read_tensors
 from .config import QwenVLConfig
 from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
+from .quant import QuantConfig, attach_int4_linears, int4_tensor_names, split_checkpoint
 from .text import Decoder
 from .vision import VisionTower
 
@@ -159,20 +160,23 @@ class BatchedQwenVL(nn.Module):
 
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
-                        video_min_pixels=None, video_max_pixels=None):
+                        video_min_pixels=None, video_max_pixels=None, dequantize=False,
+                        int4_dtype=torch.bfloat16):
         """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
 
         Pixel bounds default to the checkpoint's processor config: min/max_pixels for still
-        images, video_min/max_pixels for each frame of a clip."""
+        images, video_min/max_pixels for each frame of a clip. 4-bit AWQ / GPTQ checkpoints
+        (quant.py) run their decoder linears on torch's int4 kernels, computing in `int4_dtype`
+        (bfloat16: the CUDA kernel's only dtype and the CPU kernel's fast one; float32 on the CPU
+        is exact to float32 rounding but slower than float weights); `dequantize=True` loads them
+        as float weights of `dtype` instead."""
         from transformers import AutoConfig
 
         path = Path(path)
         if not (path / "config.json").exists():
             raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
         raw = json.loads((path / "config.json").read_text())
-        if raw.get("quantization_config"):
-            q = raw["quantization_config"].get("quant_method", "?")
-            raise ValueError(f"{path}: quantized checkpoints ({q}) are not supported; use a float checkpoint")
+        qcfg = QuantConfig.from_checkpoint(raw, path)  # None for float checkpoints; refuses unknown formats
         hf = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
         cfg = QwenVLConfig.from_hf(hf)
         device = _resolve_device(device)
@@ -187,18 +191,24 @@ class BatchedQwenVL(nn.Module):
             eos = e if isinstance(e, list) else ([e] if e is not None else [])
         if not eos and proc.tokenizer.eos_token_id is not None:
             eos = [proc.tokenizer.eos_token_id]
+        tensors, int4 = read_tensors(path), {}
+        if qcfg is not None:
+            tensors, int4 = split_checkpoint(tensors, qcfg, cfg, path, dequantize)
+        weights = check_weights(tensors, cfg, path, absent=int4_tensor_names(int4))
         with torch.device("meta"):
             model = cls(cfg, proc, eos_ids=eos, pad_id=proc.pad_id)
+        for i, name in int4:  # 4-bit linears: attached on the device below, never allocated in float
+            setattr(model.decoder.layers[i], name, None)
         model = model.to_empty(device="cpu")
-        weights = read_weights(path, cfg)
         model.visual.load(weights)
         model.decoder.load(weights)
-        del weights
+        del weights, tensors
         model.visual.reset_buffers()  # buffers are computed, not stored in the checkpoint
         model.decoder.reset_buffers()
         model = model.to(device=device, dtype=dtype)
         model.visual.inv_freq = model.visual.inv_freq.float()
         model.decoder.inv_freq = model.decoder.inv_freq.float()
+        attach_int4_linears(model.decoder, int4, device, dtype, int4_dtype)
         model.name = str(path)
         return model.eval().requires_grad_(False)
 

@@ -128,24 +128,40 @@ class Decoder(nn.Module):
 
     @torch.no_grad()
     def load(self, w: dict[str, torch.Tensor]) -> None:
-        cfg = self.cfg
-        hd = cfg.head_dim
-        perm = interleave_perm(hd)
+        """Copy released-layout weights in; a fused linear that is not an nn.Linear (a 4-bit one,
+        see quant.py, or None until it is attached) is left to its own loader."""
+        fused = fused_linears(self.cfg)
         self.embed.weight.copy_(w["model.embed_tokens.weight"])
         self.norm.copy_(w["model.norm.weight"])
         if self.lm_head is not None:
             self.lm_head.weight.copy_(w["lm_head.weight"])
-        q_rows = torch.cat([perm + h * hd for h in range(cfg.heads)])
-        k_rows = torch.cat([perm + h * hd for h in range(cfg.kv_heads)])
         for i, layer in enumerate(self.layers):
             b = f"model.layers.{i}."
-            a = b + "self_attn."
-            layer.qkv.weight.copy_(torch.cat([w[a + "q_proj.weight"][q_rows], w[a + "k_proj.weight"][k_rows],
-                                              w[a + "v_proj.weight"]]))
-            layer.qkv.bias.copy_(torch.cat([w[a + "q_proj.bias"][q_rows], w[a + "k_proj.bias"][k_rows],
-                                            w[a + "v_proj.bias"]]))
-            layer.o.weight.copy_(w[a + "o_proj.weight"])
-            layer.gate_up.weight.copy_(torch.cat([w[b + "mlp.gate_proj.weight"], w[b + "mlp.up_proj.weight"]]))
-            layer.down.weight.copy_(w[b + "mlp.down_proj.weight"])
+            for name, parts in fused.items():
+                lin = getattr(layer, name)
+                if not isinstance(lin, nn.Linear):
+                    continue
+                lin.weight.copy_(torch.cat([take_rows(w[b + p + ".weight"], rows) for p, rows in parts]))
+                if lin.bias is not None:
+                    lin.bias.copy_(torch.cat([take_rows(w[b + p + ".bias"], rows) for p, rows in parts]))
             layer.norm1.copy_(w[b + "input_layernorm.weight"])
             layer.norm2.copy_(w[b + "post_attention_layernorm.weight"])
+
+
+def fused_linears(cfg: QwenVLConfig) -> dict[str, list[tuple[str, torch.Tensor | None]]]:
+    """How each fused linear of a decoder layer stacks released ones along its output rows:
+    name -> [(released module under model.layers.{i}., the rows it takes in order, or None for all)].
+    q and k rows are reordered per head so that rotary pairs are adjacent (see apply_rope)."""
+    hd = cfg.head_dim
+    perm = interleave_perm(hd)
+    q_rows = torch.cat([perm + h * hd for h in range(cfg.heads)])
+    k_rows = torch.cat([perm + h * hd for h in range(cfg.kv_heads)])
+    return {"qkv": [("self_attn.q_proj", q_rows), ("self_attn.k_proj", k_rows), ("self_attn.v_proj", None)],
+            "o": [("self_attn.o_proj", None)],
+            "gate_up": [("mlp.gate_proj", None), ("mlp.up_proj", None)],
+            "down": [("mlp.down_proj", None)]}
+
+
+def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
+    """t's rows in the order `rows` gives (all of them when None)."""
+    return t if rows is None else t[rows]
