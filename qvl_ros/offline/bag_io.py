@@ -24,7 +24,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.stamps import sec_nanosec
-from ..ros.feature_msgs import ros_string
+from ..ros.feature_msgs import SetInfo, caption_fields, features_fields
 from ..core.topics import camera_names as camera_names_for
 
 __all__ = [
@@ -342,15 +342,29 @@ def _tolerant_iter(pairs, msgsrc, start_ns, stop_ns, report):
 
 
 # ---------------------------------------------------------------------------------------- output
-def _time(store, stamp_ns: int):
-    Time = store.types["builtin_interfaces/msg/Time"]
-    sec, nanosec = sec_nanosec(stamp_ns)
-    return Time(sec=sec, nanosec=nanosec)
+class RosbagsKit:
+    """The message constructors of a rosbags typestore, for
+    :func:`qvl_ros.ros.feature_msgs.features_fields` (the node builds the same fields with rclpy's)."""
 
+    def __init__(self, store) -> None:
+        t = store.types
+        self._time, self._header = t["builtin_interfaces/msg/Time"], t["std_msgs/msg/Header"]
+        self._input, self._row = t["qvl_ros/msg/CameraInput"], t["qvl_ros/msg/RowRange"]
+        self.VisionFeatures, self.Caption = t[VISION_FEATURES_TYPE], t[CAPTION_TYPE]
 
-def _header(store, stamp_ns: int, frame_id: str):
-    Header = store.types["std_msgs/msg/Header"]
-    return Header(stamp=_time(store, stamp_ns), frame_id=frame_id)
+    def time(self, ns: int):
+        sec, nanosec = sec_nanosec(ns)
+        return self._time(sec=sec, nanosec=nanosec)
+
+    def header(self, ns: int, frame_id: str):
+        return self._header(stamp=self.time(ns), frame_id=frame_id)
+
+    def camera_input(self, header, g):
+        return self._input(header=header, height=g.height, width=g.width,
+                           grid_thw=np.asarray(g.grid, dtype=np.uint32))
+
+    def row_range(self, source: str, start: int, count: int):
+        return self._row(source=source, start=start, count=count)
 
 
 class FeatureBagWriter:
@@ -374,6 +388,7 @@ class FeatureBagWriter:
         self._caption = (self._writer.add_connection(CAPTION_TOPIC, CAPTION_TYPE, typestore=self.store)
                          if captions else None)
         self._types = self.store.types
+        self._kit = RosbagsKit(self.store)
         self.counts = {FEATURES_TOPIC: 0, CAPTION_TOPIC: 0}
 
     def feature_tensor(self, name: str, dtype: str, shape: Sequence[int], data: np.ndarray):
@@ -381,31 +396,17 @@ class FeatureBagWriter:
         return self._types[FEATURE_TENSOR_TYPE](
             name=name, dtype=dtype, shape=np.asarray(shape, dtype=np.uint32), data=data)
 
-    def write_features(self, stamps_ns: Sequence[int], camera_names: Sequence[str], model: str,
-                       prompt: str, tensors: Sequence, frame_id: str = "",
-                       clip_stamps_ns: Sequence[Sequence[int]] = ()) -> None:
-        stamp = max(stamps_ns)
-        msg = self._types[VISION_FEATURES_TYPE](
-            header=_header(self.store, stamp, frame_id),
-            camera_names=list(camera_names),
-            camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, tensors=list(tensors), inputs=[], hidden_rows=[],
-            clip_frames=len(clip_stamps_ns[0]) if clip_stamps_ns else 0,
-            clip_stamps=[_time(self.store, s) for clip in clip_stamps_ns for s in clip])
-        self._writer.write(self._features, stamp, self.store.serialize_cdr(msg, VISION_FEATURES_TYPE))
+    def write_features(self, info: SetInfo, tensors: Sequence, hidden_rows: Sequence = ()) -> None:
+        """One VisionFeatures message of a set (``tensors``: FeatureTensor messages of this store)."""
+        msg = self._kit.VisionFeatures(**features_fields(self._kit, info, tensors, hidden_rows))
+        self._writer.write(self._features, max(info.stamps_ns), self.store.serialize_cdr(msg, VISION_FEATURES_TYPE))
         self.counts[FEATURES_TOPIC] += 1
 
-    def write_caption(self, stamps_ns: Sequence[int], camera_names: Sequence[str], model: str,
-                      prompt: str, text: str, frame_id: str = "") -> None:
+    def write_caption(self, info: SetInfo, text: str) -> None:
         if self._caption is None:
             raise RuntimeError("this writer was opened without a caption topic")
-        stamp = max(stamps_ns)
-        msg = self._types[CAPTION_TYPE](
-            header=_header(self.store, stamp, frame_id),
-            camera_names=list(camera_names),
-            camera_stamps=[_time(self.store, s) for s in stamps_ns],
-            model=model, prompt=prompt, text=ros_string(text), inputs=[])
-        self._writer.write(self._caption, stamp, self.store.serialize_cdr(msg, CAPTION_TYPE))
+        msg = self._kit.Caption(**caption_fields(self._kit, info, text))
+        self._writer.write(self._caption, max(info.stamps_ns), self.store.serialize_cdr(msg, CAPTION_TYPE))
         self.counts[CAPTION_TOPIC] += 1
 
     def close(self) -> None:

@@ -330,6 +330,7 @@ class _SetSource:
     def __iter__(self) -> Iterator:
         from ..core.conversion import ConversionError, msg_to_tensor
         from ..core.stamps import stamp_ns as header_ns
+        from ..ros.feature_msgs import Frame
 
         use_header = self.cfg.stamps == "header"
         sync, bags, device = self.sync, self.bags, self.device
@@ -350,16 +351,18 @@ class _SetSource:
                 continue
             if self.clips is not None:
                 self.clips.push(k, stamp, image)
-            yield from self._sets(sync.add(k, stamp, image))
+            yield from self._sets(sync.add(k, stamp, Frame(image, msg.header)))
         self.finished = True
         yield from self._sets(sync.flush())
 
     def _sets(self, sync_sets) -> Iterator:
+        from ..ros.feature_msgs import with_clips
+
         if self.clips is None:
             yield from sync_sets
             return
         for s in sync_sets:
-            c = self.clips.assemble(s)
+            c = with_clips(self.clips, s)
             if c is not None:
                 yield c
 
@@ -632,6 +635,8 @@ class _Extraction:
     """One run: opens the outputs, reads/computes/writes batches, closes everything."""
 
     def __init__(self, plan: _Plan, bags, model, stop: threading.Event, stream, on_progress) -> None:
+        from ..ros.feature_msgs import placeholder_token_ids
+
         cfg = plan.cfg
         self.plan, self.cfg, self.bags, self.model = plan, cfg, bags, model
         self.stop, self.stream, self.on_progress = stop, stream, on_progress
@@ -642,6 +647,8 @@ class _Extraction:
         self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped)
         self.writer = self.exporter = self.guard = None
         self._prompts: dict[int, list[str]] = {}
+        self._geometry: dict = {}  # (height, width, frames) -> the model's input geometry
+        self._placeholder_ids = placeholder_token_ids(model)  # to index the hidden rows
 
     def stopped(self) -> bool:
         return self.halt.is_set() or self.stop.is_set()
@@ -699,7 +706,7 @@ class _Extraction:
     # ------------------------------------------------------------------------------ batches
     def _compute(self, batch):
         cfg = self.cfg
-        images = [list(s.items) for s in batch]
+        images = [[f.image for f in s.items] for s in batch]
         prompts = self._prompts.setdefault(len(batch), [cfg.prompt] * len(batch))
         clip = {"fps": [list(s.fps) for s in batch]} if cfg.clip_frames else {}  # rates from clip stamps
         if cfg.caption:
@@ -710,21 +717,22 @@ class _Extraction:
 
     def _emit(self, batch, feats, texts) -> None:
         """Write one computed batch (after making sure the disk can take it and still close)."""
-        from ..ros.feature_msgs import sample_tensors
+        from ..ros.feature_msgs import hidden_rows_of, sample_tensors, set_info
 
         cfg, names, writer, report = self.cfg, self.plan.names, self.writer, self.report
+        kinds, model = self.plan.kinds, self.model
         rows = []
         for b in range(len(batch)):
-            tensors = sample_tensors(feats, b, names, self.plan.kinds)  # waits for the device
+            tensors = sample_tensors(feats, b, names, kinds)  # waits for the device
             rows.append((tensors, [(name, *_host_storage(t)) for name, t in tensors]))
         sizes = [sum(int(d.nbytes) for *_, d in storage) + 4096 for _, storage in rows]
         self.guard.before_write(sum(sizes), max(sizes))
         for b, (s, (tensors, storage)) in enumerate(zip(batch, rows)):
             msgs = [writer.feature_tensor(name, dtype, shape, data) for name, dtype, shape, data in storage]
-            writer.write_features(s.stamps, names, self.model.name, cfg.prompt, msgs, cfg.frame_id,
-                                  getattr(s, "clip_stamps", ()))
+            info = set_info(s, names, model, model.name, cfg.prompt, cfg.frame_id, self._geometry)
+            writer.write_features(info, msgs, hidden_rows_of(feats, b, self._placeholder_ids, names, kinds))
             if texts is not None:
-                writer.write_caption(s.stamps, names, self.model.name, cfg.prompt, texts[b], cfg.frame_id)
+                writer.write_caption(info, texts[b])
                 report.captions_written += 1
             if self.exporter is not None:
                 self.exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)

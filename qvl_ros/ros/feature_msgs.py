@@ -11,6 +11,7 @@ sample's input ids (image placeholder tokens, in camera order).
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Collection, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
@@ -49,13 +50,6 @@ def input_geometry(model, height: int, width: int, frames: int = 1) -> Geometry:
         t = 1
     p = int(cfg.patch_size)
     return Geometry(int(th), int(tw), (t, int(th) // p, int(tw) // p))
-
-
-def camera_input_msgs(headers: Sequence[Any], geometry: Sequence[Geometry]) -> list:
-    from qvl_ros.msg import CameraInput
-
-    return [CameraInput(header=h, height=g.height, width=g.width, grid_thw=list(g.grid))
-            for h, g in zip(headers, geometry)]
 
 
 def hidden_row_ranges(ids: Sequence[int], vision_token_ids: Collection[int],
@@ -112,52 +106,109 @@ def sample_tensors(features, b: int, camera_names: Sequence[str], kinds: Sequenc
     return out
 
 
-def _set_fields(msg, camera_names, camera_stamps_ns, model: str, prompt: str, frame_id: str, inputs=None):
-    """The fields VisionFeatures and Caption share: header (newest stamp), cameras, model,
-    prompt and, when given, the per-camera ``inputs`` (CameraInput messages)."""
-    msg.header.stamp = time_msg(max(camera_stamps_ns))
-    msg.header.frame_id = frame_id
-    msg.camera_names = list(camera_names)
-    msg.camera_stamps = [time_msg(s) for s in camera_stamps_ns]
-    msg.model = model
-    msg.prompt = prompt
-    if inputs is not None:
-        msg.inputs = list(inputs)
-    return msg
+class MessageKit:
+    """The constructors of one message library: rclpy's generated classes (this class) or
+    rosbags' typestore (:class:`qvl_ros.offline.bag_io.RosbagsKit`). :func:`features_fields`
+    and :func:`caption_fields` say once what a set's messages hold; a kit only builds them."""
+
+    def __init__(self) -> None:
+        from builtin_interfaces.msg import Time
+        from qvl_ros.msg import CameraInput, Caption, RowRange, VisionFeatures
+        from std_msgs.msg import Header
+
+        self._time, self._header, self._input, self._row = Time, Header, CameraInput, RowRange
+        self.VisionFeatures, self.Caption = VisionFeatures, Caption
+
+    def time(self, ns: int):
+        sec, nanosec = sec_nanosec(ns)
+        return self._time(sec=sec, nanosec=nanosec)
+
+    def header(self, ns: int, frame_id: str):
+        return self._header(stamp=self.time(ns), frame_id=frame_id)
+
+    def camera_input(self, header, g: Geometry):
+        return self._input(header=header, height=g.height, width=g.width, grid_thw=list(g.grid))
+
+    def row_range(self, source: str, start: int, count: int):
+        return self._row(source=source, start=start, count=count)
 
 
-def hidden_rows_msgs(features, b: int, vision_token_ids: Collection[int], camera_names: Sequence[str]) -> list:
-    """RowRange messages for the ``hidden`` tensor of sample b (its real, unpadded tokens)."""
-    from qvl_ros.msg import RowRange
+class SetInfo(NamedTuple):
+    """What the messages of one synchronized set say besides the tensors and the text."""
 
+    camera_names: Sequence[str]
+    stamps_ns: Sequence[int]        # each camera's matched stamp (the set's stamp is the newest)
+    model: str
+    prompt: str
+    frame_id: str
+    input_headers: Sequence[Tuple[int, str]]  # per camera: its input header's (stamp ns, frame_id)
+    geometry: Sequence[Geometry]    # per camera: model input size and vision grid
+    clip_stamps_ns: Sequence[Sequence[int]] = ()  # per camera, its clip's stamps; () for stills
+
+
+def _shared_fields(kit, info: SetInfo) -> dict:
+    return dict(header=kit.header(max(info.stamps_ns), info.frame_id), camera_names=list(info.camera_names),
+                camera_stamps=[kit.time(s) for s in info.stamps_ns], model=info.model, prompt=info.prompt,
+                inputs=[kit.camera_input(kit.header(ns, fid), g)
+                        for (ns, fid), g in zip(info.input_headers, info.geometry)])
+
+
+def features_fields(kit, info: SetInfo, tensors: Sequence[Any], hidden_rows: Sequence[Tuple[str, int, int]]) -> dict:
+    """Every field of a VisionFeatures message, built with ``kit``; ``tensors`` already messages."""
+    clips = info.clip_stamps_ns
+    return dict(_shared_fields(kit, info), tensors=list(tensors),
+                hidden_rows=[kit.row_range(*r) for r in hidden_rows],
+                clip_frames=len(clips[0]) if clips else 0,
+                clip_stamps=[kit.time(s) for clip in clips for s in clip])
+
+
+def caption_fields(kit, info: SetInfo, text: str) -> dict:
+    """Every field of a Caption message, built with ``kit``."""
+    return dict(_shared_fields(kit, info), text=ros_string(text))
+
+
+def hidden_rows_of(features, b: int, vision_token_ids: Collection[int], camera_names: Sequence[str],
+                   kinds: Sequence[str]) -> list:
+    """(source, start, count) runs of sample b's ``hidden`` rows; empty when it is not published."""
+    if "hidden" not in kinds or not vision_token_ids:
+        return []
     n_real = int(features.attention_mask[b].sum())
     ids = features.input_ids[b, features.input_ids.shape[1] - n_real:].tolist()  # once per set
-    return [RowRange(source=src, start=start, count=count)
-            for src, start, count in hidden_row_ranges(ids, vision_token_ids, camera_names)]
+    return hidden_row_ranges(ids, vision_token_ids, camera_names)
 
 
-def vision_features_msg(features, b: int, camera_names: Sequence[str], camera_stamps_ns: Sequence[int],
-                        kinds: Sequence[str], model: str, prompt: str, frame_id: str = "",
-                        clip_stamps_ns: Sequence[Sequence[int]] = (), *, inputs: Optional[Sequence[Any]] = None,
-                        vision_token_ids: Collection[int] = ()):
-    """``clip_stamps_ns``: per camera, its clip's frame stamps (oldest first), empty for stills;
-    ``inputs``: CameraInput messages of the set; ``vision_token_ids``: fill ``hidden_rows``."""
-    from qvl_ros.msg import VisionFeatures
-
-    msg = _set_fields(VisionFeatures(), camera_names, camera_stamps_ns, model, prompt, frame_id, inputs)
-    if clip_stamps_ns:
-        msg.clip_frames = len(clip_stamps_ns[0])
-        msg.clip_stamps = [time_msg(s) for clip in clip_stamps_ns for s in clip]
-    msg.tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, camera_names, kinds)]
-    if "hidden" in kinds and vision_token_ids:
-        msg.hidden_rows = hidden_rows_msgs(features, b, vision_token_ids, camera_names)
-    return msg
+def placeholder_token_ids(model) -> tuple:
+    """The placeholder token ids of images and clips in the model's input ids."""
+    cfg = getattr(model, "cfg", None)
+    return tuple(t for t in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
+                 if t is not None)
 
 
-def caption_msg(text: str, camera_names: Sequence[str], camera_stamps_ns: Sequence[int], model: str,
-                prompt: str, frame_id: str = "", *, inputs: Optional[Sequence[Any]] = None):
-    from qvl_ros.msg import Caption
+def frame_geometry(model, image, cache: dict) -> Geometry:
+    """:func:`input_geometry` of a frame (3, H, W) or a clip (a list of frames), cached by size."""
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    key = (int(first.shape[1]), int(first.shape[2]), len(image) if first is not image else 1)
+    if key not in cache:
+        cache[key] = input_geometry(model, *key)
+    return cache[key]
 
-    msg = _set_fields(Caption(), camera_names, camera_stamps_ns, model, prompt, frame_id, inputs)
-    msg.text = ros_string(text)
-    return msg
+
+def set_info(s: Any, camera_names: Sequence[str], model, model_name: str, prompt: str, frame_id: str,
+             geometry_cache: dict) -> SetInfo:
+    """The :class:`SetInfo` of a synchronized set whose items are :class:`Frame` s (image or clip,
+    and the input header of either message library)."""
+    return SetInfo(list(camera_names), list(s.stamps), model_name, prompt, frame_id,
+                   [(stamp_ns(f.header.stamp), str(f.header.frame_id)) for f in s.items],
+                   [frame_geometry(model, f.image, geometry_cache) for f in s.items],
+                   getattr(s, "clip_stamps", ()))
+
+
+def with_clips(assembler, sync_set: Any) -> Any:
+    """The set with each camera's :class:`Frame` holding the clip that ends at its matched frame
+    (frames oldest first, the matched frame's header kept), or None while a camera's ring
+    (:class:`qvl_ros.core.clips.ClipAssembler`) lacks the history."""
+    clip_set = assembler.assemble(sync_set)
+    if clip_set is None:
+        return None
+    frames = tuple(Frame(clip, f.header) for clip, f in zip(clip_set.items, sync_set.items))
+    return dataclasses.replace(clip_set, items=frames)

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import dataclasses
 import sys
 import threading
 import time
@@ -61,7 +60,7 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
-from ..core.clips import ClipAssembler, ClipSet
+from ..core.clips import ClipAssembler
 from ..core.conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
 from ..core.input_loss import InputLossEstimator
 from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
@@ -69,7 +68,9 @@ from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
 from .ask import AskServer
 from .diagnostic_array import to_diagnostic_array
-from .feature_msgs import Frame, camera_input_msgs, caption_msg, check_kinds, input_geometry, vision_features_msg
+from .feature_msgs import (Frame, MessageKit, caption_fields, check_kinds, features_fields, hidden_rows_of,
+                           placeholder_token_ids, sample_tensors, set_info, with_clips)
+from .tensor_msg import from_tensor
 from ..model.checkpoint import resolve_checkpoint
 from ..model.model import DTYPES
 from ..model.processor import MIN_SIDE, image_size_problem
@@ -168,7 +169,8 @@ class QvlPipeline:
         self.model = model if model is not None else self._load_model()
         self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
         self._device = self.model.device
-        self._geometry: dict = {}
+        self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
+        self._placeholder_ids = placeholder_token_ids(self.model)
         if self._value("model.warmup"):
             self._warm_up()
         self._create_components()
@@ -228,6 +230,7 @@ class QvlPipeline:
         from diagnostic_msgs.msg import DiagnosticArray
 
         v = self._value
+        self._kit = MessageKit()
         self._features_pub = self.create_publisher(VisionFeatures, "features", 10)
         self._caption_pub = self.create_publisher(Caption, "caption", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
@@ -607,7 +610,7 @@ class QvlPipeline:
                 self._log_sync_reset()
             for sync_set in sets:
                 if self._clips is not None:
-                    sync_set = self._with_clips(sync_set)  # None until every camera holds a clip
+                    sync_set = with_clips(self._clips, sync_set)  # None until every camera holds a clip
                     if sync_set is None:
                         continue
                 self._latest = sync_set
@@ -616,15 +619,6 @@ class QvlPipeline:
                     self._batcher.put(sync_set)
                 else:
                     self._monitor.sets_dropped("rate_limit")
-
-    def _with_clips(self, sync_set: SyncSet) -> Optional[ClipSet]:
-        """The set with each camera's frame replaced by the clip ending at it (frames oldest first,
-        the matched frame's header kept), or None while a camera's ring lacks the history."""
-        clip_set = self._clips.assemble(sync_set)
-        if clip_set is None:
-            return None
-        frames = tuple(Frame(clip, f.header) for clip, f in zip(clip_set.items, sync_set.items))
-        return dataclasses.replace(clip_set, items=frames)
 
     def _log_sync_reset(self) -> None:
         """Log a synchronizer reset with its cause, at most once per log_throttle period."""
@@ -705,16 +699,15 @@ class QvlPipeline:
             if reason is not None:
                 self._monitor.sets_dropped(reason)
                 continue
-            stamps = list(s.stamps)
-            inputs = self._camera_inputs(s)
+            info = set_info(s, self._names, self.model, self._model_name, settings["prompt"],
+                            settings["frame_id"], self._geometry)
+            kit, kinds = self._kit, settings["kinds"]
             try:
-                msg = vision_features_msg(features, b, self._names, stamps, settings["kinds"], self._model_name,
-                                          settings["prompt"], settings["frame_id"], getattr(s, "clip_stamps", ()),
-                                          inputs=inputs, vision_token_ids=self._vision_token_ids())
-                self._features_pub.publish(msg)
+                tensors = [from_tensor(name, t) for name, t in sample_tensors(features, b, self._names, kinds)]
+                rows = hidden_rows_of(features, b, self._placeholder_ids, self._names, kinds)
+                self._features_pub.publish(kit.VisionFeatures(**features_fields(kit, info, tensors, rows)))
                 if texts is not None:
-                    self._caption_pub.publish(caption_msg(texts[b], self._names, stamps, self._model_name,
-                                                          settings["prompt"], settings["frame_id"], inputs=inputs))
+                    self._caption_pub.publish(kit.Caption(**caption_fields(kit, info, texts[b])))
             except Exception as exc:
                 self._publish_failed(exc)
                 continue
@@ -738,23 +731,6 @@ class QvlPipeline:
         suppressed = self._log_throttle.check(("publish", type(exc).__name__))
         if suppressed is not None:
             self.get_logger().warning(f"publishing a set failed: {type(exc).__name__}: {exc}")
-
-    def _camera_inputs(self, s: SyncSet) -> list:
-        """CameraInput messages of a set: input headers, model input size and vision grid."""
-        geometry = []
-        for f in s.items:
-            first = f.image[0] if isinstance(f.image, (list, tuple)) else f.image  # a clip: its frames
-            key = (int(first.shape[1]), int(first.shape[2]), len(f.image) if first is not f.image else 1)
-            if key not in self._geometry:
-                self._geometry[key] = input_geometry(self.model, *key)
-            geometry.append(self._geometry[key])
-        return camera_input_msgs([f.header for f in s.items], geometry)
-
-    def _vision_token_ids(self) -> tuple:
-        """The placeholder token ids of images and clips in the model's input ids."""
-        cfg = getattr(self.model, "cfg", None)
-        return tuple(t for t in (getattr(cfg, "image_token_id", None), getattr(cfg, "video_token_id", None))
-                     if t is not None)
 
     def _on_model_error(self, sets: List[SyncSet], exc: BaseException) -> None:
         reason = f"{type(exc).__name__}: {exc}"
