@@ -18,6 +18,7 @@ from torch import nn
 
 from .checkpoint import read_weights
 from .config import QwenVLConfig
+from .decoding import StepRunner
 from .processor import Batch, TensorProcessor
 from .text import Decoder
 from .vision import VisionTower
@@ -102,6 +103,7 @@ class BatchedQwenVL(nn.Module):
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
         self.name = ""
+        self.steps = StepRunner(self.decoder)  # decode states / CUDA graphs per bucket
 
     @property
     def device(self) -> torch.device:
@@ -205,19 +207,15 @@ class BatchedQwenVL(nn.Module):
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
         _, inputs = self.prepare(images, prompts, size)
-        dev, dt = self.device, self.dtype
         B, L = inputs.input_ids.shape
-        K = L + max_new_tokens
-        caches = None
+        state = step = None
         if max_new_tokens:
-            shape = (B, self.cfg.kv_heads, K, self.cfg.head_dim)
-            # zero-filled: masked keys still enter the score matmul, and garbage could be NaN
-            caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
-                      for _ in range(self.cfg.layers)]
+            state, step = self.steps.get(B, L + max_new_tokens)
         vis = self.vision_features(inputs)
         pads = [L - n for n in inputs.lengths]
         padded = any(pads)
-        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads, caches)
+        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads,
+                              state.prefill_caches(B) if state else None)
         counts = [g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
         per_image = vis.split(counts)
         out, k = [], 0
@@ -228,23 +226,26 @@ class BatchedQwenVL(nn.Module):
         feats = Features(out, masked, inputs.attention_mask, inputs.input_ids)
         if not max_new_tokens:
             return feats, None
+        state.begin(inputs.attention_mask, inputs.next_position)
         logits = self.decoder.logits(hidden[:, -1])  # (B, V)
-        key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
-        key_mask[:, 0, 0, :L] = inputs.attention_mask.bool()
+        return feats, self._decode(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator)
+
+    def _decode(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator):
+        """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?)."""
+        B, dev = logits.shape[0], logits.device
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
         ids = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        pad = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
-            tok = self._select(logits, do_sample, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tok = torch.where(done, pad, self._select(logits, do_sample, temperature, top_p, generator))
             ids[:, t] = tok
             done |= torch.isin(tok, eos)
-            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):  # one sync per 8 tokens
+            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):
                 break
-            key_mask[:, 0, 0, L + t] = True
-            h = self.decoder.step(tok, inputs.next_position + t, key_mask, caches, L + t)
-            logits = self.decoder.logits(h)
-        return feats, ids
+            state.tok[:B] = tok
+            logits = step()[:B]  # (B, V)
+        return ids
 
     @staticmethod
     def _select(logits, do_sample, temperature, top_p, generator):
