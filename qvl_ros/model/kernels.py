@@ -24,7 +24,12 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 
 
 def linear_add(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ weight.T + bias, with the add in the matmul's output pass where possible."""
+    """residual + x @ weight.T + bias, with the add in the matmul's output pass where possible.
+
+    A float32 residual with lower-precision x and weight (the mixed-precision residual stream)
+    gets the matmul's result added in float32."""
+    if residual.dtype != x.dtype:
+        return residual + F.linear(x, weight, bias)
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())

@@ -145,6 +145,8 @@ class BatchedQwenVL(nn.Module):
         model.visual.load(weights)
         model.decoder.load(weights)
         del weights
+        if dtype == torch.float32:
+            model.visual.fold_norms()
         model.visual.reset_buffers()  # buffers are computed, not stored in the checkpoint
         model.decoder.reset_buffers()
         model = model.to(device=device, dtype=dtype)

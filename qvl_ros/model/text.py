@@ -17,6 +17,12 @@ from .kernels import linear, linear_add
 from .vision import apply_rope, interleave_perm
 
 
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the float32 residual stream x (..., D), gain included, rounded once to the
+    weight's dtype (the dtype of the matmul that follows)."""
+    return F.rms_norm(x, x.shape[-1:], weight.float(), eps).to(weight.dtype)
+
+
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
@@ -33,7 +39,7 @@ class DecoderLayer(nn.Module):
         """x (B, L, D) -> q (B, L, H, hd), k, v (B, L, Hkv, hd), rotary applied to q and k."""
         B, L, D = x.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        qkv = linear(F.rms_norm(x, (D,), self.norm1, self.eps), self.qkv.weight, self.qkv.bias)
+        qkv = linear(rms_norm(x, self.norm1, self.eps), self.qkv.weight, self.qkv.bias)
         q = apply_rope(qkv[..., :H * hd].view(B, L, H, hd), rope[:, :, None])  # (B, L, H, hd)
         k = apply_rope(qkv[..., H * hd:(H + Hkv) * hd].view(B, L, Hkv, hd), rope[:, :, None])
         v = qkv[..., (H + Hkv) * hd:].view(B, L, Hkv, hd)
@@ -42,7 +48,7 @@ class DecoderLayer(nn.Module):
     def mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """Output projection of attention `o` (B, L, H*hd) + residual, then the SwiGLU block."""
         x = linear_add(o, self.o.weight, None, x)
-        h = linear(F.rms_norm(x, (x.shape[-1],), self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
+        h = linear(rms_norm(x, self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
         I = h.shape[-1] // 2
         h = F.silu(h[..., :I], inplace=True).mul_(h[..., I:])
         return linear_add(h, self.down.weight, None, x)
@@ -133,23 +139,24 @@ class Decoder(nn.Module):
                 mask = causal & valid[:, None, None, :]  # (B, 1, L, L)
                 mask |= torch.eye(L, dtype=torch.bool, device=x.device)  # pad rows attend to themselves
         rope = self.rope(position_ids)
+        x = x.float()  # residual stream in float32 (a no-op in float32)
         for i, layer in enumerate(self.layers):
             x = layer(x, rope, mask, None if caches is None else caches[i], rows)
-        return F.rms_norm(x, (D,), self.norm, self.cfg.rms_eps)
+        return rms_norm(x, self.norm, self.cfg.rms_eps)
 
     def step(self, st) -> torch.Tensor:
         """One decode step on a `DecodeState`: feeds st.tok at st.position, writes its keys/values
         at column st.cache_pos, advances both; returns logits (B, V). Only in-place tensor ops on
         fixed shapes, so it can be captured in a CUDA graph."""
         st.key_mask.index_fill_(3, st.cache_pos, True)
-        x = self.embed(st.tok)[:, None]  # (B, 1, D)
+        x = self.embed(st.tok)[:, None].float()  # (B, 1, D), residual stream in float32
         angles = st.position.float()[:, None, None] * self.inv_freq  # (B, 1, hd/2): t = h = w for text
         rope = torch.polar(torch.ones_like(angles), angles)
         for layer, cache in zip(self.layers, st.caches):
             x = layer.decode(x, rope, st.key_mask, cache, st.cache_pos)
         st.position.add_(1)
         st.cache_pos.add_(1)
-        return self.logits(F.rms_norm(x[:, 0], (x.shape[-1],), self.norm, self.cfg.rms_eps))
+        return self.logits(rms_norm(x[:, 0], self.norm, self.cfg.rms_eps))
 
     @torch.no_grad()
     def load(self, w: dict[str, torch.Tensor]) -> None:

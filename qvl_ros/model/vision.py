@@ -80,29 +80,41 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6, with the gain (and LayerNorm bias)
-    folded into the linear layer that follows it (see `fold_norm`)."""
+    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6.
 
-    def __init__(self, rms: bool, eps: float = 1e-6):
+    In float32 the gain (and LayerNorm bias) is folded into the linear layer that follows
+    (`fold_into`), which saves a pass over the activations. In lower precision the residual
+    stream stays float32 and the norm, gain included, runs in float32 and rounds once to the
+    weights' dtype for the matmul that follows."""
+
+    def __init__(self, rms: bool, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.rms, self.eps = rms, eps
+        self.rms, self.eps, self.folded = rms, eps, False
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if rms else nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
+        """x (..., D) in float32 -> normalized, in the weights' dtype."""
+        if self.folded:
+            if self.rms:
+                return rms_scale(x, self.eps)
+            return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+        w, b = self.weight.float(), None if self.bias is None else self.bias.float()
         if self.rms:
-            return rms_scale(x, self.eps)
-        return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+            return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(self.weight.dtype)
+        return F.layer_norm(x.float(), x.shape[-1:], w, b, self.eps).to(self.weight.dtype)
 
+    @torch.no_grad()
+    def fold_into(self, layer: nn.Linear, groups: int = 1) -> None:
+        """layer(g * x + s) == layer'(x): scale input columns by g, move W @ s into the bias.
 
-@torch.no_grad()
-def fold_norm(layer: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None = None, groups: int = 1) -> None:
-    """layer(g * x + s) == layer'(x): scale input columns by g, move W @ s into the bias.
-
-    `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
-    g = gain.float().repeat(groups)
-    if shift is not None:
-        extra = layer.weight.float() @ shift.float().repeat(groups)
-        layer.bias.add_(extra.to(layer.bias.dtype))
-    layer.weight.mul_(g.to(layer.weight.dtype))
+        `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
+        g = self.weight.float().repeat(groups)
+        if self.bias is not None:
+            extra = layer.weight.float() @ self.bias.float().repeat(groups)
+            layer.bias.add_(extra.to(layer.bias.dtype))
+        layer.weight.mul_(g.to(layer.weight.dtype))
+        self.folded = True
 
 
 class VisionBlock(nn.Module):
@@ -111,8 +123,8 @@ class VisionBlock(nn.Module):
         D, I = cfg.vision_hidden, cfg.vision_intermediate
         self.heads, self.hd = cfg.vision_heads, cfg.vision_head_dim
         self.swiglu = cfg.is_v25
-        self.norm1 = Norm(cfg.is_v25)  # gains folded into qkv / up
-        self.norm2 = Norm(cfg.is_v25)
+        self.norm1 = Norm(cfg.is_v25, D)
+        self.norm2 = Norm(cfg.is_v25, D)
         self.qkv = nn.Linear(D, 3 * D)  # q and k rows interleaved per head (see interleave_perm)
         self.proj = nn.Linear(D, D)
         self.up = nn.Linear(D, 2 * I if self.swiglu else I)  # [gate; up] for SwiGLU, fc1 otherwise
@@ -163,7 +175,7 @@ class VisionTower(nn.Module):
         D, m = cfg.vision_hidden, cfg.merge_size
         self.patch_embed = nn.Linear(cfg.in_channels * cfg.patch_size ** 2, D, bias=False)
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
-        self.merger_norm = Norm(cfg.is_v25)  # gain folded into merger_fc1
+        self.merger_norm = Norm(cfg.is_v25, D)
         self.merger_fc1 = nn.Linear(D * m * m, D * m * m)
         self.merger_fc2 = nn.Linear(D * m * m, cfg.vision_out)
         self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
@@ -247,7 +259,7 @@ class VisionTower(nn.Module):
         mm = self.cfg.merge_size ** 2
         P, K = pixels.shape
         x = pixels.to(self.patch_embed.weight.dtype).view(P // mm, mm, K)[lay.unit_perm].view(P, K)
-        x = linear(x, self.patch_embed.weight)  # (S, D), window order
+        x = linear(x, self.patch_embed.weight).float()  # (S, D), window order; residual stream in float32
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
             x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
@@ -283,12 +295,22 @@ class VisionTower(nn.Module):
                 blk.up.bias.copy_(w[b + "mlp.fc1.bias"])
                 blk.down.weight.copy_(w[b + "mlp.fc2.weight"])
                 blk.down.bias.copy_(w[b + "mlp.fc2.bias"])
-            fold_norm(blk.qkv, w[b + "norm1.weight"],
-                      w.get(b + "norm1.bias"))
-            fold_norm(blk.up, w[b + "norm2.weight"], w.get(b + "norm2.bias"))
+            for norm, name in ((blk.norm1, "norm1"), (blk.norm2, "norm2")):
+                norm.weight.copy_(w[b + name + ".weight"])
+                if norm.bias is not None:
+                    norm.bias.copy_(w[b + name + ".bias"])
         self.merger_fc1.weight.copy_(w["visual.merger.mlp.0.weight"])
         self.merger_fc1.bias.copy_(w["visual.merger.mlp.0.bias"])
-        mm = cfg.merge_size ** 2
-        fold_norm(self.merger_fc1, w["visual.merger.ln_q.weight"], w.get("visual.merger.ln_q.bias"), groups=mm)
+        self.merger_norm.weight.copy_(w["visual.merger.ln_q.weight"])
+        if self.merger_norm.bias is not None:
+            self.merger_norm.bias.copy_(w["visual.merger.ln_q.bias"])
         self.merger_fc2.weight.copy_(w["visual.merger.mlp.2.weight"])
         self.merger_fc2.bias.copy_(w["visual.merger.mlp.2.bias"])
+
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Fold every norm's gain into the linear after it (float32 weights; see `Norm`)."""
+        for blk in self.blocks:
+            blk.norm1.fold_into(blk.qkv)
+            blk.norm2.fold_into(blk.up)
+        self.merger_norm.fold_into(self.merger_fc1, groups=self.cfg.merge_size ** 2)
