@@ -68,30 +68,36 @@ class DecodeState:
 
 
 class StepRunner:
-    """Decode states and, on CUDA, their captured steps, keyed by (batch, cache length) bucket."""
+    """Decode states and their step functions.
 
-    def __init__(self, decoder, graphs: bool | None = None):
+    `buckets` (default: on CUDA) keeps one state per (batch, cache length) bucket between calls;
+    `graphs` (default: on CUDA; CUDA only) captures each bucket's step in a CUDA graph. Without
+    buckets a state of the exact size is allocated per call and the step runs eagerly."""
+
+    def __init__(self, decoder, buckets: bool | None = None, graphs: bool | None = None):
         self.decoder = decoder
-        self.graphs = graphs
-        self._entries: dict[tuple, tuple] = {}  # (B, K, device, dtype) -> (state, step callable)
+        self.buckets, self.graphs = buckets, graphs
+        self._entries: dict[tuple, tuple] = {}  # (B, K, device, dtype) -> (state, step function)
         self._pool = None
 
-    def use_graphs(self, device: torch.device) -> bool:
-        return device.type == "cuda" if self.graphs is None else bool(self.graphs and device.type == "cuda")
+    def _on(self, flag: bool | None, device: torch.device) -> bool:
+        return device.type == "cuda" if flag is None else bool(flag)
 
     def get(self, B: int, K: int) -> tuple[DecodeState, callable]:
         """A state holding at least B rows and K columns, and a function running one step on it."""
         w = self.decoder.embed.weight
         dev, dt = w.device, w.dtype
-        if not self.use_graphs(dev):
+        graphs = self._on(self.graphs, dev) and dev.type == "cuda"
+        if not (graphs or self._on(self.buckets, dev)):
             state = DecodeState.allocate(self.decoder.cfg, B, K, dev, dt)
             return state, lambda: self.decoder.step(state)
-        key = (batch_bucket(B), cache_bucket(K), dev, dt)
+        key = (batch_bucket(B), cache_bucket(K), dev, dt, graphs)
         entry = self._entries.pop(key, None)
         if entry is None:
             if len(self._entries) >= MAX_GRAPHS:
                 self._entries.pop(next(iter(self._entries)))
-            entry = self._capture(DecodeState.allocate(self.decoder.cfg, key[0], key[1], dev, dt))
+            state = DecodeState.allocate(self.decoder.cfg, key[0], key[1], dev, dt)
+            entry = self._capture(state) if graphs else (state, lambda: self.decoder.step(state))
         self._entries[key] = entry  # most recently used last
         return entry
 
@@ -116,5 +122,6 @@ class StepRunner:
         return state, replay
 
     def clear(self) -> None:
+        """Drop every kept state and graph (and the device memory they hold)."""
         self._entries.clear()
         self._pool = None
