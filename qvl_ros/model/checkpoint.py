@@ -159,23 +159,25 @@ def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- tiny checkpoints
-def _random_weights(cfg: QwenVLConfig, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def _random_weights(cfg: QwenVLConfig, seed: int, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Drawn on `device` (seconds on a GPU for billions of weights), returned on the CPU in `dtype`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda shape, generator: torch.randn(shape, generator=generator, device=device)
     out = {}
     for name, shape in expected_weights(cfg).items():
         if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
                 or name.endswith("ln_q.weight") or name == "model.norm.weight":
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * randn(shape, g)
         elif name.endswith(".bias"):
-            t = 0.05 * torch.randn(shape, generator=g)
+            t = 0.05 * randn(shape, g)
         elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=g)
+            t = randn(shape, g)
         else:
             fan_in = 1
             for s in shape[1:]:
                 fan_in *= s
-            t = torch.randn(shape, generator=g) / fan_in ** 0.5
-        out[name] = t.contiguous()
+            t = randn(shape, g) / fan_in ** 0.5
+        out[name] = t.to(dtype).cpu().contiguous()
     return out
 
 
@@ -248,11 +250,13 @@ def _write_tokenizer(path: Path, model_max_length: int = 32768) -> None:
 
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
-                         config: QwenVLConfig | None = None) -> Path:
+                         config: QwenVLConfig | None = None, device="cpu", dtype=torch.float32) -> Path:
     """Write a deterministic random checkpoint as a real Hugging Face directory.
 
     `family` is "qwen2_5_vl" or "qwen2_vl"; `config` overrides the preset (e.g. the "small"
     benchmark config). Same arguments give byte-identical weights. No network is used.
+    `device` draws the weights there (a GPU draws billions in seconds; each device has its own
+    random stream), `dtype` is the stored weight type.
     """
     from safetensors.torch import save_file
 
@@ -263,8 +267,9 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", se
     cfg = config
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    save_file(_random_weights(cfg, seed), str(path / "model.safetensors"), metadata={"format": "pt"})
-    (path / "config.json").write_text(json.dumps(_hf_config_dict(cfg), indent=2))
+    save_file(_random_weights(cfg, seed, device, dtype), str(path / "model.safetensors"), metadata={"format": "pt"})
+    hf_config = {**_hf_config_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch.")}
+    (path / "config.json").write_text(json.dumps(hf_config, indent=2))
     proc_class = "Qwen2_5_VLProcessor" if cfg.is_v25 else "Qwen2VLProcessor"
     (path / "preprocessor_config.json").write_text(json.dumps({
         "min_pixels": 56 * 56, "max_pixels": 28 * 28 * 1280, "patch_size": cfg.patch_size,

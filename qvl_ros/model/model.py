@@ -155,6 +155,30 @@ class BatchedQwenVL(nn.Module):
         model.name = str(path)
         return model.eval().requires_grad_(False)
 
+    @torch.inference_mode()
+    def warmup(self, sizes, batch_sizes=(1,), prompt: str = "Describe the scene.", max_new_tokens: int = 32,
+               compile_vision: bool | None = None) -> float:
+        """Pay one-time costs before the first frame; returns the seconds it took.
+
+        `sizes`: one (H, W) per camera, as the frames will arrive; `batch_sizes`: the batch sizes
+        that will run. For each, one encode + caption on blank frames builds the vision layout
+        cache and, on CUDA, captures the decode step's CUDA graph for its bucket and (with
+        `compile_vision`, default: on CUDA) compiles the vision blocks for that layout."""
+        import time
+
+        t0 = time.perf_counter()
+        if compile_vision is None:
+            compile_vision = self.device.type == "cuda"
+        if compile_vision:
+            self.visual.compile_blocks()
+        for b in batch_sizes:
+            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self.device) for h, w in sizes]
+                      for _ in range(b)]
+            self._run(frames, [prompt] * b, None, max_new_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
+
     # ------------------------------------------------------------------ pieces
     def prepare(self, images, prompts, size=None) -> tuple[list, Batch]:
         batch = check_images(images, prompts)

@@ -181,7 +181,17 @@ class VisionTower(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
         self.reset_buffers()
 
+    def compile_blocks(self, enable: bool = True) -> None:
+        """Run the blocks through torch.compile (fixed shapes: one compiled graph per grid layout
+        and attention kind, cached by torch). Fuses norms, rotary, SwiGLU and residual adds into
+        a few kernels on CUDA; on the CPU the eager blocks are faster, so they stay eager there."""
+        self._block_fn = torch.compile(VisionBlock.forward, dynamic=False) if enable else VisionBlock.forward
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        if enable and getattr(torch._dynamo.config, limit) < 64:  # layouts x (window, full) attention
+            setattr(torch._dynamo.config, limit, 64)
+
     def reset_buffers(self) -> None:
+        self._block_fn = getattr(self, "_block_fn", VisionBlock.forward)
         self._layouts: dict[tuple, Layout] = {}
         if self.inv_freq.device.type == "meta":
             return
@@ -262,7 +272,7 @@ class VisionTower(nn.Module):
         x = linear(x, self.patch_embed.weight).float()  # (S, D), window order; residual stream in float32
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
+            x = self._block_fn(blk, x, lay.rope, lay.full_groups if i in full else lay.window_groups)
         x = self.merger_norm(x).view(P // mm, -1)  # (U, mm*D)
         x = F.gelu(linear(x, self.merger_fc1.weight, self.merger_fc1.bias))
         x = linear(x, self.merger_fc2.weight, self.merger_fc2.bias)  # (U, out)
