@@ -391,7 +391,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--config", default="qwen2.5-vl-3b", help="preset: qwen2.5-vl-3b (default), small, tiny")
     ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16, float32")
-    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 10 on CUDA, 2 on CPU)")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5 on CUDA, 2 on CPU)")
     ap.add_argument("--steps", type=int, default=None, help="decode steps per timed call (default 16 on CUDA, 4 on CPU)")
     ap.add_argument("--compile", dest="compile", action="store_true", default=None,
                     help="torch.compile the vision blocks (default on CUDA)")
@@ -404,7 +404,7 @@ def main(argv=None) -> int:
         print("no CUDA device: run with --device cpu --config tiny to try the rows on the CPU", file=sys.stderr)
         return 2
     a.dtype = a.dtype or "bfloat16"
-    a.reps = a.reps or (10 if cuda else 2)
+    a.reps = a.reps or (5 if cuda else 2)
     a.steps = a.steps or (16 if cuda else 4)
     torch.manual_seed(0)
     bench = GpuBench(a)
