@@ -182,11 +182,8 @@ class GpuBench:
         sizes = [self.size] * 3
         t = self.ours.warmup(sizes, batch_sizes=(1, 4), max_new_tokens=32, compile_vision=self.a.compile)
         self.extra["warmup_s"] = t
-        self.add("warmup", {"sizes": f"3 x {self.size_name}", "batch_sizes": [1, 4], "compile_vision": self.compile_on()},
-                 t, None, "s")
-
-    def compile_on(self) -> bool:
-        return self.device.type == "cuda" if self.a.compile is None else self.a.compile
+        self.add("warmup", {"sizes": f"3 x {self.size_name}", "batch_sizes": [1, 4],
+                            "compile_vision": self.ours.visual.compiled}, t, None, "s")
 
     @torch.inference_mode()
     def vision(self, peak: float):
@@ -206,7 +203,7 @@ class GpuBench:
             if n == 12:
                 row["kernels"] = {"ours": kernels_per_call(f_ours, self.device),
                                   "reference": kernels_per_call(f_ref, self.device)}
-                if self.compile_on():  # the same tower without torch.compile
+                if self.ours.visual.compiled:  # the same tower without torch.compile
                     self.ours.visual.compile_blocks(False)
                     self.add("vision (eager blocks)", {"frames": n, "size": self.size_name}, self.clock(f_ours) * 1e3, tr * 1e3,
                              kernels={"ours": kernels_per_call(f_ours, self.device)})

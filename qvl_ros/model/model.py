@@ -174,7 +174,17 @@ class BatchedQwenVL(nn.Module):
         for b in batch_sizes:
             frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self.device) for h, w in sizes]
                       for _ in range(b)]
-            self._run(frames, [prompt] * b, None, max_new_tokens)
+            try:
+                self._run(frames, [prompt] * b, None, max_new_tokens)
+            except Exception as exc:  # a compiler missing on this machine: keep the eager blocks
+                if not compile_vision:
+                    raise
+                import warnings
+
+                warnings.warn(f"torch.compile of the vision blocks failed, running them eagerly: {exc}")
+                compile_vision = False
+                self.visual.compile_blocks(False)
+                self._run(frames, [prompt] * b, None, max_new_tokens)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0

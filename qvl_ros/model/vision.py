@@ -168,6 +168,9 @@ class VisionBlock(nn.Module):
         return linear_add(h, self.down.weight, self.down.bias, x)
 
 
+_COMPILED_BLOCK = None  # torch.compile(VisionBlock.forward), shared by all blocks and towers
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
@@ -185,10 +188,17 @@ class VisionTower(nn.Module):
         """Run the blocks through torch.compile (fixed shapes: one compiled graph per grid layout
         and attention kind, cached by torch). Fuses norms, rotary, SwiGLU and residual adds into
         a few kernels on CUDA; on the CPU the eager blocks are faster, so they stay eager there."""
-        self._block_fn = torch.compile(VisionBlock.forward, dynamic=False) if enable else VisionBlock.forward
+        global _COMPILED_BLOCK
+        if enable and _COMPILED_BLOCK is None:
+            _COMPILED_BLOCK = torch.compile(VisionBlock.forward, dynamic=False)
+        self._block_fn = _COMPILED_BLOCK if enable else VisionBlock.forward
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         if enable and getattr(torch._dynamo.config, limit) < 64:  # layouts x (window, full) attention
             setattr(torch._dynamo.config, limit, 64)
+
+    @property
+    def compiled(self) -> bool:
+        return self._block_fn is not VisionBlock.forward
 
     def reset_buffers(self) -> None:
         self._block_fn = getattr(self, "_block_fn", VisionBlock.forward)
