@@ -3,7 +3,7 @@
 SHELL := /bin/bash
 RUN := scripts/run.sh
 
-.PHONY: setup demo test bench bench-quick clean
+.PHONY: setup demo test bench bench-quick bench-gpu clean
 
 setup:
 	scripts/setup.sh
@@ -19,6 +19,10 @@ bench: setup
 
 bench-quick: setup
 	$(RUN) python bench/run.py --quick
+
+# On a CUDA machine, with its own Python (no venv, no ROS): see README, "GPU".
+bench-gpu:
+	python3 bench/gpu.py
 
 clean:
 	rm -rf build install log .cache

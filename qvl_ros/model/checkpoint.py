@@ -170,23 +170,25 @@ def read_weights(path: str | os.PathLike, cfg: QwenVLConfig) -> dict[str, torch.
 
 
 # ----------------------------------------------------------------------------- tiny checkpoints
-def _random_weights(cfg: QwenVLConfig, seed: int) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
+def _random_weights(cfg: QwenVLConfig, seed: int, device="cpu", dtype=torch.float32) -> dict[str, torch.Tensor]:
+    """Drawn on `device` (seconds on a GPU for billions of weights), returned on the CPU in `dtype`."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    randn = lambda shape, generator: torch.randn(shape, generator=generator, device=device)
     out = {}
     for name, shape in expected_weights(cfg).items():
         if name.endswith("norm1.weight") or name.endswith("norm2.weight") or "layernorm" in name \
                 or name.endswith("ln_q.weight") or name == "model.norm.weight":
-            t = 1.0 + 0.1 * torch.randn(shape, generator=g)
+            t = 1.0 + 0.1 * randn(shape, g)
         elif name.endswith(".bias"):
-            t = 0.05 * torch.randn(shape, generator=g)
+            t = 0.05 * randn(shape, g)
         elif name == "model.embed_tokens.weight":
-            t = torch.randn(shape, generator=g)
+            t = randn(shape, g)
         else:
             fan_in = 1
             for s in shape[1:]:
                 fan_in *= s
-            t = torch.randn(shape, generator=g) / fan_in ** 0.5
-        out[name] = t.contiguous()
+            t = randn(shape, g) / fan_in ** 0.5
+        out[name] = t.to(dtype).cpu().contiguous()
     return out
 
 
@@ -261,11 +263,13 @@ def _write_tokenizer(path: Path, model_max_length: int = 32768) -> None:
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
                          config: QwenVLConfig | None = None, quantize: str | None = None,
                          group_size: int = 128, sym: bool = True, desc_act: bool = False,
-                         twin: str | os.PathLike | None = None) -> Path:
+                         twin: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> Path:
     """Write a deterministic random checkpoint as a real Hugging Face directory.
 
     `family` is "qwen2_5_vl" or "qwen2_vl"; `config` overrides the preset (e.g. the "small"
     benchmark config). Same arguments give byte-identical weights. No network is used.
+    `device` draws the weights there (a GPU draws billions in seconds; each device has its own
+    random stream), `dtype` is the stored weight type.
 
     `quantize="awq"` or `"gptq"` stores the decoder linears in that 4-bit format (round to
     nearest, `group_size` input rows per group; GPTQ also `sym` and `desc_act`, act order) and
@@ -276,21 +280,24 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", se
         if family not in ("qwen2_5_vl", "qwen2_vl"):
             raise ValueError(f"family must be 'qwen2_5_vl' or 'qwen2_vl', got {family!r}")
         config = PRESETS["tiny" if family == "qwen2_5_vl" else "tiny-qwen2-vl"]
-    weights, qconfig = _random_weights(config, seed), None
+    if quantize is not None and (torch.device(device).type != "cpu" or dtype != torch.float32):
+        raise ValueError("quantized test checkpoints are drawn on the CPU in float32")
+    weights, qconfig = _random_weights(config, seed, device, dtype), None
     if quantize is not None:
         from .quant import quantize_weights
 
         weights, float_twin, qconfig = quantize_weights(weights, config, quantize, group_size, sym, desc_act, seed)
         _write_checkpoint(Path(twin) if twin is not None else Path(f"{path}-float"), config, float_twin)
-    return _write_checkpoint(Path(path), config, weights, qconfig)
+    return _write_checkpoint(Path(path), config, weights, qconfig, dtype)
 
 
-def _write_checkpoint(path: Path, cfg: QwenVLConfig, weights: dict, quantization_config: dict | None = None) -> Path:
+def _write_checkpoint(path: Path, cfg: QwenVLConfig, weights: dict, quantization_config: dict | None = None,
+                      dtype: torch.dtype = torch.float32) -> Path:
     from safetensors.torch import save_file
 
     path.mkdir(parents=True, exist_ok=True)
     save_file(weights, str(path / "model.safetensors"), metadata={"format": "pt"})
-    hf = _hf_config_dict(cfg)
+    hf = {**_hf_config_dict(cfg), "torch_dtype": str(dtype).removeprefix("torch.")}
     if quantization_config:
         hf["quantization_config"] = quantization_config
     (path / "config.json").write_text(json.dumps(hf, indent=2))

@@ -14,7 +14,8 @@ _ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_l
 
 
 def _use_onednn(x: torch.Tensor) -> bool:
-    return _ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+    return (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+            and not torch.compiler.is_compiling())  # inside torch.compile, F.linear lets inductor choose
 
 
 def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -27,9 +28,15 @@ def linear(x: torch.Tensor, weight, bias: torch.Tensor | None = None) -> torch.T
 
 
 def linear_add(x: torch.Tensor, weight, bias: torch.Tensor | None, residual: torch.Tensor) -> torch.Tensor:
-    """residual + x @ weight.T + bias, with the add in the matmul's output pass where possible."""
+    """residual + x @ weight.T + bias, with the add in the matmul's output pass where possible.
+
+    A float32 residual with lower-precision x and weight (the mixed-precision residual stream)
+    gets the matmul's result added in float32."""
     if not isinstance(weight, torch.Tensor):  # a 4-bit weight (quant.Int4Weight)
-        return weight(x, bias).add_(residual)
+        out = weight(x, bias)
+        return out.add_(residual) if out.dtype == residual.dtype else residual + out
+    if residual.dtype != x.dtype:
+        return residual + F.linear(x, weight, bias)
     if _use_onednn(x):
         return torch.ops.mkldnn._linear_pointwise.binary(x, residual, weight, bias, "add")
     out = torch.addmm(residual.reshape(-1, residual.shape[-1]), x.reshape(-1, x.shape[-1]), weight.t())

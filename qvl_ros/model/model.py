@@ -20,6 +20,7 @@ from torch import nn
 
 from .checkpoint import check_weights, read_tensors
 from .config import QwenVLConfig
+from .decoding import StepRunner
 from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
 from .quant import QuantConfig, attach_int4_linears, int4_tensor_names, split_checkpoint
 from .text import Decoder
@@ -149,6 +150,7 @@ class BatchedQwenVL(nn.Module):
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
         self.name = ""
+        self.steps = StepRunner(self.decoder)  # decode states / CUDA graphs per bucket
 
     @property
     def device(self) -> torch.device:
@@ -203,6 +205,8 @@ class BatchedQwenVL(nn.Module):
         model.visual.load(weights)
         model.decoder.load(weights)
         del weights, tensors
+        if dtype == torch.float32:
+            model.visual.fold_norms()
         model.visual.reset_buffers()  # buffers are computed, not stored in the checkpoint
         model.decoder.reset_buffers()
         model = model.to(device=device, dtype=dtype)
@@ -211,6 +215,40 @@ class BatchedQwenVL(nn.Module):
         attach_int4_linears(model.decoder, int4, device, dtype, int4_dtype)
         model.name = str(path)
         return model.eval().requires_grad_(False)
+
+    @torch.inference_mode()
+    def warmup(self, sizes, batch_sizes=(1,), prompt: str = "Describe the scene.", max_new_tokens: int = 32,
+               compile_vision: bool | None = None) -> float:
+        """Pay one-time costs before the first frame; returns the seconds it took.
+
+        `sizes`: one (H, W) per camera, as the frames will arrive; `batch_sizes`: the batch sizes
+        that will run. For each, one encode + caption on blank frames builds the vision layout
+        cache and, on CUDA, captures the decode step's CUDA graph for its bucket and (with
+        `compile_vision`, default: on CUDA) compiles the vision blocks for that layout."""
+        import time
+
+        t0 = time.perf_counter()
+        if compile_vision is None:
+            compile_vision = self.device.type == "cuda"
+        if compile_vision:
+            self.visual.compile_blocks()
+        for b in batch_sizes:
+            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self.device) for h, w in sizes]
+                      for _ in range(b)]
+            try:
+                self._run(frames, [prompt] * b, None, max_new_tokens)
+            except Exception as exc:  # a compiler missing on this machine: keep the eager blocks
+                if not compile_vision:
+                    raise
+                import warnings
+
+                warnings.warn(f"torch.compile of the vision blocks failed, running them eagerly: {exc}")
+                compile_vision = False
+                self.visual.compile_blocks(False)
+                self._run(frames, [prompt] * b, None, max_new_tokens)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------ pieces
     def prepare(self, images, prompts, size=None, fps=None) -> tuple[list, Batch]:
@@ -272,19 +310,15 @@ class BatchedQwenVL(nn.Module):
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
         _, inputs = self.prepare(images, prompts, size, fps)
-        dev, dt = self.device, self.dtype
         B, L = inputs.input_ids.shape
-        K = L + max_new_tokens
-        caches = None
+        state = step = None
         if max_new_tokens:
-            shape = (B, self.cfg.kv_heads, K, self.cfg.head_dim)
-            # zero-filled: masked keys still enter the score matmul, and garbage could be NaN
-            caches = [(torch.zeros(shape, device=dev, dtype=dt), torch.zeros(shape, device=dev, dtype=dt))
-                      for _ in range(self.cfg.layers)]
+            state, step = self.steps.get(B, L + max_new_tokens)
         vis = self.vision_features(inputs)
         pads = [L - n for n in inputs.lengths]
         padded = any(pads)
-        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads, caches)
+        hidden = self.decoder(self.embed(inputs, vis), inputs.position_ids, inputs.attention_mask, pads,
+                              state.prefill_caches(B) if state else None)
         counts = [g[0] * g[1] * g[2] // self.cfg.merge_size ** 2 for g in inputs.grids]
         per_image = vis.split(counts)
         out, k = [], 0
@@ -295,23 +329,26 @@ class BatchedQwenVL(nn.Module):
         feats = Features(out, masked, inputs.attention_mask, inputs.input_ids)
         if not max_new_tokens:
             return feats, None
+        state.begin(inputs.attention_mask, inputs.next_position)
         logits = self.decoder.logits(hidden[:, -1])  # (B, V)
-        key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
-        key_mask[:, 0, 0, :L] = inputs.attention_mask.bool()
+        return feats, self._decode(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator)
+
+    def _decode(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator):
+        """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?)."""
+        B, dev = logits.shape[0], logits.device
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
         ids = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
+        pad = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
-            tok = self._select(logits, do_sample, temperature, top_p, generator)
-            tok = torch.where(done, torch.full_like(tok, self.pad_id), tok)
+            tok = torch.where(done, pad, self._select(logits, do_sample, temperature, top_p, generator))
             ids[:, t] = tok
             done |= torch.isin(tok, eos)
-            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):  # one sync per 8 tokens
+            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):
                 break
-            key_mask[:, 0, 0, L + t] = True
-            h = self.decoder.step(tok, inputs.next_position + t, key_mask, caches, L + t)
-            logits = self.decoder.logits(h)
-        return feats, ids
+            state.tok[:B] = tok
+            logits = step()[:B]  # (B, V)
+        return ids
 
     @staticmethod
     def _select(logits, do_sample, temperature, top_p, generator):

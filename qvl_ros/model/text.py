@@ -2,8 +2,9 @@
 
 Rows are left padded. Rotary embedding uses three position streams (t, h, w) chosen per
 frequency by `mrope_section`; q/k rows are permuted at load time so it is one complex multiply.
-The cache is preallocated as (layers, B, kv_heads, prompt + max_new_tokens, head_dim) and a
-boolean key mask of fixed shape grows by one column per step, so decode steps have fixed shapes.
+The prefill writes the cache's first L columns; each decode step (`step`, state in decoding.py)
+writes one column at a position held in a device tensor and attends over the whole fixed-length
+cache under a boolean key mask, so all steps have the same shapes and no host value.
 """
 from __future__ import annotations
 
@@ -14,6 +15,12 @@ from torch import nn
 from .config import QwenVLConfig
 from .kernels import linear, linear_add
 from .vision import apply_rope, interleave_perm
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm of the float32 residual stream x (..., D), gain included, rounded once to the
+    weight's dtype (the dtype of the matmul that follows)."""
+    return F.rms_norm(x, x.shape[-1:], weight.float(), eps).to(weight.dtype)
 
 
 class DecoderLayer(nn.Module):
@@ -28,26 +35,37 @@ class DecoderLayer(nn.Module):
         self.gate_up = nn.Linear(D, 2 * cfg.intermediate, bias=False)
         self.down = nn.Linear(cfg.intermediate, D, bias=False)
 
-    def forward(self, x, rope, mask, cache=None, start: int = 0, pads=None):
-        """x (B, L, D); rope (B, L, hd/2) complex; mask (B, 1, L, K) bool or None (causal).
-
-        With `cache=(k_buf, v_buf)` the new keys/values are written at [start, start + L); a
-        single-token step attends over the whole buffer (masked by `mask`). `pads` (host ints,
-        left padding per row) runs the prefill causally per row on its real tokens instead of
-        one masked call: half the attention work, since a mask hides the causal structure."""
+    def project(self, x: torch.Tensor, rope: torch.Tensor):
+        """x (B, L, D) -> q (B, L, H, hd), k, v (B, L, Hkv, hd), rotary applied to q and k."""
         B, L, D = x.shape
         H, Hkv, hd = self.H, self.Hkv, self.hd
-        qkv = linear(F.rms_norm(x, (D,), self.norm1, self.eps), self.qkv.weight, self.qkv.bias)
+        qkv = linear(rms_norm(x, self.norm1, self.eps), self.qkv.weight, self.qkv.bias)
         q = apply_rope(qkv[..., :H * hd].view(B, L, H, hd), rope[:, :, None])  # (B, L, H, hd)
         k = apply_rope(qkv[..., H * hd:(H + Hkv) * hd].view(B, L, Hkv, hd), rope[:, :, None])
         v = qkv[..., (H + Hkv) * hd:].view(B, L, Hkv, hd)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, L, hd)
+        return q, k, v
+
+    def mlp(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """Output projection of attention `o` (B, L, H*hd) + residual, then the SwiGLU block."""
+        x = linear_add(o, self.o.weight, None, x)
+        h = linear(rms_norm(x, self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
+        I = h.shape[-1] // 2
+        h = F.silu(h[..., :I], inplace=True).mul_(h[..., I:])
+        return linear_add(h, self.down.weight, None, x)
+
+    def forward(self, x, rope, mask, cache=None, pads=None):
+        """Prefill: x (B, L, D); rope (B, L, hd/2) complex; mask (B, 1, L, L) bool or None (causal).
+
+        With `cache=(k_buf, v_buf)` the keys/values are written at columns [0, L). `pads` (host
+        ints, left padding per row) runs the prefill causally per row on its real tokens instead
+        of one masked call: half the attention work, since a mask hides the causal structure."""
+        B, L, D = x.shape
+        H, hd = self.H, self.hd
+        q, k, v = (t.transpose(1, 2) for t in self.project(x, rope))  # (B, heads, L, hd)
         if cache is not None:
-            cache[0][:, :, start:start + L] = k
-            cache[1][:, :, start:start + L] = v
-            if L == 1:
-                k, v = cache
-        gqa = H != Hkv
+            cache[0][:, :, :L] = k
+            cache[1][:, :, :L] = v
+        gqa = H != self.Hkv
         if pads is not None:
             o = q.new_zeros(B, H, L, hd)
             for b, p in enumerate(pads):
@@ -56,12 +74,19 @@ class DecoderLayer(nn.Module):
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
                                                enable_gqa=gqa)
-        o = o.transpose(1, 2).reshape(B, L, H * hd)  # (B, L, H*hd)
-        x = linear_add(o, self.o.weight, None, x)
-        h = linear(F.rms_norm(x, (D,), self.norm2, self.eps), self.gate_up.weight)  # (B, L, 2I)
-        I = h.shape[-1] // 2
-        h = F.silu(h[..., :I], inplace=True).mul_(h[..., I:])
-        return linear_add(h, self.down.weight, None, x)
+        return self.mlp(x, o.transpose(1, 2).reshape(B, L, H * hd))  # (B, L, H*hd)
+
+    def decode(self, x, rope, key_mask, cache, cache_pos):
+        """One token per row: x (B, 1, D); keys/values written at column `cache_pos` (1,) of the
+        fixed-length cache, attention over all K columns under `key_mask` (B, 1, 1, K)."""
+        B = x.shape[0]
+        H, Hkv, hd = self.H, self.Hkv, self.hd
+        q, k, v = self.project(x, rope)
+        cache[0].index_copy_(2, cache_pos, k.transpose(1, 2))  # (B, Hkv, 1, hd) into (B, Hkv, K, hd)
+        cache[1].index_copy_(2, cache_pos, v.transpose(1, 2))
+        # query heads grouped by the key/value head they share: (B, 1, H, hd) -> (B, Hkv, H/Hkv, hd)
+        o = F.scaled_dot_product_attention(q.reshape(B, Hkv, H // Hkv, hd), cache[0], cache[1], attn_mask=key_mask)
+        return self.mlp(x, o.reshape(B, 1, H * hd))  # (B, Hkv, H/Hkv, hd) -> (B, 1, H*hd)
 
 
 class Decoder(nn.Module):
@@ -114,17 +139,24 @@ class Decoder(nn.Module):
                 mask = causal & valid[:, None, None, :]  # (B, 1, L, L)
                 mask |= torch.eye(L, dtype=torch.bool, device=x.device)  # pad rows attend to themselves
         rope = self.rope(position_ids)
+        x = x.float()  # residual stream in float32 (a no-op in float32)
         for i, layer in enumerate(self.layers):
-            x = layer(x, rope, mask, None if caches is None else caches[i], 0, rows)
-        return F.rms_norm(x, (D,), self.norm, self.cfg.rms_eps)
+            x = layer(x, rope, mask, None if caches is None else caches[i], rows)
+        return rms_norm(x, self.norm, self.cfg.rms_eps)
 
-    def step(self, tok, position, key_mask, caches, index: int):
-        """One decode step: tok (B,), position (B,), key_mask (B, 1, 1, K) -> last hidden (B, D)."""
-        x = self.embed(tok)[:, None]  # (B, 1, D)
-        rope = self.rope(position.view(1, -1, 1).expand(3, -1, 1))  # (B, 1, hd/2)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, rope, key_mask, caches[i], index)
-        return F.rms_norm(x[:, 0], (x.shape[-1],), self.norm, self.cfg.rms_eps)
+    def step(self, st) -> torch.Tensor:
+        """One decode step on a `DecodeState`: feeds st.tok at st.position, writes its keys/values
+        at column st.cache_pos, advances both; returns logits (B, V). Only in-place tensor ops on
+        fixed shapes, so it can be captured in a CUDA graph."""
+        st.key_mask.index_fill_(3, st.cache_pos, True)
+        x = self.embed(st.tok)[:, None].float()  # (B, 1, D), residual stream in float32
+        angles = st.position.float()[:, None, None] * self.inv_freq  # (B, 1, hd/2): t = h = w for text
+        rope = torch.polar(torch.ones_like(angles), angles)
+        for layer, cache in zip(self.layers, st.caches):
+            x = layer.decode(x, rope, st.key_mask, cache, st.cache_pos)
+        st.position.add_(1)
+        st.cache_pos.add_(1)
+        return self.logits(rms_norm(x[:, 0], self.norm, self.cfg.rms_eps))
 
     @torch.no_grad()
     def load(self, w: dict[str, torch.Tensor]) -> None:

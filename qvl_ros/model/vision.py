@@ -84,29 +84,41 @@ def rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Norm(nn.Module):
-    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6, with the gain (and LayerNorm bias)
-    folded into the linear layer that follows it (see `fold_norm`)."""
+    """RMSNorm (Qwen2.5-VL) or LayerNorm (Qwen2-VL), eps 1e-6.
 
-    def __init__(self, rms: bool, eps: float = 1e-6):
+    In float32 the gain (and LayerNorm bias) is folded into the linear layer that follows
+    (`fold_into`), which saves a pass over the activations. In lower precision the residual
+    stream stays float32 and the norm, gain included, runs in float32 and rounds once to the
+    weights' dtype for the matmul that follows."""
+
+    def __init__(self, rms: bool, dim: int, eps: float = 1e-6):
         super().__init__()
-        self.rms, self.eps = rms, eps
+        self.rms, self.eps, self.folded = rms, eps, False
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = None if rms else nn.Parameter(torch.zeros(dim))
 
     def forward(self, x):
+        """x (..., D) in float32 -> normalized, in the weights' dtype."""
+        if self.folded:
+            if self.rms:
+                return rms_scale(x, self.eps)
+            return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+        w, b = self.weight.float(), None if self.bias is None else self.bias.float()
         if self.rms:
-            return rms_scale(x, self.eps)
-        return F.layer_norm(x, x.shape[-1:], None, None, self.eps)
+            return F.rms_norm(x.float(), x.shape[-1:], w, self.eps).to(self.weight.dtype)
+        return F.layer_norm(x.float(), x.shape[-1:], w, b, self.eps).to(self.weight.dtype)
 
+    @torch.no_grad()
+    def fold_into(self, layer: nn.Linear, groups: int = 1) -> None:
+        """layer(g * x + s) == layer'(x): scale input columns by g, move W @ s into the bias.
 
-@torch.no_grad()
-def fold_norm(layer: nn.Linear, gain: torch.Tensor, shift: torch.Tensor | None = None, groups: int = 1) -> None:
-    """layer(g * x + s) == layer'(x): scale input columns by g, move W @ s into the bias.
-
-    `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
-    g = gain.float().repeat(groups)
-    if shift is not None:
-        extra = layer.weight.float() @ shift.float().repeat(groups)
-        layer.bias.add_(extra.to(layer.bias.dtype))
-    layer.weight.mul_(g.to(layer.weight.dtype))
+        `groups` > 1 repeats the gain over a reshaped input (merger: norm over D, linear over m*m*D)."""
+        g = self.weight.float().repeat(groups)
+        if self.bias is not None:
+            extra = layer.weight.float() @ self.bias.float().repeat(groups)
+            layer.bias.add_(extra.to(layer.bias.dtype))
+        layer.weight.mul_(g.to(layer.weight.dtype))
+        self.folded = True
 
 
 class VisionBlock(nn.Module):
@@ -115,8 +127,8 @@ class VisionBlock(nn.Module):
         D, I = cfg.vision_hidden, cfg.vision_intermediate
         self.heads, self.hd = cfg.vision_heads, cfg.vision_head_dim
         self.swiglu = cfg.is_v25
-        self.norm1 = Norm(cfg.is_v25)  # gains folded into qkv / up
-        self.norm2 = Norm(cfg.is_v25)
+        self.norm1 = Norm(cfg.is_v25, D)
+        self.norm2 = Norm(cfg.is_v25, D)
         self.qkv = nn.Linear(D, 3 * D)  # q and k rows interleaved per head (see interleave_perm)
         self.proj = nn.Linear(D, D)
         self.up = nn.Linear(D, 2 * I if self.swiglu else I)  # [gate; up] for SwiGLU, fc1 otherwise
@@ -160,6 +172,9 @@ class VisionBlock(nn.Module):
         return linear_add(h, self.down.weight, self.down.bias, x)
 
 
+_COMPILED_BLOCK = None  # torch.compile(VisionBlock.forward), shared by all blocks and towers
+
+
 class VisionTower(nn.Module):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
@@ -169,13 +184,30 @@ class VisionTower(nn.Module):
         self.patch_embed_clip = nn.Linear(cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2, D,
                                           bias=False)  # clips: (C, T, p, p) rows
         self.blocks = nn.ModuleList(VisionBlock(cfg) for _ in range(cfg.vision_depth))
-        self.merger_norm = Norm(cfg.is_v25)  # gain folded into merger_fc1
+        self.merger_norm = Norm(cfg.is_v25, D)
         self.merger_fc1 = nn.Linear(D * m * m, D * m * m)
         self.merger_fc2 = nn.Linear(D * m * m, cfg.vision_out)
         self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
         self.reset_buffers()
 
+    def compile_blocks(self, enable: bool = True) -> None:
+        """Run the blocks through torch.compile (fixed shapes: one compiled graph per grid layout
+        and attention kind, cached by torch). Fuses norms, rotary, SwiGLU and residual adds into
+        a few kernels on CUDA; on the CPU the eager blocks are faster, so they stay eager there."""
+        global _COMPILED_BLOCK
+        if enable and _COMPILED_BLOCK is None:
+            _COMPILED_BLOCK = torch.compile(VisionBlock.forward, dynamic=False)
+        self._block_fn = _COMPILED_BLOCK if enable else VisionBlock.forward
+        limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+        if enable and getattr(torch._dynamo.config, limit) < 64:  # layouts x (window, full) attention
+            setattr(torch._dynamo.config, limit, 64)
+
+    @property
+    def compiled(self) -> bool:
+        return self._block_fn is not VisionBlock.forward
+
     def reset_buffers(self) -> None:
+        self._block_fn = getattr(self, "_block_fn", VisionBlock.forward)
         self._layouts: dict[tuple, Layout] = {}
         if self.inv_freq.device.type == "meta":
             return
@@ -278,10 +310,11 @@ class VisionTower(nn.Module):
             x = torch.cat(parts) if len(parts) > 1 else parts[0]  # (S, D), source order
             S, D = x.shape
             x = x.view(S // mm, mm, D)[lay.unit_perm].view(S, D)  # window order
+        x = x.float()  # the residual stream is float32 (a no-op for float32 weights)
         P = x.shape[0]
         full = set(self.cfg.fullatt_blocks)
         for i, blk in enumerate(self.blocks):
-            x = blk(x, lay.rope, lay.full_groups if i in full else lay.window_groups)
+            x = self._block_fn(blk, x, lay.rope, lay.full_groups if i in full else lay.window_groups)
         x = self.merger_norm(x).view(P // mm, -1)  # (U, mm*D)
         x = F.gelu(linear(x, self.merger_fc1.weight, self.merger_fc1.bias))
         x = linear(x, self.merger_fc2.weight, self.merger_fc2.bias)  # (U, out)
@@ -315,12 +348,22 @@ class VisionTower(nn.Module):
                 blk.up.bias.copy_(w[b + "mlp.fc1.bias"])
                 blk.down.weight.copy_(w[b + "mlp.fc2.weight"])
                 blk.down.bias.copy_(w[b + "mlp.fc2.bias"])
-            fold_norm(blk.qkv, w[b + "norm1.weight"],
-                      w.get(b + "norm1.bias"))
-            fold_norm(blk.up, w[b + "norm2.weight"], w.get(b + "norm2.bias"))
+            for norm, name in ((blk.norm1, "norm1"), (blk.norm2, "norm2")):
+                norm.weight.copy_(w[b + name + ".weight"])
+                if norm.bias is not None:
+                    norm.bias.copy_(w[b + name + ".bias"])
         self.merger_fc1.weight.copy_(w["visual.merger.mlp.0.weight"])
         self.merger_fc1.bias.copy_(w["visual.merger.mlp.0.bias"])
-        mm = cfg.merge_size ** 2
-        fold_norm(self.merger_fc1, w["visual.merger.ln_q.weight"], w.get("visual.merger.ln_q.bias"), groups=mm)
+        self.merger_norm.weight.copy_(w["visual.merger.ln_q.weight"])
+        if self.merger_norm.bias is not None:
+            self.merger_norm.bias.copy_(w["visual.merger.ln_q.bias"])
         self.merger_fc2.weight.copy_(w["visual.merger.mlp.2.weight"])
         self.merger_fc2.bias.copy_(w["visual.merger.mlp.2.bias"])
+
+    @torch.no_grad()
+    def fold_norms(self) -> None:
+        """Fold every norm's gain into the linear after it (float32 weights; see `Norm`)."""
+        for blk in self.blocks:
+            blk.norm1.fold_into(blk.qkv)
+            blk.norm2.fold_into(blk.up)
+        self.merger_norm.fold_into(self.merger_fc1, groups=self.cfg.merge_size ** 2)

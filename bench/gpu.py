@@ -1,0 +1,421 @@
+"""GPU benchmark: qvl_ros against transformers on the same random Qwen2.5-VL-3B-size weights.
+
+    python3 bench/gpu.py                                   # CUDA, bf16, 3B dimensions
+    python3 bench/gpu.py --device cpu --config tiny        # the same rows on tiny dimensions
+
+Writes the checkpoint itself (weights drawn on the device, the tiny tokenizer and its special-token
+ids), then measures side by side in one process: vision tower (12 and 32 frames of 448²), encode
+(1 × 3 and 4 × 3 cameras of 448², uint8 frames in), one decode step (batch 1, 4, 8) against the
+HBM roofline (decoder weight bytes / measured copy bandwidth), 32-token captions (uint8 frames to
+text), vision TFLOP/s against a measured matmul rate, kernels per forward, peak memory, the
+low-precision error of both against transformers in float32, and the warmup time. Results go to
+`bench/results/gpu-<device>.{json,md}`; the JSON's `targets` list evaluates the targets of the
+GPU work (stated for an H200). Imports only torch, transformers, safetensors, numpy and
+qvl_ros.model: it runs without ROS and without network.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/gpu.py` from a checkout
+
+from bench.precision import low_precision_errors, reference_class  # noqa: E402
+from qvl_ros.model import PRESETS, BatchedQwenVL, QwenVLConfig, save_tiny_checkpoint  # noqa: E402
+
+PROMPTS = ["Describe the scene.", "What is in front of the robot?", "Is the path clear?", "Count the people."]
+TINY_IDS = {k: getattr(PRESETS["tiny"], k) for k in
+            ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+
+
+# ----------------------------------------------------------------------------- measurement
+class Clock:
+    def __init__(self, device: torch.device, reps: int):
+        self.device, self.reps = device, reps
+
+    def sync(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn, reps: int | None = None) -> float:
+        """Median seconds of fn() after one warm-up call."""
+        fn()
+        times = []
+        for _ in range(reps or self.reps):
+            self.sync()
+            t = time.perf_counter()
+            fn()
+            self.sync()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
+    def peak_mb(self, fn) -> float | None:
+        if self.device.type != "cuda":
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        base = torch.cuda.memory_allocated(self.device)
+        fn()
+        self.sync()
+        return (torch.cuda.max_memory_allocated(self.device) - base) / 2 ** 20
+
+
+def kernels_per_call(fn, device: torch.device) -> int:
+    """Device kernels launched by one call (CUDA), or operator calls on the CPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    fn()
+    with profile(activities=acts) as prof:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    events = prof.events()
+    if device.type == "cuda":
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA)
+    return sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+
+
+def matmul_rate(device, dtype, n: int, seconds: float) -> float:
+    """FLOP/s of an n x n matmul in dtype on device."""
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    clock = Clock(torch.device(device), 1)
+    once = clock(lambda: a @ b)
+    reps = max(3, int(seconds / max(once, 1e-6)))
+    return 2 * n ** 3 / clock(lambda: a @ b, reps)
+
+
+def copy_bandwidth(device, nbytes: int) -> float:
+    """Bytes/s moved by a device-to-device copy (read + write)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    t = Clock(torch.device(device), 10)(lambda: dst.copy_(src))
+    return 2 * nbytes / t
+
+
+def vision_flops(model: BatchedQwenVL, grids) -> float:
+    """2 x multiply-adds of the vision tower on these grids (patch embedding without the temporal
+    repeat, which the reference computes twice)."""
+    c = model.cfg
+    D, I, mm = c.vision_hidden, c.vision_intermediate, c.merge_size ** 2
+    lay = model.visual.layout(grids)
+    S = sum(g[1] * g[2] for g in grids)
+    lin = 2 * S * (D * 3 * D + D * D + D * (2 * I if c.is_v25 else I) + I * D)
+    seg = lambda groups: sum(g.n * g.length * g.length for g in groups)
+    attn_w, attn_f = 4 * seg(lay.window_groups) * D, 4 * seg(lay.full_groups) * D
+    full = set(c.fullatt_blocks)
+    total = sum(lin + (attn_f if i in full else attn_w) for i in range(c.vision_depth))
+    total += 2 * S * 3 * c.patch_size ** 2 * D + 2 * (S // mm) * (mm * D * mm * D + mm * D * c.vision_out)
+    return float(total)
+
+
+def decoder_step_bytes(model: BatchedQwenVL) -> int:
+    """Weight bytes one decode step reads: every decoder layer and the output projection."""
+    d = model.decoder
+    layers = sum(p.numel() * p.element_size() for p in d.layers.parameters())
+    head = (d.embed.weight if d.lm_head is None else d.lm_head.weight)
+    return layers + head.numel() * head.element_size()
+
+
+# ----------------------------------------------------------------------------- set-up
+def write_checkpoint(path: Path, config: str, device, dtype) -> Path:
+    cfg = QwenVLConfig.preset(config, **({} if config.startswith("tiny") or config == "small" else TINY_IDS))
+    return save_tiny_checkpoint(path, config=cfg, seed=0, device=device, dtype=dtype)
+
+
+def frames(B: int, N: int, size=(448, 448), seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    return [[torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=g) for _ in range(N)] for _ in range(B)]
+
+
+class GpuBench:
+    def __init__(self, a):
+        from transformers import AutoProcessor
+
+        self.a = a
+        self.size = (a.size, a.size)
+        self.size_name = f"{a.size}x{a.size}"
+        self.device = torch.device(a.device)
+        self.dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[a.dtype]
+        self.clock = Clock(self.device, a.reps)
+        self.dir = Path(tempfile.mkdtemp(prefix="qvl_gpu_bench_"))
+        t = time.perf_counter()
+        self.path = write_checkpoint(self.dir / "ckpt", a.config, self.device, self.dtype)
+        self.checkpoint_s = time.perf_counter() - t
+        print(f"checkpoint {a.config} written in {self.checkpoint_s:.1f} s", flush=True)
+        self.ours = BatchedQwenVL.from_pretrained(self.path, device=self.device, dtype=self.dtype)
+        self.ref = reference_class(self.path).from_pretrained(str(self.path), dtype=self.dtype).to(self.device).eval()
+        self.proc = AutoProcessor.from_pretrained(str(self.path))
+        self.proc.tokenizer.padding_side = "left"
+        self.rows: list[dict] = []
+        self.extra: dict = {}
+
+    def add(self, name, params, ours, ref, unit="ms", **extra):
+        ratio = ref / ours if ours and ref else None
+        row = {"name": name, "params": params, "ours": ours, "reference": ref, "unit": unit, "ratio": ratio,
+               "device": str(self.device), "dtype": self.a.dtype, **extra}
+        self.rows.append(row)
+        r = f"{ratio:.2f}x" if ratio else "-"
+        print(f"  {name:22s} {json.dumps(params):40s} ours {ours:10.3f} ref {ref if ref is None else round(ref, 3)!s:>10} "
+              f"{unit:6s} {r:>7s}", flush=True)
+        return row
+
+    def hf_inputs(self, imgs, prompts):
+        texts = [self.proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}] * len(c) + [{"type": "text", "text": p}]}],
+            add_generation_prompt=True, tokenize=False) for c, p in zip(imgs, prompts)]
+        flat = [im.permute(1, 2, 0).numpy() for cams in imgs for im in cams]
+        inp = self.proc(text=texts, images=flat, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in inp.items()}
+
+    # ------------------------------------------------------------------ rows
+    def warmup(self):
+        sizes = [self.size] * 3
+        t = self.ours.warmup(sizes, batch_sizes=(1, 4), max_new_tokens=32, compile_vision=self.a.compile)
+        self.extra["warmup_s"] = t
+        self.add("warmup", {"sizes": f"3 x {self.size_name}", "batch_sizes": [1, 4],
+                            "compile_vision": self.ours.visual.compiled}, t, None, "s")
+
+    @torch.inference_mode()
+    def vision(self, peak: float):
+        for n in (12, 32):
+            imgs = frames(1, n, self.size, seed=n)
+            _, batch = self.ours.prepare(imgs, ["x"])
+            pix = batch.pixels.to(self.dtype)
+            hf = self.hf_inputs([[im] for im in imgs[0]], ["x"] * n)
+            hpix, hgrid = hf["pixel_values"].to(self.dtype), hf["image_grid_thw"]
+            f_ours = lambda: self.ours.visual(pix, batch.grids)
+            f_ref = lambda: self.ref.model.visual(hpix, grid_thw=hgrid)
+            to, tr = self.clock(f_ours), self.clock(f_ref)
+            flops = vision_flops(self.ours, batch.grids)
+            row = self.add("vision", {"frames": n, "size": self.size_name}, to * 1e3, tr * 1e3,
+                           tflops=flops / to / 1e12, matmul_rate_fraction=flops / to / peak,
+                           peak_mem_mb={"ours": self.clock.peak_mb(f_ours), "reference": self.clock.peak_mb(f_ref)})
+            if n == 12:
+                row["kernels"] = {"ours": kernels_per_call(f_ours, self.device),
+                                  "reference": kernels_per_call(f_ref, self.device)}
+                if self.ours.visual.compiled:  # the same tower without torch.compile
+                    self.ours.visual.compile_blocks(False)
+                    self.add("vision (eager blocks)", {"frames": n, "size": self.size_name}, self.clock(f_ours) * 1e3, tr * 1e3,
+                             kernels={"ours": kernels_per_call(f_ours, self.device)})
+                    self.ours.visual.compile_blocks(True)
+
+    @torch.inference_mode()
+    def encode(self):
+        for B, N in ((1, 3), (4, 3)):
+            imgs = frames(B, N, self.size, seed=B * 10 + N)
+            dev_imgs = [[im.to(self.device) for im in cams] for cams in imgs]
+            prompts = [PROMPTS[b % 4] for b in range(B)]
+            f_ours = lambda: self.ours.encode(dev_imgs, prompts)
+            f_ref = lambda: self.ref.model(**self.hf_inputs(imgs, prompts))
+            self.add("encode", {"B": B, "N": N, "size": self.size_name, "reference": "HF processor + model, batched"},
+                     self.clock(f_ours) * 1e3, self.clock(f_ref) * 1e3,
+                     peak_mem_mb={"ours": self.clock.peak_mb(f_ours), "reference": self.clock.peak_mb(f_ref)})
+
+    @torch.inference_mode()
+    def decode_step(self, bandwidth: float):
+        weight_bytes = decoder_step_bytes(self.ours)
+        roofline = weight_bytes / bandwidth
+        self.extra["decode_roofline_ms"] = roofline * 1e3
+        n = self.a.steps
+        for B in (1, 4, 8):
+            imgs = frames(B, 3, self.size, seed=B)
+            prompts = [PROMPTS[b % 4] for b in range(B)]
+            _, batch = self.ours.prepare(imgs, prompts)
+            L = batch.input_ids.shape[1]
+            state, step = self.ours.steps.get(B, L + 32)
+            state.begin(batch.attention_mask, batch.next_position)
+            state.tok.fill_(100)
+
+            def f_ours():
+                state.cache_pos.fill_(L)
+                for _ in range(n):
+                    step()
+            to = self.clock(f_ours) / n
+            hf = self.hf_inputs(imgs, prompts)
+            gen = lambda k: self.ref.generate(**hf, max_new_tokens=k, min_new_tokens=k, do_sample=False)
+            tr = (self.clock(lambda: gen(1 + n)) - self.clock(lambda: gen(1))) / n
+            tr = tr if tr > 0 else None  # a difference of two timings: lost in noise on a busy host
+            self.add("decode step", {"B": B, "N": 3, "size": self.size_name, "cache": state.capacity[1], "graphs": self.device.type == "cuda",
+                                     "reference": "HF generate, per token"},
+                     to * 1e3, tr and tr * 1e3, roofline_ms=roofline * 1e3, roofline_fraction=roofline / to,
+                     weight_bytes=weight_bytes,
+                     kernels={"ours": kernels_per_call(step, self.device)} if B == 1 else None)
+
+    @torch.inference_mode()
+    def caption(self):
+        eos = self.ours.eos_ids
+        for B, N in ((1, 3), (4, 3)):
+            imgs = frames(B, N, self.size, seed=100 + B)
+            dev_imgs = [[im.to(self.device) for im in cams] for cams in imgs]
+            prompts = [PROMPTS[b % 4] for b in range(B)]
+
+            def f_ref():
+                inp = self.hf_inputs(imgs, prompts)
+                out = self.ref.generate(**inp, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+                return self.proc.batch_decode(out[:, inp["input_ids"].shape[1]:], skip_special_tokens=True)
+
+            self.ours.eos_ids = []  # 32 tokens on both sides: no early stop
+            try:
+                f_ours = lambda: self.ours.generate(dev_imgs, prompts, max_new_tokens=32)
+                to, tr = self.clock(f_ours), self.clock(f_ref)
+                ids = self.ours.generate_ids(dev_imgs, prompts, max_new_tokens=32).cpu()
+                peak = {"ours": self.clock.peak_mb(f_ours), "reference": self.clock.peak_mb(f_ref)}
+            finally:
+                self.ours.eos_ids = eos
+            inp = self.hf_inputs(imgs, prompts)
+            ref_ids = self.ref.generate(**inp, max_new_tokens=32, min_new_tokens=32, do_sample=False)
+            ref_ids = ref_ids[:, inp["input_ids"].shape[1]:].cpu()
+            agree = (ids == ref_ids).float().mean().item()
+            self.add("caption", {"B": B, "N": N, "new_tokens": 32, "size": self.size_name, "from": "uint8 frames to text"},
+                     to * 1e3, tr * 1e3, token_agreement=agree, peak_mem_mb=peak)
+
+    def precision(self):
+        g = torch.Generator().manual_seed(3)
+        cams = [torch.randint(0, 256, (3, 480, 640), dtype=torch.uint8, generator=g) for _ in range(3)]
+        err = low_precision_errors(self.path, cams, device=self.device, dtype=self.dtype,
+                                   models={"ref": self.ref, "ours": self.ours})
+        self.extra["low_precision_error"] = err
+        for part in ("vision", "hidden"):
+            self.add(f"{self.a.dtype} error {part}", {"cameras": "3 x 640x480", "against": "transformers float32"},
+                     err["ours"][part], err["transformers"][part], "rel")
+
+    # ------------------------------------------------------------------ all
+    def run(self) -> dict:
+        dev = self.device
+        t0 = time.perf_counter()
+        self.warmup()
+        mm_n = 8192 if dev.type == "cuda" else 512
+        peak = matmul_rate(dev, self.dtype, mm_n, 2.0 if dev.type == "cuda" else 0.3)
+        bandwidth = copy_bandwidth(dev, (2 << 30) if dev.type == "cuda" else (64 << 20))
+        self.extra.update(matmul_flops=peak, matmul_n=mm_n, copy_bandwidth=bandwidth)
+        print(f"matmul {mm_n}² {self.a.dtype}: {peak / 1e12:.1f} TFLOP/s; copy bandwidth {bandwidth / 1e9:.0f} GB/s",
+              flush=True)
+        self.vision(peak)
+        self.encode()
+        self.decode_step(bandwidth)
+        self.caption()
+        self.precision()
+        return {"machine": machine(dev), "config": self.a.config, "dtype": self.a.dtype, "rows": self.rows,
+                "measures": self.extra, "checkpoint_s": self.checkpoint_s, "wall_s": time.perf_counter() - t0}
+
+
+def machine(device: torch.device) -> dict:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return {"device": name, "python": platform.python_version(), "torch": torch.__version__,
+            "transformers": transformers.__version__, "cuda": torch.version.cuda if device.type == "cuda" else None,
+            "platform": platform.platform()}
+
+
+# ----------------------------------------------------------------------------- targets and report
+def find(report, name, **params) -> dict | None:
+    return next((r for r in report["rows"] if r["name"] == name
+                 and all(r["params"].get(k) == v for k, v in params.items())), None)
+
+
+def targets(report: dict) -> list[dict]:
+    """The targets of the GPU work (H200, bf16, 3B dimensions), each measured in this run; rows
+    measured at another frame size leave a target unmeasured (None)."""
+    out = []
+
+    def target(text, row, value, limit, ok):
+        out.append({"target": text, "measured": None if row is None else value, "limit": limit,
+                    "met": None if row is None else bool(ok)})
+
+    for B, limit in ((1, 2.6), (8, 3.5)):
+        r = find(report, "decode step", B=B, size="448x448")
+        target(f"decode step at batch {B} <= {limit} ms", r, r and r["ours"], limit, r and r["ours"] <= limit)
+    r = find(report, "caption", B=1, N=3, size="448x448")
+    target("32-token caption, 1 x 3 cameras of 448², uint8 frames to text <= 150 ms", r, r and r["ours"], 150,
+           r and r["ours"] <= 150)
+    r = find(report, "vision", frames=12, size="448x448")
+    target("vision tower, 12 x 448² <= 32 ms", r, r and r["ours"], 32, r and r["ours"] <= 32)
+    target("vision tower, 12 x 448² >= 10x transformers", r, r and r["ratio"], 10, r and (r["ratio"] or 0) >= 10)
+    r = find(report, "encode", B=1, N=3, size="448x448")
+    target("encode, 1 x 3 cameras of 448² <= 25 ms", r, r and r["ours"], 25, r and r["ours"] <= 25)
+    for part in ("vision", "hidden"):
+        r = next((x for x in report["rows"] if x["name"].endswith(f"error {part}")), None)
+        target(f"{report['dtype']} error, {part}, <= transformers' {report['dtype']} error", r, r and r["ours"],
+               r and r["reference"], r and r["ours"] <= r["reference"])
+    r = find(report, "warmup", sizes="3 x 448x448")
+    target("warmup for the node's sizes (3 x 448², batch 1 and 4) <= 60 s, once per process", r, r and r["ours"], 60,
+           r and r["ours"] <= 60)
+    return out
+
+
+def markdown(report: dict) -> str:
+    m = report["machine"]
+    lines = [f"# GPU benchmark: {m['device']}", "",
+             f"Config `{report['config']}`, {report['dtype']}, random weights; torch {m['torch']}, "
+             f"transformers {m['transformers']}, CUDA {m['cuda']}. qvl_ros against transformers "
+             "(default SDPA attention) on the same weights and inputs; times are medians.", "",
+             "| row | params | qvl_ros | transformers | unit | ratio | notes |", "|---|---|---|---|---|---|---|"]
+    skip = {"name", "params", "ours", "reference", "unit", "ratio", "device", "dtype"}
+    fmt = lambda v: "-" if v is None else (f"{v:.3g}" if isinstance(v, float) else str(v))
+    for r in report["rows"]:
+        params = ", ".join(f"{k}={v}" for k, v in r["params"].items())
+        notes = "; ".join(f"{k} {json.dumps(v) if isinstance(v, dict) else fmt(v)}" for k, v in r.items()
+                          if k not in skip and v is not None)
+        ratio = f"**{r['ratio']:.2f}×**" if r["ratio"] else "-"
+        lines.append(f"| {r['name']} | {params} | {fmt(r['ours'])} | {fmt(r['reference'])} | {r['unit']} | {ratio} | {notes} |")
+    ms = report["measures"]
+    lines += ["", f"Measured: {ms['matmul_n']}² matmul {ms['matmul_flops'] / 1e12:.1f} TFLOP/s, device copy "
+              f"{ms['copy_bandwidth'] / 1e9:.0f} GB/s, decode roofline {ms['decode_roofline_ms']:.3f} ms.", "",
+              "## Targets", "", "| target | measured | limit | met |", "|---|---|---|---|"]
+    for t in report["targets"]:
+        met = "-" if t["met"] is None else ("yes" if t["met"] else "**no**")
+        lines.append(f"| {t['target']} | {fmt(t['measured'])} | {fmt(t['limit'])} | {met} |")
+    return "\n".join(lines) + "\n"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "device"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--config", default="qwen2.5-vl-3b", help="preset: qwen2.5-vl-3b (default), small, tiny")
+    ap.add_argument("--dtype", default=None, help="bfloat16 (default on CUDA), float16, float32")
+    ap.add_argument("--reps", type=int, default=None, help="timed repetitions per row (default 5 on CUDA, 2 on CPU)")
+    ap.add_argument("--steps", type=int, default=None, help="decode steps per timed call (default 16 on CUDA, 4 on CPU)")
+    ap.add_argument("--compile", dest="compile", action="store_true", default=None,
+                    help="torch.compile the vision blocks (default on CUDA)")
+    ap.add_argument("--no-compile", dest="compile", action="store_false")
+    ap.add_argument("--size", type=int, default=448, help="camera frame side in pixels (448; try 112 on a CPU)")
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"), help="results directory")
+    a = ap.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print("no CUDA device: run with --device cpu --config tiny to try the rows on the CPU", file=sys.stderr)
+        return 2
+    a.dtype = a.dtype or "bfloat16"
+    a.reps = a.reps or (5 if cuda else 2)
+    a.steps = a.steps or (16 if cuda else 4)
+    torch.manual_seed(0)
+    bench = GpuBench(a)
+    report = bench.run()
+    report["targets"] = targets(report)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / f"gpu-{slug(report['machine']['device'])}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    stem.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    print(f"wrote {stem}.json and {stem}.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
