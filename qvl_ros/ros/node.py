@@ -310,18 +310,27 @@ class QvlPipeline:
             + (" (lazy: cameras subscribed while someone listens)" if v("lazy") else ""))
 
     def _warm_up(self) -> None:
-        """One model call on black frames, so the first real set does not pay for allocation,
-        kernel selection and lazy initialisation."""
-        import torch
-
+        """Pay the model's one-time costs (allocation, kernel choice; on CUDA graph capture and
+        compilation) for the expected frame size and every batch size up to batch.max_size."""
         t0 = time.perf_counter()
-        side = 2 * MIN_SIDE * 4
-        images = [[torch.zeros(3, side, side, dtype=torch.uint8, device=self._device) for _ in self._topics]]
-        if self._value("caption.enabled"):
-            self.model.encode_generate(images, [str(self._value("prompt"))], max_new_tokens=2)
-        else:
-            self.model.encode(images, [str(self._value("prompt"))])
-        self.get_logger().info(f"warm-up done in {time.perf_counter() - t0:.2f} s")
+        size = str(self._value("model.warmup_size")).lower().split("x")
+        try:
+            h, w = int(size[0]), int(size[1])
+        except (ValueError, IndexError):
+            raise ValueError(f"model.warmup_size must be HxW, got {self._value('model.warmup_size')!r}") from None
+        if image_size_problem(h, w):
+            raise ValueError(f"model.warmup_size: {image_size_problem(h, w)}")
+        tokens = int(self._value("caption.max_new_tokens")) if self._value("caption.enabled") else 0
+        batches = sorted({1, int(self._value("batch.max_size"))})
+        if hasattr(self.model, "warmup"):
+            self.model.warmup([(h, w)] * len(self._topics), batch_sizes=batches, prompt=str(self._value("prompt")),
+                              max_new_tokens=tokens)
+        else:  # a wrapped model (tests, instrumentation): one call on black frames
+            import torch
+
+            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self._device) for _ in self._topics]]
+            self.model.encode(frames, [str(self._value("prompt"))])
+        self.get_logger().info(f"warm-up for {h}x{w} frames, batches {batches}: {time.perf_counter() - t0:.2f} s")
 
     # ------------------------------------------------------------------------- cameras
     def _subscribe(self) -> None:
@@ -441,7 +450,10 @@ class QvlPipeline:
           constraints=">= 0", bounds=(0, 1 << 30))
         d("model.max_pixels", 0, _INT, "Resize upper bound in pixels per image; 0 = the checkpoint's.",
           constraints=">= 0", bounds=(0, 1 << 30))
-        d("model.warmup", True, _BOOL, "Run the model once on black frames when configuring.")
+        d("model.warmup", True, _BOOL, "Run the model on black frames when configuring (BatchedQwenVL.warmup: "
+          "on CUDA it captures the decode graphs and compiles the vision blocks for model.warmup_size).")
+        d("model.warmup_size", "224x224", _STRING,
+          "Frame size HxW the cameras are expected to deliver, for the warm-up (one value for all cameras).")
         d("prompt", "Describe the scene.", _STRING, "Text given to the model with the images of each set.",
           read_only=False)
         d("features", ["vision", "hidden"], _STRINGS, "Tensors to publish: vision (per camera), hidden (decoder).",
