@@ -772,6 +772,9 @@ class GatedModel:
     def generate(self, *a, **k):
         return self._wrap(self._model.generate, *a, **k)
 
+    def warmup(self, *a, **k):
+        return self._wrap(self._model.warmup, *a, **k)
+
 
 def call(node, client, request, timeout=30.0):
     """Call a service from the test thread (the module's executor spins the client's node)."""
