@@ -138,7 +138,7 @@ def test_gpu_jpeg_decode():
     (the two differ in IDCT and chroma upsampling, so not bit-exact)."""
     from torchvision.io import encode_jpeg
 
-    from qvl_ros.conversion import compressed_to_tensor
+    from qvl_ros.core.conversion import compressed_to_tensor
 
     y, x = torch.meshgrid(torch.arange(240), torch.arange(320), indexing="ij")
     img = torch.stack([x * 255 // 319, y * 255 // 239, (x + y) * 255 // 558]).to(torch.uint8)  # smooth RGB

@@ -118,9 +118,13 @@ def test_colcon_test_runs_the_pytest_suite(installs):
     colcon(installs, "test", "--install-base", str(installs / "install_full"), env=env)
     result = installs / "build" / "qvl_ros" / "test_results" / "qvl_ros" / "pytest.xunit.xml"
     suite = ET.parse(result).getroot().find("testsuite")
-    names = sorted(case.get("name") for case in suite.iter("testcase"))
+    ran = [case for case in suite.iter("testcase") if case.find("skipped") is None]
+    names = sorted(case.get("name") for case in ran)
     assert names == ["test_two_30hz_cameras_28ms_apart", "test_validation_and_default_slop"]
-    assert suite.get("failures") == suite.get("errors") == suite.get("skipped") == "0"
+    # modules that skip as a whole where their hardware is missing (test_cuda) may add skips
+    skipped = [case for case in suite.iter("testcase") if case.find("skipped") is not None]
+    assert all("cuda" in case.get("classname", "") + case.get("name", "") for case in skipped)
+    assert suite.get("failures") == suite.get("errors") == "0"
     summary = subprocess.run(["colcon", "test-result", "--test-result-base", str(installs / "build")],
                              env=clean_env(), capture_output=True, text=True, timeout=60)
     assert summary.returncode == 0 and "0 failures" in summary.stdout
