@@ -363,7 +363,8 @@ class Bench:
                  B * T / to, B * T / tr, "tokens/s", "identical tokens" if same else "TOKENS DIFFER", mem_o, mem_r)
 
     def extract_and_node(self):
-        for modname, rowname in (("bench.extract_bench", "extract"), ("bench.node_bench", "node")):
+        for modname, rowname in (("bench.video_bench", "video"), ("bench.extract_bench", "extract"),
+                                 ("bench.node_bench", "node")):
             try:
                 mod = __import__(modname, fromlist=["run"])
             except ImportError:

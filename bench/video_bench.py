@@ -2,14 +2,15 @@
 
     scripts/run.sh python bench/video_bench.py [--frames 4 8] [--batch 1 2] [--reps 2]
 
-The small Qwen2.5-VL config of DESIGN.md (random weights, float32). Reference: transformers 5.23's
+The small Qwen2.5-VL config of docs/architecture.md (random weights, float32). Reference: transformers 5.23's
 processor (`videos=`, fps in `video_metadata`, no frame sampling) and
 `Qwen2_5_VLForConditionalGeneration.model` one sample at a time, as on the model card; ours:
 `BatchedQwenVL.encode` on the batch. Both from uint8 frames to the decoder's last hidden state.
 Rows: frames/s (B x 3 x T frames per call), the ratio, peak memory of the first call above the
 process baseline,
 and the error mean(|ours - ref| / (|ref| + 1)) of vision tokens and hidden states.
-Writes bench/results/video-<device>.json and .md.
+Writes bench/results/video-<device>.json and .md; `make bench` (bench/run.py) reports the same
+rows through :func:`run`.
 """
 from __future__ import annotations
 
@@ -71,15 +72,10 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def main(argv=None) -> int:
+def measure(frames=(4, 8), batches=(1,), reps: int = 2) -> list[dict]:
+    """One row per (T, B): ours against transformers on the small config's random weights."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--frames", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--batch", type=int, nargs="+", default=[1])
-    ap.add_argument("--reps", type=int, default=2)
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
-    args = ap.parse_args(argv)
     torch.manual_seed(0)
     ckpt = Path(tempfile.mkdtemp(prefix="qvl_video_bench_"))
     save_tiny_checkpoint(ckpt, config=PRESETS["small"], seed=0)
@@ -87,29 +83,49 @@ def main(argv=None) -> int:
     proc = AutoProcessor.from_pretrained(str(ckpt))
     ours = BatchedQwenVL.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
     rows = []
-    for T in args.frames:
-        for B in args.batch:
-            g = torch.Generator().manual_seed(T * 10 + B)
-            batch = [[torch.randint(0, 256, (T, 3, SIDE, SIDE), dtype=torch.uint8, generator=g)
-                      for _ in range(CAMERAS)] for _ in range(B)]
-            prompts = [PROMPT] * B
-            run_ours = lambda: ours.encode(batch, prompts, fps=FPS)  # noqa: E731
-            run_ref = lambda: [reference_encode(ref, proc, s) for s in batch]  # noqa: E731
-            m_ours, t_ours, feats = timed(run_ours, args.reps)
-            m_ref, t_ref, refs = timed(run_ref, args.reps)
-            L = feats.hidden.shape[1]
-            err_v = max(rel_err(feats.vision[b][n], v) for b, (_, vis) in enumerate(refs) for n, v in enumerate(vis))
-            err_h = max(rel_err(feats.hidden[b, L - h.shape[0]:], h) for b, (h, _) in enumerate(refs))
-            frames = B * CAMERAS * T
-            row = {"name": "video_encode", "params": {"B": B, "N": CAMERAS, "T": T, "size": f"{SIDE}x{SIDE}"},
-                   "unit": "frames/s", "ours": frames / t_ours, "reference": frames / t_ref,
-                   "ratio": t_ref / t_ours, "error_vision": err_v, "error_hidden": err_h,
-                   "peak_mem_mb": {"ours": m_ours, "reference": m_ref}, "device": "cpu", "dtype": "float32",
-                   "tokens_per_clip": feats.vision[0][0].shape[0]}
-            rows.append(row)
-            print(f"B={B} N={CAMERAS} T={T}: ours {row['ours']:.1f} ref {row['reference']:.1f} frames/s "
-                  f"({row['ratio']:.2f}x), err {max(err_v, err_h):.1e}, peak MB {m_ours:.0f} / {m_ref:.0f}",
-                  flush=True)
+    for T in frames:
+        for B in batches:
+            rows.append(_row(ours, ref, proc, T, B, reps))
+    return rows
+
+
+def _row(ours, ref, proc, T: int, B: int, reps: int) -> dict:
+    g = torch.Generator().manual_seed(T * 10 + B)
+    batch = [[torch.randint(0, 256, (T, 3, SIDE, SIDE), dtype=torch.uint8, generator=g)
+              for _ in range(CAMERAS)] for _ in range(B)]
+    prompts = [PROMPT] * B
+    run_ours = lambda: ours.encode(batch, prompts, fps=FPS)  # noqa: E731
+    run_ref = lambda: [reference_encode(ref, proc, s) for s in batch]  # noqa: E731
+    m_ours, t_ours, feats = timed(run_ours, reps)
+    m_ref, t_ref, refs = timed(run_ref, reps)
+    L = feats.hidden.shape[1]
+    err_v = max(rel_err(feats.vision[b][n], v) for b, (_, vis) in enumerate(refs) for n, v in enumerate(vis))
+    err_h = max(rel_err(feats.hidden[b, L - h.shape[0]:], h) for b, (h, _) in enumerate(refs))
+    n_frames = B * CAMERAS * T
+    row = {"name": "video_encode", "params": {"B": B, "N": CAMERAS, "T": T, "size": f"{SIDE}x{SIDE}",
+                                              "reference": "HF video path per sample"},
+           "unit": "frames/s", "ours": n_frames / t_ours, "reference": n_frames / t_ref,
+           "ratio": t_ref / t_ours, "error": max(err_v, err_h), "error_vision": err_v, "error_hidden": err_h,
+           "peak_mem_mb": {"ours": m_ours, "reference": m_ref}, "device": "cpu", "dtype": "float32",
+           "tokens_per_clip": feats.vision[0][0].shape[0]}
+    print(f"  clips B={B} N={CAMERAS} T={T}: ours {row['ours']:.1f} ref {row['reference']:.1f} frames/s "
+          f"({row['ratio']:.2f}x), err {row['error']:.1e}, peak MB {m_ours:.0f} / {m_ref:.0f}", flush=True)
+    return row
+
+
+def run(quick: bool = False) -> list[dict]:
+    """The rows `make bench` reports: 3 cameras x 4 and 8 frames of 448² (quick: 4 frames)."""
+    return measure(frames=(4,) if quick else (4, 8), reps=1 if quick else 2)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--frames", type=int, nargs="+", default=[4, 8])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    args = ap.parse_args(argv)
+    rows = measure(args.frames, args.batch, args.reps)
     meta = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "device": "cpu", "config": "small",
             "torch": torch.__version__, "transformers": __import__("transformers").__version__}
     out = Path(args.out)

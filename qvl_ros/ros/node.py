@@ -581,21 +581,6 @@ class QvlPipeline:
         return model
 
     # ------------------------------------------------------------------------- input side
-    def _subscribe_camera(self, i: int, msg_type: Any, topic: str, qos: QoSProfile):
-        """Camera subscription, with the middleware's message-lost events where it reports them."""
-        group = MutuallyExclusiveCallbackGroup()
-        events = SubscriptionEventCallbacks(
-            message_lost=lambda info, i=i: self._loss.middleware_lost(i, info.total_count_change))
-        try:
-            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
-                                           callback_group=group, event_callbacks=events)
-            self._loss.middleware_support(i, True)
-        except UnsupportedEventTypeError:
-            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
-                                           callback_group=group)
-            self._loss.middleware_support(i, False)
-        return sub
-
     def _on_frame(self, index: int, msg: Any) -> None:
         """Subscription callback: convert, then hand to the synchronizer. Never raises."""
         self._monitor.frame_received(index)
