@@ -623,12 +623,33 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
             if cfg.announce_model_load:
                 (stream or sys.stderr).write(f"loading model {model_path} ...\n")
                 (stream or sys.stderr).flush()
-            model = _load_model(cfg, model_path)
+            model = _load_interruptibly(cfg, model_path)
         run = _Extraction(plan, bags, model, stop if stop is not None else threading.Event(),
                           stream if stream is not None else sys.stderr, on_progress)
         return run.run(progress, progress_interval)
     finally:
         bags.close()
+
+
+def _load_interruptibly(cfg: ExtractConfig, path: Path):
+    """Load the model; Ctrl-C during the load ends it with KeyboardInterrupt, even where a library
+    replaced the SIGINT handler or swallowed the exception raised inside its code."""
+    if threading.current_thread() is not threading.main_thread():
+        return _load_model(cfg, path)
+    seen: list[int] = []
+
+    def on_sigint(signum, frame):
+        seen.append(signum)
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        model = _load_model(cfg, path)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if seen:
+        raise KeyboardInterrupt
+    return model
 
 
 class _Extraction:
