@@ -620,10 +620,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         plan = _plan(cfg, bags)
         if model is None:
             model_path = _resolve_model_path(cfg.model)
-            if cfg.announce_model_load:
-                (stream or sys.stderr).write(f"loading model {model_path} ...\n")
-                (stream or sys.stderr).flush()
-            model = _load_interruptibly(cfg, model_path)
+            model = _load_interruptibly(cfg, model_path, (stream or sys.stderr) if cfg.announce_model_load else None)
         run = _Extraction(plan, bags, model, stop if stop is not None else threading.Event(),
                           stream if stream is not None else sys.stderr, on_progress)
         return run.run(progress, progress_interval)
@@ -631,9 +628,10 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         bags.close()
 
 
-def _load_interruptibly(cfg: ExtractConfig, path: Path):
-    """Load the model; Ctrl-C during the load ends it with KeyboardInterrupt, even where a library
-    replaced the SIGINT handler or swallowed the exception raised inside its code."""
+def _load_interruptibly(cfg: ExtractConfig, path: Path, announce=None):
+    """Load the model; Ctrl-C during the load ends it with KeyboardInterrupt, also where the process
+    started with SIGINT ignored (a background job) or a library swallowed the exception raised
+    inside its code. ``announce``: a stream that gets "loading model ..." once Ctrl-C is handled."""
     if threading.current_thread() is not threading.main_thread():
         return _load_model(cfg, path)
     seen: list[int] = []
@@ -644,6 +642,9 @@ def _load_interruptibly(cfg: ExtractConfig, path: Path):
 
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
+        if announce is not None:
+            announce.write(f"loading model {path} ...\n")
+            announce.flush()
         model = _load_model(cfg, path)
     finally:
         signal.signal(signal.SIGINT, previous)
