@@ -92,18 +92,15 @@ def camera(seed: int, size=224):
 @torch.inference_mode()
 def decode_steps(model, B: int, steps: int, context: int = 128) -> None:
     """`steps` decode steps of B rows after a `context`-token prompt (cache filled with zeros):
-    the per-token work of generation, without vision and prefill."""
-    cfg, dev, dt = model.cfg, model.device, model.dtype
-    K = context + steps
-    caches = [(torch.zeros(B, cfg.kv_heads, K, cfg.head_dim, device=dev, dtype=dt),
-               torch.zeros(B, cfg.kv_heads, K, cfg.head_dim, device=dev, dtype=dt)) for _ in range(cfg.layers)]
-    key_mask = torch.zeros(B, 1, 1, K, dtype=torch.bool, device=dev)
-    key_mask[..., :context] = True
+    the per-token work of generation, without vision and prefill, through the model's own
+    static-shape step (a CUDA graph on CUDA)."""
+    state, step = model.steps.get(B, context + steps)
+    dev = model.device
+    state.begin(torch.ones(B, context, dtype=torch.long, device=dev), torch.full((B,), context, device=dev))
     tok = torch.zeros(B, dtype=torch.long, device=dev)
-    for t in range(steps):
-        key_mask[..., context + t] = True
-        h = model.decoder.step(tok, torch.full((B,), context + t, device=dev), key_mask, caches, context + t)
-        tok = model.decoder.logits(h).argmax(-1)
+    for _ in range(steps):
+        state.tok[:B] = tok
+        tok = step()[:B].argmax(-1)
 
 
 @torch.inference_mode()
