@@ -9,7 +9,6 @@ import threading
 import time
 import types
 
-import numpy as np
 import pytest
 
 from qvl_ros.core.conversion import ERROR_KEYS, ConversionError, msg_to_tensor

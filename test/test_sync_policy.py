@@ -16,6 +16,7 @@ import statistics
 import pytest
 
 from qvl_ros.core.synchronizer import DROP_REASONS, POLICIES, Synchronizer, SyncSet, default_slop_ns
+from test_synchronizer import frame, random_interleaving  # the shared stream helpers
 
 MS = 1_000_000
 SEC = 1_000_000_000
@@ -47,21 +48,6 @@ def brute_approximate_time(streams, slop):
                 best = (key, combo)
         out.append(best[0][2])
         pos = [i + 1 for i in best[1]]
-    return out
-
-
-def frame(k, t):
-    return (k, t, ("frame", k, t))
-
-
-def random_interleaving(rng, streams):
-    order = [k for k, s in enumerate(streams) for _ in s]
-    rng.shuffle(order)
-    pos = [0] * len(streams)
-    out = []
-    for k in order:
-        out.append(frame(k, streams[k][pos[k]]))
-        pos[k] += 1
     return out
 
 

@@ -11,7 +11,7 @@ no set yet, unknown camera, node inactive, queue full, model failure.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.task import Future

@@ -12,10 +12,9 @@ sample's input ids (image placeholder tokens, in camera order).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Collection, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Collection, List, NamedTuple, Sequence, Tuple
 
 from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
-from .tensor_msg import from_tensor
 
 FEATURE_KINDS = ("vision", "hidden")
 
