@@ -409,6 +409,14 @@ class FeatureBagWriter:
         self._writer.write(self._caption, max(info.stamps_ns), self.store.serialize_cdr(msg, CAPTION_TYPE))
         self.counts[CAPTION_TOPIC] += 1
 
+    def write_raw(self, topic: str, time_ns: int, raw: bytes) -> None:
+        """A message already serialized (a shard bag's, when merging) on /qvl/features or /qvl/caption."""
+        conn = {FEATURES_TOPIC: self._features, CAPTION_TOPIC: self._caption}.get(topic)
+        if conn is None:
+            raise ValueError(f"this writer has no topic {topic}")
+        self._writer.write(conn, time_ns, raw)
+        self.counts[topic] += 1
+
     def close(self) -> None:
         """Write the mcap summary and metadata.yaml; idempotent."""
         writer, self._writer = self._writer, None

@@ -16,6 +16,8 @@ from typing import Sequence
 _SUBCOMMANDS = (
     ("extract", "extract features (and captions) from camera topics of rosbag2 recordings",
      "qvl_ros.offline.extract"),
+    ("merge", "merge the shards of a sharded extraction into one bag (and one export)",
+     "qvl_ros.offline.merge"),
 )
 
 

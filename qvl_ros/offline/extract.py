@@ -45,6 +45,7 @@ The same run as a function: :func:`extract` with an :class:`ExtractConfig`, retu
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import queue
@@ -107,6 +108,11 @@ class ExtractConfig:
     max_input_pixels: int | None = None  # largest declared frame size; None: the conversion's default
     allow_empty: bool = False  # an output without sets is a success (otherwise: exit 3)
     announce_model_load: bool = False  # write "loading model ..." on the stream before loading
+    # A batch never holds sets born (completed by a frame recorded) in two different windows of
+    # this many seconds of absolute recording time. Shards of a sharded run are cut on this grid,
+    # so every batch of a sharded run is a batch of the single-process run too (same inputs to
+    # the model, hence the same bytes out, on any device). 0: batches cross windows freely.
+    batch_window: float = 10.0
 
 
 @dataclass
@@ -251,6 +257,7 @@ class Progress:
         self.t0 = time.perf_counter()
         self._last = -math.inf
         self._width = 0
+        self.prefix: Callable[[], str] | None = None  # text put before each line (a sharded run's shard count)
 
     def line(self, frames: int, sets: int) -> str:
         elapsed = time.perf_counter() - self.t0
@@ -261,7 +268,8 @@ class Progress:
             done = f"frames {frames}/{self.total} ({100 * frac:3.0f}%)"
         else:
             eta, done = math.inf, f"frames {frames}"
-        return (f"{done} | sets {sets} | {rate:.1f} sets/s | elapsed {_fmt_duration(elapsed)} "
+        head = self.prefix() if self.prefix is not None else ""
+        return (f"{head}{done} | sets {sets} | {rate:.1f} sets/s | elapsed {_fmt_duration(elapsed)} "
                 f"| ETA {_fmt_duration(eta)}")
 
     def update(self, frames: int, sets: int, force: bool = False) -> None:
@@ -294,7 +302,7 @@ class _SetSource:
     """Reads, converts and synchronizes the camera frames; iterating yields SyncSets in order."""
 
     def __init__(self, bags, cfg: ExtractConfig, device, start_ns=None, stop_ns=None,
-                 stopped: Callable[[], bool] = lambda: False) -> None:
+                 stopped: Callable[[], bool] = lambda: False, window: "_Window | None" = None) -> None:
         from ..core.synchronizer import Synchronizer
 
         self.bags = bags
@@ -302,6 +310,9 @@ class _SetSource:
         self.device = device
         self.start_ns, self.stop_ns = start_ns, stop_ns
         self.stopped = stopped
+        self.window = dataclasses.replace(window) if window is not None else _Window()
+        self.warmup_sets: list = []  # signatures of the sets born before window.own_from_ns (not yielded)
+        self.tail_sets: list = []  # signatures of the yielded sets born at or after window.tail_from_ns
         n = len(bags.cameras)
         slop_ns = int(round(cfg.slop * 1e9))
         reorder_ns = int(round(cfg.reorder * 1e9))
@@ -328,6 +339,8 @@ class _SetSource:
         self.failures.append((self.bags.cameras[k].topic, stamp_ns, reason))
 
     def __iter__(self) -> Iterator:
+        """(birth ns, set): each synchronized set with the recording time of the frame that
+        completed it (:data:`FLUSH_BIRTH` for the sets flushed at the end of the recordings)."""
         from ..core.conversion import ConversionError, msg_to_tensor
         from ..core.stamps import stamp_ns as header_ns
         from ..ros.feature_msgs import Frame
@@ -337,6 +350,8 @@ class _SetSource:
         for k, rec_ns, raw in bags.records(self.start_ns, self.stop_ns):
             if self.stopped():
                 return
+            if rec_ns >= self.window.own_from_ns and not self.window.owning:
+                self.window.owning = True
             self.frames[k] += 1
             try:
                 msg = bags.deserialize(k, raw)
@@ -351,20 +366,54 @@ class _SetSource:
                 continue
             if self.clips is not None:
                 self.clips.push(k, stamp, image)
-            yield from self._sets(sync.add(k, stamp, Frame(image, msg.header)))
+            yield from self._sets(sync.add(k, stamp, Frame(image, msg.header)), rec_ns)
         self.finished = True
-        yield from self._sets(sync.flush())
+        if self.window.flush_at_end:
+            self.window.owning = True
+            yield from self._sets(sync.flush(), FLUSH_BIRTH)
 
-    def _sets(self, sync_sets) -> Iterator:
+    def _sets(self, sync_sets, birth: int) -> Iterator:
         from ..ros.feature_msgs import with_clips
 
-        if self.clips is None:
-            yield from sync_sets
-            return
         for s in sync_sets:
-            c = with_clips(self.clips, s)
+            c = s if self.clips is None else with_clips(self.clips, s)
+            if not self.window.owning:
+                self.warmup_sets.append(_signature(birth, s, c))
+                continue
+            if birth >= self.window.tail_from_ns:
+                self.tail_sets.append(_signature(birth, s, c))
             if c is not None:
-                yield c
+                yield birth, c
+
+
+FLUSH_BIRTH = (1 << 63) - 1  # birth of the sets flushed after the last frame
+
+
+@dataclass
+class _Window:
+    """Which of the synchronized sets a run owns: those born (completed by a frame recorded) at
+    or after ``own_from_ns``; earlier ones are synchronization warm-up, recorded as signatures
+    only. ``flush_at_end``: the read range ends where the recordings (or --end) end, so the sets
+    the synchronizer still holds are flushed there, as one pass over everything would."""
+
+    own_from_ns: int = -(1 << 63)
+    tail_from_ns: int = FLUSH_BIRTH  # signatures are kept of the owned sets born from here on
+    flush_at_end: bool = True
+    owning: bool = False
+
+
+def _signature(birth: int, s, clip_set) -> list:
+    """What identifies a set across runs: its birth, its stamps and its clips' stamps (None for a
+    set without a full clip)."""
+    clips = None if clip_set is None else [list(c) for c in getattr(clip_set, "clip_stamps", ())]
+    return [int(birth), [int(t) for t in s.stamps], clips]
+
+
+def batch_window_index(birth: int, window_ns: int) -> int:
+    """The batch window a set born at ``birth`` belongs to (all one window when ``window_ns`` is 0)."""
+    if window_ns <= 0:
+        return 0
+    return -1 if birth == FLUSH_BIRTH else birth // window_ns
 
 
 _END = object()
@@ -496,6 +545,22 @@ class _Plan:
     export: Path | None
     start_ns: int | None
     stop_ns: int | None
+    window: _Window = field(default_factory=_Window)  # the sets this run owns (all, unless a shard)
+    input_names: list[str] | None = None  # the inputs as the metadata names them (default: as opened)
+
+
+def custom_data(inputs: Sequence[str], topics: Sequence[str], names: Sequence[str], model_name: str,
+                cfg: ExtractConfig) -> dict[str, str]:
+    """The output bag's metadata (rosbag2 custom_data): what it was extracted from, and how."""
+    return {
+        "qvl_ros.inputs": " ".join(inputs),
+        "qvl_ros.topics": " ".join(topics),
+        "qvl_ros.camera_names": " ".join(names),
+        "qvl_ros.model": model_name,
+        "qvl_ros.prompt": cfg.prompt,
+        "qvl_ros.slop_ns": str(int(round(cfg.slop * 1e9))),
+        "qvl_ros.stamps": cfg.stamps,
+    }
 
 
 def _check_number(value, what: str, *, minimum: float = 0.0, strict: bool = False, maximum: float = 1e9,
@@ -521,6 +586,7 @@ def _check_options(cfg: ExtractConfig) -> None:
         (cfg.queue_size, "queue-size", dict(minimum=1, integer=True, maximum=1 << 20)),
         (cfg.max_new_tokens, "max-new-tokens", dict(minimum=1, integer=True, maximum=1 << 20)),
         (cfg.shard_mb, "shard-mb", dict(strict=True, maximum=1 << 20)),
+        (cfg.batch_window, "batch-window", dict(maximum=1e6)),
         (cfg.prefetch, "prefetch", dict(integer=True, maximum=1024)),
         (cfg.min_pixels, "min-pixels", dict(integer=True, maximum=1 << 40)),
         (cfg.max_pixels, "max-pixels", dict(integer=True, maximum=1 << 40)),
@@ -666,7 +732,8 @@ class _Extraction:
         self.report = ExtractReport(output=plan.output, export=plan.export, cameras=cameras, model=model.name,
                                     device=str(model.device))
         self.halt = threading.Event()  # set by a signal, and when the run ends for any reason
-        self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped)
+        self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped, plan.window)
+        self._window_ns = int(round(cfg.batch_window * 1e9))
         self.writer = self.exporter = self.guard = None
         self._prompts: dict[int, list[str]] = {}
         self._geometry: dict = {}  # (height, width, frames) -> the model's input geometry
@@ -677,16 +744,8 @@ class _Extraction:
 
     # ------------------------------------------------------------------------------ outputs
     def _custom_data(self) -> dict[str, str]:
-        cfg, bags = self.cfg, self.bags
-        return {
-            "qvl_ros.inputs": " ".join(str(p) for p in bags.paths),
-            "qvl_ros.topics": " ".join(c.topic for c in bags.cameras),
-            "qvl_ros.camera_names": " ".join(self.plan.names),
-            "qvl_ros.model": self.model.name,
-            "qvl_ros.prompt": cfg.prompt,
-            "qvl_ros.slop_ns": str(int(round(cfg.slop * 1e9))),
-            "qvl_ros.stamps": cfg.stamps,
-        }
+        inputs = self.plan.input_names or [str(p) for p in self.bags.paths]
+        return custom_data(inputs, [c.topic for c in self.bags.cameras], self.plan.names, self.model.name, self.cfg)
 
     def _open_outputs(self) -> None:
         from .bag_io import FeatureBagWriter
@@ -765,22 +824,33 @@ class _Extraction:
 
     def _pipeline(self, sets) -> None:
         """Software pipeline in one thread: batch i+1 is read and decoded, and batch i written,
-        while a GPU still computes batch i+1 (on a CPU the order changes nothing)."""
+        while a GPU still computes batch i+1 (on a CPU the order changes nothing). A batch ends
+        when it holds --batch sets or the next set is born in another batch window."""
         batch: list = []
-        for s in sets:
+        window = None
+        for birth, s in sets:
+            w = batch_window_index(birth, self._window_ns)
+            if batch and w != window:
+                self._submit(batch)
+                batch = []
+                if self.stopped():
+                    return
+            window = w
             batch.append(s)
             if len(batch) == self.cfg.batch:
-                result = self._compute(batch)
+                self._submit(batch)
                 batch = []
-                self._emit_pending()
-                self.pending = result
                 if self.stopped():
                     return
         if batch and not self.stopped():
-            result = self._compute(batch)
-            self._emit_pending()
-            self.pending = result
+            self._submit(batch)
         self._emit_pending()
+
+    def _submit(self, batch) -> None:
+        """Compute a batch, then write the one computed before it."""
+        result = self._compute(batch)
+        self._emit_pending()
+        self.pending = result
 
     def _emit_pending(self) -> None:
         if self.pending is not None:
@@ -974,6 +1044,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="also write the features as safetensors shards + index.json to DIR")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="approximate export shard size in MB")
+    parser.add_argument("--batch-window", type=float, default=10.0, metavar="SEC",
+                        help="a batch never mixes sets completed in different SEC-second windows of recording "
+                             "time (default 10; sharded runs cut on this grid, so they batch as one process "
+                             "does; 0: no windows)")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="batches read and decoded ahead in a thread (default: 0 on a CPU, 2 on a GPU)")
     parser.add_argument("--max-input-pixels", type=int, default=None, metavar="N",
@@ -986,6 +1060,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--progress", default="auto", choices=["auto", "bar", "lines", "none"],
                         help="progress display on stderr (auto: a bar on a terminal, else a line every 10 s)")
     parser.add_argument("--progress-interval", type=float, default=None, help="seconds between progress updates")
+    from .fleet import add_arguments as add_fleet_arguments
+
+    add_fleet_arguments(parser)
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
@@ -997,7 +1074,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
         queue_size=args.queue_size, reorder=args.reorder, frame_id=args.frame_id, force=args.force,
         export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch, max_input_pixels=args.max_input_pixels,
         allow_empty=args.allow_empty, announce_model_load=args.progress != "none",
-        clip_frames=args.clip_frames, clip_stride=args.clip_stride)
+        clip_frames=args.clip_frames, clip_stride=args.clip_stride, batch_window=args.batch_window)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
@@ -1007,6 +1084,12 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
     try:
         _check_number(args.progress_interval, "progress-interval", maximum=1e6)
+        from .fleet import options_from_args, run_sharded
+
+        fleet = options_from_args(args)
+        if fleet is not None:
+            return run_sharded(config_from_args(args), fleet, progress=args.progress,
+                               progress_interval=args.progress_interval)
         report = extract(config_from_args(args), progress=args.progress, progress_interval=args.progress_interval)
     except ExtractError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")

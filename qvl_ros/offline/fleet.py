@@ -1,0 +1,430 @@
+"""Runs a sharded extraction: the shards of :mod:`qvl_ros.offline.shards`, in this process or on Ray.
+
+    qvl-ros extract INPUT ... --topics ... --out SHARDS_DIR --workers 1            # this process
+    qvl-ros extract INPUT ... --topics ... --out SHARDS_DIR --ray --workers 4      # local Ray cluster
+    qvl-ros extract INPUT ... --topics ... --out SHARDS_DIR --ray auto --workers 16 --gpus-per-worker 1
+    qvl-ros merge SHARDS_DIR --out OUTPUT [--export DIR]
+
+The driver checks everything as one-process extraction does (inputs, topics, options, model,
+output), writes ``plan.json`` (or, when SHARDS_DIR holds one, checks that this is the same run
+and resumes it), then hands the shards that are not done to workers. A Ray worker is an actor
+that loads the model once (on its GPU with ``--gpus-per-worker``) and runs shard after shard; a
+worker that dies (killed, out of memory, a lost node) is replaced and its shard redone. Without
+``--ray`` one worker runs in this process. The console shows shards done, sets/s over all
+workers and the ETA. Ctrl-C (or SIGTERM) stops the run: finished shards are kept, the shards in
+flight are redone by the next run of the same command. After the last shard, the seams between
+shards are checked (:func:`qvl_ros.offline.shards.seam_problem`); a shard whose seam fails is
+redone with a wider overlap.
+
+Ray is an optional dependency (``pip install qvl_ros[ray]``); inputs, the model and SHARDS_DIR
+must be at the same paths on every node (a shared file system).
+"""
+from __future__ import annotations
+
+import collections
+import fcntl
+import os
+import shutil
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .shards import (LOCK_NAME, ShardPlan, ShardsError, check_resume, grow_overlap, load_plan,
+                     looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard, save_plan,
+                     seam_failures)
+
+__all__ = ["FleetOptions", "ShardWorker", "run_sharded", "add_arguments", "options_from_args"]
+
+MAX_SEAM_ROUNDS = 12  # overlap x4 each round: far beyond any recording before the run's start is reached
+
+
+@dataclass
+class FleetOptions:
+    workers: int = 1
+    ray: str | None = None  # None: no Ray; "local": start a local cluster; "auto" or HOST:PORT: join one
+    gpus_per_worker: float = 0.0
+    cpus_per_worker: float | None = None  # default: the cluster's CPUs shared out over the workers
+    shard_seconds: float = 300.0
+    overlap: float | None = None  # seconds of warm-up before a cut; None: automatic
+
+
+def add_arguments(parser) -> None:
+    group = parser.add_argument_group("sharded runs (resumable; several workers on Ray)")
+    group.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                       help="run the shards on Ray: without ADDRESS a local cluster on this machine; 'auto' "
+                            "or HOST:PORT joins a running cluster. --out is then the shards directory")
+    group.add_argument("--workers", type=int, default=None, metavar="N",
+                       help="workers (Ray actors, one model each); --workers 1 without --ray runs the same "
+                            "sharded, resumable run in this process")
+    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray worker (default 0)")
+    group.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
+                       help="CPUs per Ray worker (default: the cluster's CPUs divided by the workers)")
+    group.add_argument("--shard-seconds", type=float, default=300.0, metavar="SEC",
+                       help="recording time per shard, a multiple of --batch-window (default 300)")
+    group.add_argument("--overlap", type=float, default=None, metavar="SEC",
+                       help="synchronization warm-up read before each shard (default: 2 s, more for a wide "
+                            "--slop, --reorder or long clips)")
+
+
+def options_from_args(args) -> FleetOptions | None:
+    """The sharded-run options, or None when the run is a plain one-process extraction."""
+    if args.ray is None and args.workers is None:
+        return None
+    return FleetOptions(workers=args.workers if args.workers is not None else 1, ray=args.ray,
+                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
+                        shard_seconds=args.shard_seconds, overlap=args.overlap)
+
+
+def _check(opts: FleetOptions) -> None:
+    from .extract import ExtractError, _check_number
+
+    _check_number(opts.workers, "workers", minimum=1, integer=True, maximum=1 << 16)
+    _check_number(opts.gpus_per_worker, "gpus-per-worker", maximum=1024)
+    _check_number(opts.cpus_per_worker, "cpus-per-worker", strict=True, maximum=1 << 16)
+    _check_number(opts.shard_seconds, "shard-seconds", strict=True, maximum=1e9)
+    _check_number(opts.overlap, "overlap", maximum=1e9)
+    if opts.ray is None and opts.workers != 1:
+        raise ExtractError("--workers above 1 needs --ray (without Ray one worker runs in this process)")
+    if opts.ray is None and opts.gpus_per_worker:
+        raise ExtractError("--gpus-per-worker needs --ray (use --device to pick this process's GPU)")
+    if opts.ray is not None:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ExtractError("--ray needs Ray: pip install 'qvl_ros[ray]' (or ray)") from None
+
+
+# ------------------------------------------------------------------------------------- plan
+def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool]:
+    """Check the run, then write its plan or check it against the one in the shards directory.
+    Returns (shards directory, plan, resumed)."""
+    from .bag_io import BagInputError, CameraBags, qvl_typestore
+    from .extract import ExtractError, _check_options, _plan, _resolve_model_path
+    from .output_guard import check_writable
+
+    _check_options(cfg)
+    _check(opts)
+    root = Path(cfg.output)
+    if any(root.resolve() == Path(p).resolve() for p in cfg.inputs):
+        raise ExtractError(f"{root} is also an input")
+    try:
+        qvl_typestore()
+    except FileNotFoundError as exc:
+        raise ExtractError(str(exc)) from None
+    try:
+        bags = CameraBags([Path(p) for p in cfg.inputs], list(cfg.topics))
+    except BagInputError as exc:
+        raise ExtractError(str(exc)) from None
+    with bags:
+        xplan = _plan(cfg, bags)
+        plan = make_plan(cfg, bags, xplan, _resolve_model_path(cfg.model), opts.shard_seconds, opts.overlap)
+    resumed = False
+    if root.exists() or root.is_symlink():
+        empty = root.is_dir() and not any(root.iterdir())
+        if cfg.force and not empty:
+            if not looks_like_shards_dir(root):
+                raise ExtractError(f"{root} exists and is not a shards directory (refusing to delete it, "
+                                   f"even with --force)")
+            shutil.rmtree(root)
+        elif not empty:
+            if not looks_like_shards_dir(root):
+                raise ExtractError(f"{root} exists and is not a shards directory of a sharded run "
+                                   f"(no {root / 'plan.json'}); pick another --out")
+            try:
+                check_resume(load_plan(root), plan, root)
+            except ShardsError as exc:
+                raise ExtractError(str(exc)) from None
+            plan, resumed = load_plan(root), True
+    if not resumed:
+        try:
+            check_writable(root)
+        except OSError as exc:
+            raise ExtractError(f"--out {root} cannot be created: {exc.strerror or exc}") from None
+        root.mkdir(parents=True, exist_ok=True)
+        save_plan(root, plan)
+    return root, plan, resumed
+
+
+class _Lock:
+    """One run per shards directory (an flock, released by the kernel however the process ends)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = root / LOCK_NAME
+
+    def __enter__(self):
+        from .extract import ExtractError
+
+        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            raise ExtractError(f"another run is working in {self.path.parent}") from None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.fd, fcntl.LOCK_UN)
+        os.close(self.fd)
+
+
+# ---------------------------------------------------------------------------------- workers
+class ShardWorker:
+    """Loads the model once and runs shards (the body of a Ray actor, or used in this process)."""
+
+    def __init__(self, root: str, threads: int | None = None, model=None) -> None:
+        from .extract import _load_model
+
+        if threads:
+            import torch
+
+            torch.set_num_threads(int(threads))
+        self.root = Path(root)
+        self.plan = load_plan(self.root)
+        t0 = time.perf_counter()
+        self.model = model if model is not None else _load_model(self.plan.config(output=self.root / "unused"),
+                                                                 Path(self.plan.model_path))
+        self.load_s = time.perf_counter() - t0
+        self.now = (None, 0, 0)  # (shard index, frames read, sets written) of the shard in flight
+        self.stop = threading.Event()
+
+    def info(self) -> dict:
+        import torch
+
+        return {"host": os.uname().nodename, "pid": os.getpid(), "device": str(self.model.device),
+                "load_s": round(self.load_s, 3), "threads": torch.get_num_threads()}
+
+    def run(self, index: int) -> dict:
+        self.now = (index, 0, 0)
+        try:
+            return run_shard(self.root, self.plan, index, self.model, self.stop,
+                             on_progress=lambda frames, sets: setattr(self, "now", (index, frames, sets)))
+        finally:
+            self.now = (None, 0, 0)
+
+    def progress(self):
+        return self.now
+
+
+class _Board:
+    """Progress of the whole run: shards done, frames and sets over every worker, ETA."""
+
+    def __init__(self, plan: ShardPlan, todo, mode: str, interval, stream) -> None:
+        from .extract import Progress
+
+        self.total_shards = len(plan.shards)
+        self.done = self.total_shards - len(todo)
+        self.frames_done = 0
+        self.sets_done = 0
+        self.live: dict[int, tuple[int, int]] = {}  # shard index -> (frames, sets) in flight
+        self.progress = Progress(sum(s.frames for s in todo), mode, interval, stream)
+        self.progress.prefix = self._prefix
+
+    def _prefix(self) -> str:
+        running = f", {len(self.live)} running" if self.live else ""
+        return f"shards {self.done}/{self.total_shards} done{running} | "
+
+    def finished(self, shard, marker: dict) -> None:
+        self.live.pop(shard.index, None)
+        self.done += 1
+        self.frames_done += shard.frames
+        self.sets_done += marker["sets"]
+
+    def counts(self) -> tuple[int, int]:
+        return (self.frames_done + sum(f for f, _ in self.live.values()),
+                self.sets_done + sum(s for _, s in self.live.values()))
+
+    def update(self, force: bool = False) -> None:
+        self.progress.update(*self.counts(), force=force)
+
+    def finish(self) -> None:
+        self.progress.finish(*self.counts())
+
+
+def _run_here(root: Path, plan: ShardPlan, todo, stop, board: _Board, cfg, stream, worker_box: list) -> list:
+    """Shards one after another in this process, with one model (loaded on first need)."""
+    from .extract import _load_interruptibly
+
+    failures = []
+    for shard in todo:
+        if stop.is_set():
+            break
+        if not worker_box:
+            model = _load_interruptibly(cfg, Path(plan.model_path), stream if cfg.announce_model_load else None)
+            worker_box.append(ShardWorker(str(root), model=model))
+        worker = worker_box[0]
+        worker.stop = stop
+
+        def seen(frames, sets, index=shard.index):
+            board.live[index] = (frames, sets)
+            board.update()
+
+        board.live[shard.index] = (0, 0)
+        try:
+            marker = run_shard(root, plan, shard.index, worker.model, stop, on_progress=seen)
+        except ShardsError as exc:
+            board.live.pop(shard.index, None)
+            if not stop.is_set():
+                failures.append((shard, str(exc)))
+            continue
+        board.finished(shard, marker)
+        board.update(force=True)
+    return failures
+
+
+def _ray_init(opts: FleetOptions, stream):
+    import ray
+
+    if ray.is_initialized():
+        return ray
+    address = None if opts.ray == "local" else opts.ray
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    if address is None:
+        kwargs["num_cpus"] = os.cpu_count() or 1
+    stream.write(f"ray: {'starting a local cluster' if address is None else f'joining {address}'}\n")
+    stream.flush()
+    ray.init(address=address, **kwargs)
+    return ray
+
+
+def _run_ray(root: Path, plan: ShardPlan, todo, stop, board: _Board, opts: FleetOptions, stream) -> list:
+    """Shards on Ray actors, each with its model; a dead actor is replaced and its shard redone."""
+    ray = _ray_init(opts, stream)
+    cpus = opts.cpus_per_worker
+    if cpus is None:
+        total = ray.cluster_resources().get("CPU", 1)
+        cpus = max(1, int(total // opts.workers))
+    threads = None if opts.gpus_per_worker else max(1, int(cpus))
+    actor_cls = ray.remote(ShardWorker).options(num_cpus=cpus, num_gpus=opts.gpus_per_worker, max_concurrency=2,
+                                                max_restarts=0)
+    spawn = lambda: actor_cls.remote(str(root), threads)  # noqa: E731
+    n = max(1, min(opts.workers, len(todo)))
+    idle = collections.deque(spawn() for _ in range(n))
+    queue = collections.deque(todo)
+    inflight: dict = {}  # ObjectRef -> (actor, shard)
+    failures, deaths = [], 0
+    try:
+        while (queue or inflight) and not stop.is_set():
+            while queue and idle:
+                actor, shard = idle.popleft(), queue.popleft()
+                inflight[actor.run.remote(shard.index)] = (actor, shard)
+                board.live[shard.index] = (0, 0)
+            done, _ = ray.wait(list(inflight), num_returns=1, timeout=0.5)
+            for ref in done:
+                actor, shard = inflight.pop(ref)
+                try:
+                    marker = ray.get(ref)
+                except ray.exceptions.RayActorError as exc:
+                    deaths += 1
+                    board.live.pop(shard.index, None)
+                    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                    stream.write(f"\nworker died during {shard.name} ({reason}); the shard will be redone\n")
+                    if deaths > 2 * n + 2:
+                        failures.append((shard, f"workers keep dying ({deaths} so far); last: {exc}"))
+                        queue.clear()
+                        continue
+                    queue.appendleft(shard)
+                    idle.append(spawn())
+                    continue
+                except ray.exceptions.RayTaskError as exc:
+                    board.live.pop(shard.index, None)
+                    failures.append((shard, str(getattr(exc, "cause", exc))))
+                    idle.append(actor)
+                    continue
+                board.finished(shard, marker)
+                idle.append(actor)
+            _poll(ray, inflight, board)
+            board.update()
+    finally:
+        for ref, (actor, shard) in inflight.items():
+            board.live.pop(shard.index, None)
+        for actor in list(idle) + [a for a, _ in inflight.values()]:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+    return failures
+
+
+def _poll(ray, inflight: dict, board: _Board) -> None:
+    """Frames and sets of the shards in flight (answered by each actor's second thread)."""
+    asks = {actor.progress.remote(): shard for actor, shard in inflight.values()}
+    if not asks:
+        return
+    ready, _ = ray.wait(list(asks), num_returns=len(asks), timeout=0.2)
+    for ref in ready:
+        try:
+            index, frames, sets = ray.get(ref)
+        except Exception:
+            continue
+        if index == asks[ref].index:
+            board.live[index] = (frames, sets)
+
+
+# -------------------------------------------------------------------------------------- run
+def run_sharded(cfg, opts: FleetOptions, stream=None, progress: str = "auto",
+                progress_interval: float | None = None, stop: threading.Event | None = None) -> int:
+    """A sharded run (see the module doc); returns the exit status of `qvl-ros extract`."""
+    from .extract import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
+
+    stream = stream if stream is not None else sys.stderr
+    root, plan, resumed = _prepare(cfg, opts, stream)
+    stop = stop if stop is not None else threading.Event()
+    t0 = time.perf_counter()
+    with _Lock(root):
+        todo = pending_shards(root, plan)
+        if resumed:
+            stream.write(f"resuming {root}: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards done, "
+                         f"{len(todo)} to run\n")
+        else:
+            stream.write(f"plan: {len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''} of "
+                         f"{plan.shard_ns / 1e9:g} s, overlap {plan.overlap_ns / 1e9:g} s, in {root}\n")
+        stream.flush()
+        failures, ran, local = [], 0, []
+        with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
+            try:
+                for _ in range(MAX_SEAM_ROUNDS):
+                    todo = pending_shards(root, plan)
+                    if not todo or stop.is_set():
+                        break
+                    board = _Board(plan, todo, progress, progress_interval, stream)
+                    if opts.ray is None:
+                        failures = _run_here(root, plan, todo, stop, board, cfg, stream, local)
+                    else:
+                        failures = _run_ray(root, plan, todo, stop, board, opts, stream)
+                    board.finish()
+                    ran += len(todo) - len(pending_shards(root, plan))
+                    if failures or stop.is_set():
+                        break
+                    for index, problem in seam_failures(root, plan):
+                        wider = grow_overlap(root, plan, plan.shards[index])
+                        stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
+                                     f"{wider / 1e9:g} s of overlap\n")
+            except KeyboardInterrupt:  # a second Ctrl-C
+                stop.set()
+                if signals.signum is None:
+                    signals.signum = signal.SIGINT
+            signals.closing = True
+        left = pending_shards(root, plan)
+        markers = [read_marker(root, s) for s in plan.shards if s not in left]
+    sets = sum(m["sets"] for m in markers if m)
+    elapsed = time.perf_counter() - t0
+    stream.write(f"{len(plan.shards) - len(left)} of {len(plan.shards)} shards done ({ran} in this run), "
+                 f"{sets} sets, in {root} ({elapsed:.1f} s)\n")
+    for shard, reason in failures:
+        stream.write(f"  {shard.name} failed: {reason}\n")
+    if left:
+        stream.write(f"rerun the same command to finish the other {len(left)} shard"
+                     f"{'s' if len(left) != 1 else ''}\n")
+    else:
+        export = " --export DIR" if plan.export else ""
+        stream.write(f"merge into one bag with: qvl-ros merge {root} --out OUTPUT{export}\n")
+    stream.flush()
+    if signals.signum is not None and left:
+        return EXIT_SIGNAL.get(signals.signum, EXIT_FAILED)
+    if left:
+        return EXIT_FAILED
+    return EXIT_OK
+

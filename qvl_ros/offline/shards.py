@@ -1,0 +1,402 @@
+"""Sharded extraction: the recordings' time split into shards that run independently and merge
+into exactly what one pass of ``qvl-ros extract`` writes.
+
+A shards directory (``--out`` of a sharded run) holds::
+
+    plan.json                 the shards, their time ranges, the options and the model identity
+    shard-00003/              one finished shard: an mcap feature bag
+    shard-00003.export/       its feature export (when the run has --export)
+    shard-00003.json          its completion marker, written last (counts, set signatures)
+    .partial/                 shards in progress (a killed run leaves them; they are redone)
+
+Shards and ownership
+    Cuts are multiples of ``--shard-seconds`` of absolute recording time, and that is a multiple
+    of ``--batch-window``, the grid a batch never crosses in any run; so every batch of a shard is
+    a batch of the single-process run, with the same sets in it. Shard ``i`` owns the synchronized
+    sets *born* in ``[cut_i, cut_i+1)``: completed by a frame recorded in that range. Birth is the
+    key because it is where one pass meets the set, whatever the header stamps say (a recorder
+    lagging the cameras, a timeline that restarts).
+
+Overlap (warm-up) and why the sets are the same
+    A shard reads from ``cut_i - overlap``: frames of the warm-up are decoded and synchronized,
+    but the sets born there are only recorded as signatures (birth, stamps, clip stamps), not
+    computed. The synchronizer's state after it emits a set S is fixed by S and the frames
+    received after S's frames (everything older was used or dropped), so once the shard emits a
+    set that one pass also emits, it emits what one pass emits from then on. The shard before it
+    read exactly what one pass reads up to ``cut_i`` (and no flush), so its last sets are one
+    pass's sets. The seam check compares the two: the shard's last warm-up sets must equal the
+    previous shard's last owned sets (every one born in the overlap, at least one). A seam that
+    fails (a camera silent across the cut, clips longer than the overlap) is redone with four
+    times the overlap, until the warm-up reaches the start of the run, where it is exact by
+    construction. Only the last shard flushes the synchronizer at the end of the recordings.
+
+Resume
+    A shard is done when its marker exists (it is written after the bag and the export were
+    renamed into place). A rerun of the same command skips done shards and redoes the others;
+    options or a model that differ from ``plan.json`` are refused (``--force`` starts over).
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["PLAN_NAME", "PLAN_FORMAT", "Shard", "ShardPlan", "ShardsError", "make_plan", "load_plan",
+           "check_resume", "shard_cuts", "run_shard", "shard_done", "seam_problem", "read_marker",
+           "default_overlap_ns", "looks_like_shards_dir"]
+
+PLAN_NAME = "plan.json"
+PLAN_FORMAT = "qvl_ros.shards/1"
+PARTIAL = ".partial"
+LOCK_NAME = ".lock"
+OVERLAP_GROWTH = 4  # a failed seam is redone with this many times the overlap
+
+
+class ShardsError(Exception):
+    """A sharded run that cannot start or continue, or shards that cannot be merged (the text says why)."""
+
+
+@dataclass
+class Shard:
+    """One time range of the run: owns the sets born in ``[start_ns, stop_ns)``."""
+
+    index: int
+    start_ns: int  # the run's start for the first shard
+    stop_ns: int | None  # None: to the end of the recordings (or --end): the last shard
+    frames: int = 0  # estimated camera frames in the range (for progress)
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+
+@dataclass
+class ShardPlan:
+    """Everything a worker needs to run any shard, and what a rerun must match to resume."""
+
+    options: dict  # ExtractConfig fields that shape the output (inputs as given, for the metadata)
+    inputs: list  # absolute paths the workers read
+    identity: dict  # what a resume compares: inputs, options, model
+    model_path: str
+    start_ns: int  # the run's read range
+    stop_ns: int | None
+    overlap_ns: int
+    shard_ns: int
+    shards: list = field(default_factory=list)
+    export: bool = False
+
+    def config(self, **overrides):
+        """The ExtractConfig of this run (``overrides`` replace fields)."""
+        from .extract import ExtractConfig
+
+        fields = dict(self.options)
+        fields.pop("input_names", None)
+        fields.update(inputs=list(self.inputs), model=self.model_path, output="")
+        fields.update(overrides)
+        return ExtractConfig(**fields)
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["format"] = PLAN_FORMAT
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "ShardPlan":
+        d = dict(d)
+        if d.pop("format", None) != PLAN_FORMAT:
+            raise ShardsError(f"not a {PLAN_FORMAT} plan")
+        d["shards"] = [Shard(**s) for s in d["shards"]]
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------- identity
+_OUTPUT_OPTIONS = ("topics", "camera_names", "device", "dtype", "min_pixels", "max_pixels", "slop", "batch",
+                   "prompt", "features", "caption", "max_new_tokens", "start", "end", "stamps", "queue_size",
+                   "reorder", "frame_id", "clip_frames", "clip_stride", "shard_mb", "max_input_pixels",
+                   "batch_window")
+
+
+def _input_identity(path: Path) -> dict:
+    """A recording as a rerun must find it again: its files' names and sizes, and its time range."""
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    return {"path": str(path.resolve()),
+            "files": [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size] for p in files]}
+
+
+def _model_identity(path: Path) -> dict:
+    """The checkpoint: config.json's hash and every weight file's name and size."""
+    config = path / "config.json"
+    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
+    weights = sorted([p.name, p.stat().st_size] for p in path.glob("*.safetensors"))
+    return {"path": str(path.resolve()), "config_sha256": digest, "weights": weights}
+
+
+def _options(cfg) -> dict:
+    out = {}
+    for name in _OUTPUT_OPTIONS:
+        value = getattr(cfg, name)
+        out[name] = list(value) if isinstance(value, (list, tuple)) else value
+    return out
+
+
+def _differences(old: Any, new: Any, where: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
+        return out
+    return [] if old == new else [f"{where}: {old!r} in the plan, {new!r} now"]
+
+
+# ------------------------------------------------------------------------------------- plan
+def shard_cuts(start_ns: int, end_ns: int, shard_ns: int) -> list[int]:
+    """Multiples of ``shard_ns`` strictly inside ``(start_ns, end_ns)``."""
+    first = (start_ns // shard_ns + 1) * shard_ns
+    return list(range(first, end_ns, shard_ns))
+
+
+def default_overlap_ns(cfg, bags) -> int:
+    """Warm-up before a cut: 2 s, or more for a wide slop, a long reorder tolerance or long clips
+    (in frame periods of the slowest camera, estimated from the recordings)."""
+    span = max(1, bags.end_ns - bags.start_ns)
+    period = max(span / max(1, c.count - 1) for c in bags.cameras)
+    need = [2e9, 4 * cfg.slop * 1e9 + 2 * cfg.reorder * 1e9]
+    if cfg.clip_frames:
+        need.append((cfg.clip_frames * cfg.clip_stride + 4) * period)
+    return int(math.ceil(max(need)))
+
+
+def make_plan(cfg, bags, xplan, model_path: Path, shard_seconds: float, overlap: float | None) -> ShardPlan:
+    """The plan of a run over the opened recordings (``xplan``: extract's checked options)."""
+    window_ns = int(round(cfg.batch_window * 1e9))
+    shard_ns = int(round(shard_seconds * 1e9))
+    if window_ns > 0:  # cut on the batch grid: a whole number of windows per shard
+        shard_ns = max(window_ns, shard_ns // window_ns * window_ns)
+    start = xplan.start_ns if xplan.start_ns is not None else bags.start_ns
+    end = xplan.stop_ns if xplan.stop_ns is not None else bags.end_ns
+    cuts = shard_cuts(start, end, max(1, shard_ns))
+    bounds = [start] + cuts
+    shards = []
+    for i, lo in enumerate(bounds):
+        hi = bounds[i + 1] if i + 1 < len(bounds) else None
+        frames = bags.estimated_frames(lo, hi if hi is not None else end)
+        shards.append(Shard(i, lo, hi, frames))
+    options = _options(cfg)
+    options["camera_names"] = list(xplan.names)
+    overlap_ns = int(round(overlap * 1e9)) if overlap is not None else default_overlap_ns(cfg, bags)
+    identity = {"inputs": [_input_identity(Path(p)) for p in cfg.inputs], "options": options,
+                "model": _model_identity(model_path), "export": cfg.export is not None,
+                "shard_ns": shard_ns, "overlap_ns": overlap_ns}
+    options = dict(options, input_names=[str(p) for p in cfg.inputs])
+    return ShardPlan(options=options, inputs=[str(Path(p).resolve()) for p in cfg.inputs], identity=identity,
+                     model_path=str(model_path.resolve()), start_ns=start, stop_ns=xplan.stop_ns,
+                     overlap_ns=overlap_ns, shard_ns=shard_ns, shards=shards, export=cfg.export is not None)
+
+
+def load_plan(root: Path) -> ShardPlan:
+    path = Path(root) / PLAN_NAME
+    try:
+        return ShardPlan.from_json(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ShardsError(f"{root} has no {PLAN_NAME}: not a shards directory of qvl-ros extract") from None
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ShardsError(f"{path} cannot be read: {exc}") from None
+
+
+def save_plan(root: Path, plan: ShardPlan) -> None:
+    _write_json(Path(root) / PLAN_NAME, plan.to_json(), indent=1)
+
+
+def check_resume(old: ShardPlan, new: ShardPlan, root: Path) -> None:
+    """Raise ShardsError unless ``new`` is the same run as the plan found in ``root``."""
+    diffs = _differences(old.identity, new.identity)
+    if diffs:
+        shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
+        raise ShardsError(f"{root} holds a run with other inputs, options or model ({shown}); rerun with the "
+                          f"same command to resume it, or pass --force to delete it and start over")
+
+
+def looks_like_shards_dir(path: Path) -> bool:
+    """A directory ``--force`` may delete: a plan and nothing but shard files."""
+    if not path.is_dir() or path.is_symlink() or not (path / PLAN_NAME).is_file():
+        return False
+    for entry in path.iterdir():
+        name = entry.name
+        if name in (PLAN_NAME, PARTIAL, LOCK_NAME) or name.startswith("shard-") or name.endswith(".tmp"):
+            continue
+        return False
+    return True
+
+
+def _write_json(path: Path, data: dict, indent: int | None = None) -> None:
+    """Whole or not at all: a temporary file, fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    text = json.dumps(data, indent=indent) if indent else json.dumps(data, separators=(",", ":"))
+    with open(tmp, "w") as f:
+        f.write(text + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------------- shards
+def marker_path(root: Path, shard: Shard) -> Path:
+    return Path(root) / f"{shard.name}.json"
+
+
+def read_marker(root: Path, shard: Shard) -> dict | None:
+    try:
+        return json.loads(marker_path(root, shard).read_text())
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def shard_done(root: Path, plan: ShardPlan, shard: Shard) -> bool:
+    """The marker is there and the outputs it vouches for too."""
+    root = Path(root)
+    marker = read_marker(root, shard)
+    if marker is None or marker.get("index") != shard.index:
+        return False
+    if not (root / shard.name / "metadata.yaml").is_file():
+        return False
+    return not plan.export or (root / f"{shard.name}.export" / "index.json").is_file()
+
+
+def discard_shard(root: Path, shard: Shard) -> None:
+    """Remove a shard's outputs (marker first: without it nothing else counts)."""
+    root = Path(root)
+    marker_path(root, shard).unlink(missing_ok=True)
+    for path in (root / shard.name, root / f"{shard.name}.export", root / PARTIAL / shard.name,
+                 root / PARTIAL / f"{shard.name}.export"):
+        if path.exists():
+            shutil.rmtree(path)
+
+
+def overlap_for(root: Path, plan: ShardPlan, shard: Shard) -> int:
+    """The overlap a shard runs with: the plan's, or a larger one a failed seam asked for."""
+    try:
+        return max(plan.overlap_ns, int((Path(root) / PARTIAL / f"{shard.name}.overlap").read_text()))
+    except (FileNotFoundError, ValueError):
+        return plan.overlap_ns
+
+
+def grow_overlap(root: Path, plan: ShardPlan, shard: Shard) -> int:
+    """Discard the shard and let its next run read OVERLAP_GROWTH times further back."""
+    wider = overlap_for(root, plan, shard) * OVERLAP_GROWTH
+    discard_shard(root, shard)
+    (Path(root) / PARTIAL).mkdir(exist_ok=True)
+    (Path(root) / PARTIAL / f"{shard.name}.overlap").write_text(str(wider))
+    return wider
+
+
+def seam_problem(plan: ShardPlan, before: dict, after: dict) -> str | None:
+    """Why shard ``after`` may not follow shard ``before`` (None: its sets continue one pass's).
+
+    ``after``'s last warm-up sets must be ``before``'s last owned sets: every one born in the
+    part of the overlap both saw, and at least one."""
+    if after["read_start_ns"] <= plan.start_ns:
+        return None  # read from the run's start: it is one pass
+    warm, tail = after["warmup_sets"], before["tail_sets"]
+    if not warm or not tail:
+        return "no synchronized set was completed in the overlap"
+    common = [s for s in warm if s[0] >= tail[0][0]]
+    if not common:
+        return "the overlap and the previous shard's end share no set"
+    if common != tail[-len(common):]:
+        return "the sets completed in the overlap differ from the previous shard's"
+    return None
+
+
+def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
+              on_progress: Callable[[int, int], None] | None = None) -> dict:
+    """Extract one shard into ``root``; return its marker. Raises ShardsError when the shard did
+    not finish (interrupted, or an error: the text says which); its partial files stay in
+    ``.partial`` and are removed by the next attempt."""
+    import threading
+
+    from . import extract as ex
+    from .bag_io import BagInputError, CameraBags
+
+    root = Path(root)
+    shard = plan.shards[index]
+    partial = root / PARTIAL
+    partial.mkdir(exist_ok=True)
+    out, export = partial / shard.name, partial / f"{shard.name}.export"
+    for path in (out, export, root / shard.name, root / f"{shard.name}.export"):
+        if path.exists():
+            shutil.rmtree(path)
+    marker_path(root, shard).unlink(missing_ok=True)
+    cfg = plan.config(output=out, export=export if plan.export else None, force=False, handle_signals=False,
+                      allow_empty=True, announce_model_load=False)
+    last = shard.index == len(plan.shards) - 1
+    overlap = overlap_for(root, plan, shard)
+    read_start = plan.start_ns if shard.index == 0 else max(plan.start_ns, shard.start_ns - overlap)
+    stop_event = stop if stop is not None else threading.Event()
+    try:
+        bags = CameraBags(plan.inputs, list(cfg.topics))
+    except BagInputError as exc:
+        raise ShardsError(str(exc)) from None
+    try:
+        xplan = ex._plan(cfg, bags)
+        next_start = plan.shards[index + 1].start_ns if not last else ex.FLUSH_BIRTH
+        window = ex._Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
+                            tail_from_ns=next_start - plan.overlap_ns, flush_at_end=last)
+        xplan = dataclasses.replace(xplan, start_ns=read_start, stop_ns=shard.stop_ns if not last else plan.stop_ns,
+                                    window=window)
+        xplan.input_names = list(plan.options["input_names"])
+        run = ex._Extraction(xplan, bags, model, stop_event, open(os.devnull, "w"), None)
+        if on_progress is not None:
+            run.on_progress = lambda report: on_progress(run.source.frames_read, report.sets_written)
+        report = run.run("none", None)
+    finally:
+        bags.close()
+    if report.interrupted is not None or stop_event.is_set():
+        raise ShardsError(f"{shard.name} interrupted")
+    if report.error or not report.output_complete:
+        raise ShardsError(f"{shard.name} failed: {report.error or 'the output could not be closed'}")
+    source = run.source
+    marker = {
+        "index": shard.index, "start_ns": shard.start_ns, "stop_ns": shard.stop_ns, "read_start_ns": read_start,
+        "overlap_ns": overlap, "sets": report.sets_written, "captions": report.captions_written,
+        "frames_read": source.frames_read, "failed": [c.failed for c in report.cameras],
+        "elapsed_s": round(report.elapsed_s, 3), "model": report.model, "device": report.device,
+        "host": os.uname().nodename, "pid": os.getpid(),
+        "warmup_sets": source.warmup_sets, "tail_sets": source.tail_sets,
+    }
+    os.replace(out, root / shard.name)
+    if plan.export:
+        os.replace(export, root / f"{shard.name}.export")
+    _write_json(marker_path(root, shard), marker)
+    (partial / f"{shard.name}.overlap").unlink(missing_ok=True)
+    return marker
+
+
+def seam_failures(root: Path, plan: ShardPlan) -> list[tuple[int, str]]:
+    """(shard index, reason) for every done shard whose seam with a done predecessor fails."""
+    markers = [read_marker(root, s) if shard_done(root, plan, s) else None for s in plan.shards]
+    bad = []
+    for i in range(1, len(markers)):
+        if markers[i - 1] is not None and markers[i] is not None:
+            problem = seam_problem(plan, markers[i - 1], markers[i])
+            if problem is not None:
+                bad.append((i, problem))
+    return bad
+
+
+def pending_shards(root: Path, plan: ShardPlan) -> list[Shard]:
+    return [s for s in plan.shards if not shard_done(root, plan, s)]
+
+
+def custom_data(plan: ShardPlan, model_name: str) -> dict[str, str]:
+    """The bag metadata one pass writes (:func:`qvl_ros.offline.extract.custom_data`)."""
+    from .extract import custom_data as one_pass
+
+    cfg = plan.config()
+    return one_pass(plan.options["input_names"], cfg.topics, plan.options["camera_names"], model_name, cfg)
+
