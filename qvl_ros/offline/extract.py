@@ -45,6 +45,7 @@ The same run as a function: :func:`extract` with an :class:`ExtractConfig`, retu
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import math
 import os
@@ -312,7 +313,8 @@ class _SetSource:
         self.stopped = stopped
         self.window = dataclasses.replace(window) if window is not None else _Window()
         self.warmup_sets: list = []  # signatures of the sets born before window.own_from_ns (not yielded)
-        self.tail_sets: list = []  # signatures of the yielded sets born at or after window.tail_from_ns
+        # signatures of the last window.tail_keep sets yielded
+        self.tail_sets: collections.deque = collections.deque(maxlen=self.window.tail_keep)
         n = len(bags.cameras)
         slop_ns = int(round(cfg.slop * 1e9))
         reorder_ns = int(round(cfg.reorder * 1e9))
@@ -380,7 +382,7 @@ class _SetSource:
             if not self.window.owning:
                 self.warmup_sets.append(_signature(birth, s, c))
                 continue
-            if birth >= self.window.tail_from_ns:
+            if self.window.tail_keep:
                 self.tail_sets.append(_signature(birth, s, c))
             if c is not None:
                 yield birth, c
@@ -397,7 +399,7 @@ class _Window:
     the synchronizer still holds are flushed there, as one pass over everything would."""
 
     own_from_ns: int = -(1 << 63)
-    tail_from_ns: int = FLUSH_BIRTH  # signatures are kept of the owned sets born from here on
+    tail_keep: int = 0  # signatures are kept of this many of the last owned sets
     flush_at_end: bool = True
     owning: bool = False
 

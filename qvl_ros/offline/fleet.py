@@ -279,13 +279,12 @@ def _ray_init(opts: FleetOptions, stream):
 
     if ray.is_initialized():
         return ray
-    address = None if opts.ray == "local" else opts.ray
-    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-    if address is None:
+    kwargs = dict(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    if opts.ray == "local":  # a cluster of its own, even where another one runs
         kwargs["num_cpus"] = os.cpu_count() or 1
-    stream.write(f"ray: {'starting a local cluster' if address is None else f'joining {address}'}\n")
+    stream.write(f"ray: {'starting a local cluster' if opts.ray == 'local' else f'joining {opts.ray}'}\n")
     stream.flush()
-    ray.init(address=address, **kwargs)
+    ray.init(address=opts.ray, **kwargs)
     return ray
 
 

@@ -25,7 +25,7 @@ Overlap (warm-up) and why the sets are the same
     set that one pass also emits, it emits what one pass emits from then on. The shard before it
     read exactly what one pass reads up to ``cut_i`` (and no flush), so its last sets are one
     pass's sets. The seam check compares the two: the shard's last warm-up sets must equal the
-    previous shard's last owned sets (every one born in the overlap, at least one). A seam that
+    previous shard's last owned sets (all it saw of them, at least one). A seam that
     fails (a camera silent across the cut, clips longer than the overlap) is redone with four
     times the overlap, until the warm-up reaches the start of the run, where it is exact by
     construction. Only the last shard flushes the synchronizer at the end of the recordings.
@@ -56,6 +56,7 @@ PLAN_FORMAT = "qvl_ros.shards/1"
 PARTIAL = ".partial"
 LOCK_NAME = ".lock"
 OVERLAP_GROWTH = 4  # a failed seam is redone with this many times the overlap
+TAIL_SETS = 128  # a shard's last sets kept (as signatures) for the seam check with the next one
 
 
 class ShardsError(Exception):
@@ -298,8 +299,8 @@ def grow_overlap(root: Path, plan: ShardPlan, shard: Shard) -> int:
 def seam_problem(plan: ShardPlan, before: dict, after: dict) -> str | None:
     """Why shard ``after`` may not follow shard ``before`` (None: its sets continue one pass's).
 
-    ``after``'s last warm-up sets must be ``before``'s last owned sets: every one born in the
-    part of the overlap both saw, and at least one."""
+    ``after``'s last warm-up sets must be ``before``'s last owned sets: every warm-up set born
+    since the first of ``before``'s kept sets (its last :data:`TAIL_SETS`), and at least one."""
     if after["read_start_ns"] <= plan.start_ns:
         return None  # read from the run's start: it is one pass
     warm, tail = after["warmup_sets"], before["tail_sets"]
@@ -344,9 +345,8 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
         raise ShardsError(str(exc)) from None
     try:
         xplan = ex._plan(cfg, bags)
-        next_start = plan.shards[index + 1].start_ns if not last else ex.FLUSH_BIRTH
         window = ex._Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
-                            tail_from_ns=next_start - plan.overlap_ns, flush_at_end=last)
+                            tail_keep=0 if last else TAIL_SETS, flush_at_end=last)
         xplan = dataclasses.replace(xplan, start_ns=read_start, stop_ns=shard.stop_ns if not last else plan.stop_ns,
                                     window=window)
         xplan.input_names = list(plan.options["input_names"])
@@ -367,7 +367,7 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
         "frames_read": source.frames_read, "failed": [c.failed for c in report.cameras],
         "elapsed_s": round(report.elapsed_s, 3), "model": report.model, "device": report.device,
         "host": os.uname().nodename, "pid": os.getpid(),
-        "warmup_sets": source.warmup_sets, "tail_sets": source.tail_sets,
+        "warmup_sets": source.warmup_sets, "tail_sets": list(source.tail_sets),
     }
     os.replace(out, root / shard.name)
     if plan.export:

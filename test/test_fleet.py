@@ -1,0 +1,269 @@
+"""Sharded extraction (plan.json, shards, resume, `qvl-ros merge`) on a local Ray cluster and in one process.
+
+The recording: three cameras at 10 Hz for 6 s in two inputs of different storage (mcap: two raw
+cameras; sqlite3: one JPEG camera), recorded 4, 11 and 17 ms after their stamps, with a timeline
+shifted so that every shard cut (whole seconds of recording time) falls between the recordings of
+one tick's three frames: each cut is inside a synchronization window. Camera 1 skips a tick and
+camera 2 has a corrupt JPEG next to cuts. Shards are 1 s, their overlap 0.8 s (with --reorder 0.2 a set
+is completed about 0.4 s after its frames were recorded).
+
+Oracle: one-process `qvl-ros extract` of the same inputs and options (itself checked against the
+model in test_extract.py), compared message by message (topic, recording time, serialized bytes
+in stored order, read back with rosbags), on the bag metadata, and file by file on the export.
+Worker and driver deaths are real SIGKILLs of real processes; what the test waits for are files
+the run writes, not time.
+"""
+import io
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("rosbags")
+ray = pytest.importorskip("ray")
+yaml = pytest.importorskip("yaml")
+
+from rosbags.rosbag2 import Reader  # noqa: E402
+
+from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import fleet  # noqa: E402
+from qvl_ros.offline.merge import merge  # noqa: E402
+from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:The image decoding and encoding capabilities of TorchVision:DeprecationWarning")
+
+ROOT = Path(__file__).resolve().parents[1]
+TOPICS = ["/cam0/image_raw", "/cam1/image_raw", "/cam2/image_raw/compressed"]
+T0 = 1_700_000_000.0 - 0.010  # tick 10k is stamped 10 ms before a whole second
+TICKS = 60
+OPTIONS = dict(batch=4, slop=0.02, prompt="What is in front of the robot?", caption=True, max_new_tokens=6,
+               batch_window=0.5)
+SHARD_ARGS = ["--shard-seconds", "1", "--overlap", "0.8"]
+
+
+def _cli_options() -> list[str]:
+    return ["--batch", "4", "--slop", "0.02", "--prompt", OPTIONS["prompt"], "--caption", "--max-new-tokens", "6",
+            "--batch-window", "0.5", "--device", "cpu", "--progress", "lines", "--progress-interval", "0.5"]
+
+
+@pytest.fixture(scope="module")
+def recording(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fleet_rec")
+    raw = write_camera_bag(root / "raw", [CameraSpec(TOPICS[0], 120, 160, "rgb8", latency=0.004),
+                                          CameraSpec(TOPICS[1], 112, 150, "bgr8", latency=0.011)],
+                           ticks=TICKS, period=0.1, t0=T0, drop=[(1, 29)], storage="mcap", seed=3)
+    jpeg = write_camera_bag(root / "jpeg", [CameraSpec(TOPICS[2], 128, 160, "jpeg", latency=0.017)],
+                            ticks=TICKS, period=0.1, t0=T0, corrupt=[(0, 40)], storage="sqlite3", seed=4)
+    return {"root": root, "inputs": [root / "raw", root / "jpeg"], "frames": raw + jpeg}
+
+
+@pytest.fixture(scope="module")
+def single(recording, tmp_path_factory):
+    """The oracle: one process, one pass."""
+    out = tmp_path_factory.mktemp("fleet_single")
+    cfg = ex.ExtractConfig(inputs=recording["inputs"], output=out / "bag", topics=TOPICS, device="cpu",
+                           export=out / "export", handle_signals=False, **OPTIONS)
+    report = ex.extract(cfg, progress="none")
+    assert report.error is None and report.sets_written > 40
+    return {"bag": out / "bag", "export": out / "export", "sets": report.sets_written}
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _config(recording, out, **kw):
+    return ex.ExtractConfig(inputs=recording["inputs"], output=out, topics=TOPICS, device="cpu",
+                            handle_signals=False, **dict(OPTIONS, **kw))
+
+
+def _messages(bag: Path) -> list:
+    with Reader(bag) as reader:
+        return [(c.topic, t, bytes(raw)) for c, t, raw in reader.messages()]
+
+
+def _custom_data(bag: Path) -> dict:
+    meta = yaml.safe_load((bag / "metadata.yaml").read_text())
+    return meta["rosbag2_bagfile_information"]["custom_data"]
+
+
+def _files(directory: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def _assert_same_as_single(merged: Path, single, export: Path | None = None) -> None:
+    got, want = _messages(merged), _messages(single["bag"])
+    assert [m[:2] for m in got] == [m[:2] for m in want]  # topics and recording times, in order
+    assert got == want  # and every serialized byte, feature tensors included
+    assert len([m for m in got if m[0] == "/qvl/features"]) == single["sets"]
+    assert _custom_data(merged) == _custom_data(single["bag"])
+    if export is not None:
+        assert _files(export) == _files(single["export"])
+
+
+def _markers(shards: Path) -> dict:
+    return {p.name: json.loads(p.read_text()) for p in sorted(shards.glob("shard-*.json"))}
+
+
+def _run_in_thread(cfg, opts):
+    stream, result = io.StringIO(), {}
+
+    def body():
+        result["code"] = fleet.run_sharded(cfg, opts, stream=stream, progress="none")
+
+    thread = threading.Thread(target=body)
+    thread.start()
+    return thread, stream, result
+
+
+# --------------------------------------------------------------------------------------- tests
+def test_the_cuts_fall_inside_synchronization_windows(recording):
+    plan_cuts = [1_700_000_000_000_000_000 + k * 1_000_000_000 for k in range(6)]
+    by_tick = [{f.tick: f for f in cam} for cam in recording["frames"]]
+    for cut in plan_cuts:
+        tick = (cut - int(T0 * 1e9)) // 100_000_000
+        recorded = [cam[tick].record_ns for cam in by_tick if tick in cam]
+        assert min(recorded) < cut <= max(recorded), (cut, recorded)
+
+
+def test_two_ray_workers_over_mcap_and_sqlite3_merge_to_the_single_process_output(
+        recording, single, ray_cluster, tmp_path):
+    shards = tmp_path / "shards"
+    cfg = _config(recording, shards, export=tmp_path / "unused-export")
+    stream = io.StringIO()
+    code = fleet.run_sharded(cfg, fleet.FleetOptions(workers=2, ray="local", shard_seconds=1, overlap=0.8),
+                             stream=stream, progress="none")
+    assert code == 0, stream.getvalue()
+    plan = json.loads((shards / "plan.json").read_text())
+    cuts = [s["start_ns"] for s in plan["shards"][1:]]
+    assert cuts == [1_700_000_000_000_000_000 + k * 1_000_000_000 for k in range(6)]
+    markers = _markers(shards)
+    assert len(markers) == 7
+    assert "seam" not in stream.getvalue(), stream.getvalue()
+    assert len({m["pid"] for m in markers.values()}) == 2, stream.getvalue()  # both workers ran shards
+    warmed = [m for m in markers.values() if m["read_start_ns"] > plan["start_ns"]]
+    assert len(warmed) >= 4 and all(m["warmup_sets"] for m in warmed)  # seams checked on real overlaps
+    assert not (tmp_path / "unused-export").exists()
+    counts = merge(shards, tmp_path / "merged", tmp_path / "merged-export")
+    assert counts["sets"] == single["sets"]
+    _assert_same_as_single(tmp_path / "merged", single, tmp_path / "merged-export")
+
+
+def test_a_worker_killed_mid_shard_is_replaced_and_the_run_completes(recording, single, ray_cluster, tmp_path):
+    shards = tmp_path / "shards"
+    thread, stream, result = _run_in_thread(
+        _config(recording, shards), fleet.FleetOptions(workers=2, ray="local", shard_seconds=1, overlap=0.8))
+    killed = None
+    while thread.is_alive() and killed is None:
+        for marker in (shards / ".partial").glob("shard-*/EXTRACTION_INCOMPLETE"):
+            try:
+                text = marker.read_text()
+            except FileNotFoundError:  # the shard finished in between
+                continue
+            found = re.search(r"\(pid (\d+)\)", text)
+            if found:
+                killed = (marker.parent.name, int(found.group(1)))
+                os.kill(killed[1], signal.SIGKILL)
+                break
+        time.sleep(0.005)
+    thread.join(timeout=600)
+    assert killed is not None, "no shard was seen in progress"
+    assert result.get("code") == 0, stream.getvalue()
+    assert f"worker died during {killed[0]}" in stream.getvalue()
+    markers = _markers(shards)
+    assert len(markers) == 7
+    assert markers[f"{killed[0]}.json"]["pid"] != killed[1]  # redone by the replacement
+    merge(shards, tmp_path / "merged")
+    _assert_same_as_single(tmp_path / "merged", single)
+
+
+def _extract_cmd(recording, shards: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qvl_ros.offline.cli", "extract", *map(str, recording["inputs"]),
+            "--topics", *TOPICS, "--out", str(shards), *_cli_options(), *SHARD_ARGS, *extra]
+
+
+def _wait_gone(pgid: int) -> None:
+    for _ in range(2000):
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"processes of group {pgid} outlived SIGKILL")
+
+
+@pytest.mark.parametrize("where", ["ray", "this-process"])
+def test_a_killed_driver_resumes_with_only_the_missing_shards(recording, single, tmp_path, where):
+    shards = tmp_path / "shards"
+    extra = ["--ray", "--workers", "2"] if where == "ray" else ["--workers", "1"]
+    cmd = _extract_cmd(recording, shards, *extra)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    while proc.poll() is None and not list(shards.glob("shard-*.json")):
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    _wait_gone(proc.pid)
+    before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns, p.read_bytes()) for p in shards.glob("shard-*.json")}
+    assert 1 <= len(before) < 7, (len(before), proc.stderr.read())
+
+    refused = subprocess.run([sys.executable, "-m", "qvl_ros.offline.cli", "merge", str(shards), "--out",
+                              str(tmp_path / "early")], capture_output=True, text=True)
+    assert refused.returncode == 2 and "not done" in refused.stderr
+    assert not (tmp_path / "early").exists()
+
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"resuming {shards}: {len(before)} of 7 shards done, {7 - len(before)} to run" in again.stderr
+    assert f"7 of 7 shards done ({7 - len(before)} in this run)" in again.stderr
+    for name, (ino, mtime, data) in before.items():  # finished shards were not redone
+        path = shards / name
+        assert (path.stat().st_ino, path.stat().st_mtime_ns, path.read_bytes()) == (ino, mtime, data)
+    merged = subprocess.run([sys.executable, "-m", "qvl_ros.offline.cli", "merge", str(shards), "--out",
+                             str(tmp_path / "merged")], capture_output=True, text=True)
+    assert merged.returncode == 0, merged.stderr
+    _assert_same_as_single(tmp_path / "merged", single)
+
+    # The same directory with other options: refused, and nothing is touched.
+    other = _extract_cmd(recording, shards, "--workers", "1")
+    other[other.index("--prompt") + 1] = "Is the way clear?"
+    changed = subprocess.run(other, capture_output=True, text=True)
+    assert changed.returncode == 2
+    assert "prompt" in changed.stderr and "--force" in changed.stderr
+    assert "'What is in front of the robot?' in the plan, 'Is the way clear?' now" in changed.stderr
+    assert len(_markers(shards)) == 7
+
+
+def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
+    """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
+    that shard is redone reading further back, and the result is still one pass's."""
+    topics = TOPICS[:2]
+    rec = tmp_path / "gap"
+    write_camera_bag(rec, [CameraSpec(topics[0], 64, 96, "rgb8", latency=0.004),
+                           CameraSpec(topics[1], 72, 100, "bgr8", latency=0.011)],
+                     ticks=40, period=0.1, t0=1_700_000_000.0, drop=[(1, t) for t in range(17, 24)], seed=5)
+    common = dict(inputs=[rec], topics=topics, device="cpu", handle_signals=False, batch=3, slop=0.02,
+                  batch_window=1.0, features=["vision"])
+    report = ex.extract(ex.ExtractConfig(output=tmp_path / "single", **common), progress="none")
+    stream = io.StringIO()
+    code = fleet.run_sharded(ex.ExtractConfig(output=tmp_path / "shards", **common),
+                             fleet.FleetOptions(workers=1, shard_seconds=1, overlap=0.3), stream=stream,
+                             progress="none")
+    assert code == 0, stream.getvalue()
+    assert "seam before shard-00002: no synchronized set was completed in the overlap; redoing it with 1.2 s" \
+        in stream.getvalue()
+    assert _markers(tmp_path / "shards")["shard-00002.json"]["overlap_ns"] == 1_200_000_000
+    merge(tmp_path / "shards", tmp_path / "merged")
+    assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
+    assert len(_messages(tmp_path / "merged")) == report.sets_written
