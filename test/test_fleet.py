@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("rosbags")
 ray = pytest.importorskip("ray")
@@ -98,8 +99,22 @@ def _custom_data(bag: Path) -> dict:
     return meta["rosbag2_bagfile_information"]["custom_data"]
 
 
-def _files(directory: Path) -> dict:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+def _export(directory: Path) -> dict:
+    """Every export file's contents: index.json as bytes; each safetensors file's metadata, size and
+    tensors as bytes. (Not the files' bytes: safetensors writes its metadata map in hash order,
+    which differs between processes.)"""
+    from safetensors import safe_open
+
+    out = {}
+    for p in sorted(directory.iterdir()):
+        if p.suffix != ".safetensors":
+            out[p.name] = p.read_bytes()
+            continue
+        with safe_open(str(p), framework="pt") as f:
+            tensors = {k: (str(t.dtype), tuple(t.shape), t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+                       for k in f.keys() for t in [f.get_tensor(k)]}
+            out[p.name] = (f.metadata(), p.stat().st_size, tensors)
+    return out
 
 
 def _assert_same_as_single(merged: Path, single, export: Path | None = None) -> None:
@@ -109,7 +124,7 @@ def _assert_same_as_single(merged: Path, single, export: Path | None = None) -> 
     assert len([m for m in got if m[0] == "/qvl/features"]) == single["sets"]
     assert _custom_data(merged) == _custom_data(single["bag"])
     if export is not None:
-        assert _files(export) == _files(single["export"])
+        assert _export(export) == _export(single["export"])
 
 
 def _markers(shards: Path) -> dict:
@@ -140,7 +155,7 @@ def test_the_cuts_fall_inside_synchronization_windows(recording):
 def test_two_ray_workers_over_mcap_and_sqlite3_merge_to_the_single_process_output(
         recording, single, ray_cluster, tmp_path):
     shards = tmp_path / "shards"
-    cfg = _config(recording, shards, export=tmp_path / "unused-export")
+    cfg = _config(recording, shards, export=tmp_path / "merged-export")  # where merge writes it
     stream = io.StringIO()
     code = fleet.run_sharded(cfg, fleet.FleetOptions(workers=2, ray="local", shard_seconds=1, overlap=0.8),
                              stream=stream, progress="none")
@@ -154,9 +169,10 @@ def test_two_ray_workers_over_mcap_and_sqlite3_merge_to_the_single_process_outpu
     assert len({m["pid"] for m in markers.values()}) == 2, stream.getvalue()  # both workers ran shards
     warmed = [m for m in markers.values() if m["read_start_ns"] > plan["start_ns"]]
     assert len(warmed) >= 4 and all(m["warmup_sets"] for m in warmed)  # seams checked on real overlaps
-    assert not (tmp_path / "unused-export").exists()
-    counts = merge(shards, tmp_path / "merged", tmp_path / "merged-export")
-    assert counts["sets"] == single["sets"]
+    assert not (tmp_path / "merged-export").exists()  # the shards keep their own exports until the merge
+    assert all((shards / f"shard-{i:05d}.export" / "index.json").is_file() for i in range(7))
+    counts = merge(shards, tmp_path / "merged")
+    assert counts["sets"] == single["sets"] and counts["export"] == tmp_path / "merged-export"
     _assert_same_as_single(tmp_path / "merged", single, tmp_path / "merged-export")
 
 
@@ -267,3 +283,24 @@ def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path)
     merge(tmp_path / "shards", tmp_path / "merged")
     assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
     assert len(_messages(tmp_path / "merged")) == report.sets_written
+
+
+def test_ctrl_c_keeps_the_finished_shards_and_a_rerun_completes(recording, single, tmp_path):
+    shards = tmp_path / "shards"
+    cmd = _extract_cmd(recording, shards, "--workers", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list(shards.glob("shard-*.json")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    done = len(_markers(shards))
+    if done < 7:  # the usual case: interrupted with shards left
+        assert proc.returncode == 130, err
+        assert f"rerun the same command to finish the other {7 - done} shard" in err
+        assert "Traceback" not in err
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"7 of 7 shards done ({7 - done} in this run)" in again.stderr
+    assert not list((shards / ".partial").iterdir())  # what the interrupted shard left is gone
+    merge(shards, tmp_path / "merged")
+    _assert_same_as_single(tmp_path / "merged", single)

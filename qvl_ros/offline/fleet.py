@@ -418,7 +418,7 @@ def run_sharded(cfg, opts: FleetOptions, stream=None, progress: str = "auto",
         stream.write(f"rerun the same command to finish the other {len(left)} shard"
                      f"{'s' if len(left) != 1 else ''}\n")
     else:
-        export = " --export DIR" if plan.export else ""
+        export = f" (the export goes to {plan.export_dir})" if plan.export else ""
         stream.write(f"merge into one bag with: qvl-ros merge {root} --out OUTPUT{export}\n")
     stream.flush()
     if signals.signum is not None and left:

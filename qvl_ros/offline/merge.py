@@ -4,8 +4,8 @@
 
 Writes OUTPUT as one-process ``qvl-ros extract`` of the same inputs and options writes it: the
 same messages (serialized bytes, so the same feature tensor bytes), in the same order, with the
-same bag metadata; and with ``--export DIR`` the same export (shard files split at the same
-sets). Refuses when a shard is missing (the extraction has to be rerun to finish it) or when a
+same bag metadata; and the same export (the same tensors and captions, in files split at the
+same sets), to the run's ``--export`` directory or ``--export DIR``. Refuses when a shard is missing (the extraction has to be rerun to finish it) or when a
 seam between two shards fails its check (rerunning the extraction redoes that shard).
 
 OUTPUT is written as extraction writes its output: an ``EXTRACTION_INCOMPLETE`` marker until it
@@ -90,14 +90,22 @@ def _export_rows(path: Path):
 
 
 def merge(root, out, export=None, force: bool = False) -> dict:
-    """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``); returns counts."""
+    """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``, by default the
+    run's --export); returns counts (with ``export``: the directory written, or None)."""
     from .bag_io import FeatureBagWriter
     from .export import FeatureExporter
     from .extract import _remove
     from .output_guard import OutputGuard
     from .shards import custom_data, read_marker
 
+    from .shards import ShardsError, load_plan
+
     root, out = Path(root), Path(out)
+    if export is None:
+        try:
+            export = load_plan(root).export_dir  # the run's --export
+        except ShardsError:
+            pass
     export = Path(export) if export is not None else None
     plan = _check(root, out, export, force)
     markers = [read_marker(root, s) for s in plan.shards]
@@ -138,6 +146,7 @@ def merge(root, out, export=None, force: bool = False) -> dict:
         finally:
             if closed:
                 guard.finish()
+    counts["export"] = export
     return counts
 
 
@@ -145,7 +154,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("shards", metavar="SHARDS_DIR", help="the --out directory of a sharded qvl-ros extract run")
     parser.add_argument("-o", "--out", required=True, metavar="OUTPUT", help="the merged rosbag2 directory (mcap)")
     parser.add_argument("--export", default=None, metavar="DIR",
-                        help="also write the merged feature export (the run must have had --export)")
+                        help="where to write the merged feature export (default: the run's --export DIR; "
+                             "the run must have had --export)")
     parser.add_argument("-f", "--force", action="store_true", help="overwrite OUTPUT (and DIR): an earlier output")
 
 
@@ -161,7 +171,7 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros merge") -> int:
         sys.stderr.write(f"{prog}: failed: {type(exc).__name__}: {exc}\n")
         return EXIT_FAILED
     sys.stderr.write(f"{counts['shards']} shards merged: {counts['sets']} sets, {counts['messages']} messages "
-                     f"to {args.out}" + (f", export {args.export}" if args.export else "") + "\n")
+                     f"to {args.out}" + (f", export {counts['export']}" if counts["export"] else "") + "\n")
     return EXIT_OK
 
 

@@ -91,6 +91,7 @@ class ShardPlan:
     shard_ns: int
     shards: list = field(default_factory=list)
     export: bool = False
+    export_dir: str | None = None  # --export of the run: where `qvl-ros merge` writes the export by default
 
     def config(self, **overrides):
         """The ExtractConfig of this run (``overrides`` replace fields)."""
@@ -197,7 +198,8 @@ def make_plan(cfg, bags, xplan, model_path: Path, shard_seconds: float, overlap:
     options = dict(options, input_names=[str(p) for p in cfg.inputs])
     return ShardPlan(options=options, inputs=[str(Path(p).resolve()) for p in cfg.inputs], identity=identity,
                      model_path=str(model_path.resolve()), start_ns=start, stop_ns=xplan.stop_ns,
-                     overlap_ns=overlap_ns, shard_ns=shard_ns, shards=shards, export=cfg.export is not None)
+                     overlap_ns=overlap_ns, shard_ns=shard_ns, shards=shards, export=cfg.export is not None,
+                     export_dir=str(Path(cfg.export).resolve()) if cfg.export is not None else None)
 
 
 def load_plan(root: Path) -> ShardPlan:
