@@ -133,6 +133,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from qvl_ros.model.kernels import tune_cpu_allocator
+
+    tune_cpu_allocator()  # as `qvl-ros extract` runs; a Ray worker tunes its own process (bench/run.py tunes its own)
     with tempfile.TemporaryDirectory() as tmp:
         r = measure(args.model, args.ticks, args.long, args.short, args.repeats, Path(tmp))
     r.update(cpu=f"CPU ({torch.get_num_threads()} threads)", torch=torch.__version__, load_average=os.getloadavg())

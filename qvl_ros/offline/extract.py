@@ -41,6 +41,11 @@ before anything was written).
 
 The same run as a function: :func:`extract` with an :class:`ExtractConfig`, returning an
 :class:`ExtractReport`.
+
+With ``--workers N`` and/or ``--ray [ADDRESS]`` the run is sharded instead: OUTPUT becomes a
+shards directory, filled shard by shard (resumable, on Ray workers or in this process), and
+``qvl-ros merge`` makes it the bag this command writes in one pass (:mod:`qvl_ros.offline.fleet`,
+:mod:`qvl_ros.offline.shards`, :mod:`qvl_ros.offline.merge`).
 """
 from __future__ import annotations
 

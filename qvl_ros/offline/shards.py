@@ -45,7 +45,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 __all__ = ["PLAN_NAME", "PLAN_FORMAT", "Shard", "ShardPlan", "ShardsError", "make_plan", "load_plan",
            "check_resume", "shard_cuts", "run_shard", "shard_done", "seam_problem", "read_marker",
