@@ -261,6 +261,32 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(recording, single,
     assert len(_markers(shards)) == 7
 
 
+def test_a_command_joins_a_running_cluster_by_address_and_its_driver_never_imports_torch(
+        recording, single, ray_cluster, tmp_path):
+    """`--ray HOST:PORT` as a fleet job runs it: the driver plans and schedules without loading torch
+    (the import trace of its process has no torch), the worker runs every shard, and when the command
+    has exited the cluster has all its CPUs back."""
+    from qvl_ros.model import default_tiny_checkpoint
+
+    address = ray.get_runtime_context().gcs_address
+    shards = tmp_path / "shards"
+    cmd = _extract_cmd(recording, shards, "--ray", address, "--workers", "1", "--model", str(default_tiny_checkpoint()))
+    run = subprocess.run([cmd[0], "-X", "importtime", *cmd[1:]], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"ray: joining {address}" in run.stderr
+    imported = {line.rsplit("|", 1)[1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert {"ray", "qvl_ros.offline.fleet", "rosbags.rosbag2"} <= imported  # the trace is there
+    assert not {m for m in imported if m == "torch" or m.startswith("torch.")}
+    assert len({m["pid"] for m in _markers(shards).values()} - {None}) == 1 and len(_markers(shards)) == 7
+    for _ in range(1000):  # the job's worker is released once its driver has gone
+        if ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU"):
+            break
+        time.sleep(0.01)
+    assert ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU") == 2
+    merge(shards, tmp_path / "merged")
+    _assert_same_as_single(tmp_path / "merged", single)
+
+
 def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
     """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
     that shard is redone reading further back, and the result is still one pass's."""

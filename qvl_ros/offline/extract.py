@@ -204,7 +204,12 @@ def _remove(path: Path) -> None:
 
 
 def _resolve_model_path(spec: str | None) -> Path:
-    """As the node resolves model.path (see qvl_ros.model.checkpoint.resolve_checkpoint)."""
+    """As the node resolves model.path (see qvl_ros.model.checkpoint.resolve_checkpoint). A plain
+    directory is taken as it is, without importing the model package: a Ray driver, which never runs
+    the model, then starts without torch (about a second)."""
+    name = str(spec or "").strip()
+    if name and not name.startswith("tiny") and Path(name).expanduser().is_dir():  # "tiny*": the bundled models
+        return Path(name).expanduser()
     from ..model.checkpoint import resolve_checkpoint
 
     try:
@@ -1086,14 +1091,15 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     """Run from parsed arguments; print progress and the summary on stderr; return the exit code."""
-    from ..model.kernels import tune_cpu_allocator
-
-    tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
     try:
         _check_number(args.progress_interval, "progress-interval", maximum=1e6)
         from .fleet import options_from_args, run_sharded
 
         fleet = options_from_args(args)
+        if fleet is None or fleet.ray is None:  # this process runs the model (a Ray driver does not: no torch)
+            from ..model.kernels import tune_cpu_allocator
+
+            tune_cpu_allocator()  # a command-line process of its own: set before the model allocates
         if fleet is not None:
             return run_sharded(config_from_args(args), fleet, progress=args.progress,
                                progress_interval=args.progress_interval)

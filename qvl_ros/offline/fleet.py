@@ -382,11 +382,30 @@ def _poll(ray, reports, inflight: dict, board: _Board) -> None:
 def run_sharded(cfg, opts: FleetOptions, stream=None, progress: str = "auto",
                 progress_interval: float | None = None, stop: threading.Event | None = None) -> int:
     """A sharded run (see the module doc); returns the exit status of `qvl-ros extract`."""
-    from .extract import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
-
     stream = stream if stream is not None else sys.stderr
     root, plan, resumed = _prepare(cfg, opts, stream)
     stop = stop if stop is not None else threading.Event()
+    ray_was_up = opts.ray is None or _ray_is_up()
+    try:
+        return _run_rounds(cfg, opts, root, plan, resumed, stop, stream, progress, progress_interval)
+    finally:
+        if not ray_was_up:  # this run connected (or started a local cluster): leave now, not at exit, which
+            import ray      # took over a second longer
+
+            ray.shutdown()
+
+
+def _ray_is_up() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: bool, stop: threading.Event, stream,
+                progress: str, progress_interval) -> int:
+    """The shards not done, in rounds until the seams hold; the summary; the exit status."""
+    from .extract import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
+
     t0 = time.perf_counter()
     with _Lock(root):
         todo = pending_shards(root, plan)
