@@ -311,6 +311,33 @@ def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path)
     assert len(_messages(tmp_path / "merged")) == report.sets_written
 
 
+def test_a_camera_silent_over_whole_shards_settles_every_seam_and_matches_one_pass(tmp_path):
+    """Camera 1 is silent from 0.8 s to 3.2 s: shards 1 and 2 own no set, and the shard after the
+    gap must read back past it. Its overlap grows from the widened one (0.3, 1.2, then to the
+    run's start), and the seam check passes over the shards that own no set."""
+    topics = TOPICS[:2]
+    rec = tmp_path / "long-gap"
+    write_camera_bag(rec, [CameraSpec(topics[0], 64, 96, "rgb8", latency=0.004),
+                           CameraSpec(topics[1], 72, 100, "bgr8", latency=0.011)],
+                     ticks=50, period=0.1, t0=1_700_000_000.0, drop=[(1, t) for t in range(8, 32)], seed=6)
+    common = dict(inputs=[rec], topics=topics, device="cpu", handle_signals=False, batch=3, slop=0.02,
+                  batch_window=1.0, features=["vision"])
+    report = ex.extract(ex.ExtractConfig(output=tmp_path / "single", **common), progress="none")
+    stream = io.StringIO()
+    code = fleet.run_sharded(ex.ExtractConfig(output=tmp_path / "shards", **common),
+                             fleet.FleetOptions(workers=1, shard_seconds=1, overlap=0.3), stream=stream,
+                             progress="none")
+    assert code == 0, stream.getvalue()
+    plan = json.loads((tmp_path / "shards" / "plan.json").read_text())
+    markers = _markers(tmp_path / "shards")
+    assert [markers[f"shard-{i:05d}.json"]["sets"] == 0 for i in range(5)] == [False, True, True, False, False]
+    assert "redoing it with 1.2 s" in stream.getvalue()
+    assert markers["shard-00003.json"]["read_start_ns"] == plan["start_ns"]  # read back past the gap
+    merge(tmp_path / "shards", tmp_path / "merged")
+    assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
+    assert len(_messages(tmp_path / "merged")) == report.sets_written
+
+
 def test_ctrl_c_keeps_the_finished_shards_and_a_rerun_completes(recording, single, tmp_path):
     shards = tmp_path / "shards"
     cmd = _extract_cmd(recording, shards, "--workers", "1")

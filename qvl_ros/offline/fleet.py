@@ -38,7 +38,7 @@ from .shards import (LOCK_NAME, ShardPlan, ShardsError, check_resume, grow_overl
 
 __all__ = ["FleetOptions", "ShardWorker", "ProgressBoard", "run_sharded", "add_arguments", "options_from_args"]
 
-MAX_SEAM_ROUNDS = 12  # overlap x4 each round: far beyond any recording before the run's start is reached
+MAX_SEAM_ROUNDS = 64  # a failing seam's overlap grows x4 a round up to the run's start, where it holds
 
 
 @dataclass
@@ -404,7 +404,7 @@ def _ray_is_up() -> bool:
 def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: bool, stop: threading.Event, stream,
                 progress: str, progress_interval) -> int:
     """The shards not done, in rounds until the seams hold; the summary; the exit status."""
-    from .extract import EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
+    from .extract import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
 
     t0 = time.perf_counter()
     with _Lock(root):
@@ -416,7 +416,7 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
             stream.write(f"plan: {len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''} of "
                          f"{plan.shard_ns / 1e9:g} s, overlap {plan.overlap_ns / 1e9:g} s, in {root}\n")
         stream.flush()
-        failures, ran, local = [], 0, []
+        failures, ran, local, seams = [], 0, [], []
         with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
             try:
                 for _ in range(MAX_SEAM_ROUNDS):
@@ -432,7 +432,8 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
                     ran += len(todo) - len(pending_shards(root, plan))
                     if failures or stop.is_set():
                         break
-                    for index, problem in seam_failures(root, plan):
+                    seams = seam_failures(root, plan)
+                    for index, problem in seams:
                         wider = grow_overlap(root, plan, plan.shards[index])
                         stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
                                      f"{wider / 1e9:g} s of overlap\n")
@@ -449,6 +450,9 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
                  f"{sets} sets, in {root} ({elapsed:.1f} s)\n")
     for shard, reason in failures:
         stream.write(f"  {shard.name} failed: {reason}\n")
+    if left and not failures and seams and not stop.is_set():
+        stream.write(f"  the seams before {', '.join(plan.shards[i].name for i, _ in seams)} still failed after "
+                     f"{MAX_SEAM_ROUNDS} rounds\n")
     if left:
         stream.write(f"rerun the same command to finish the other {len(left)} shard"
                      f"{'s' if len(left) != 1 else ''}\n")
@@ -460,5 +464,8 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
         return EXIT_SIGNAL.get(signals.signum, EXIT_FAILED)
     if left:
         return EXIT_FAILED
+    if sets == 0 and not cfg.allow_empty:
+        stream.write("no set was produced (pass --allow-empty if that is expected)\n")
+        return EXIT_EMPTY
     return EXIT_OK
 

@@ -25,10 +25,10 @@ Overlap (warm-up) and why the sets are the same
     set that one pass also emits, it emits what one pass emits from then on. The shard before it
     read exactly what one pass reads up to ``cut_i`` (and no flush), so its last sets are one
     pass's sets. The seam check compares the two: the shard's last warm-up sets must equal the
-    previous shard's last owned sets (all it saw of them, at least one). A seam that
-    fails (a camera silent across the cut, clips longer than the overlap) is redone with four
-    times the overlap, until the warm-up reaches the start of the run, where it is exact by
-    construction. Only the last shard flushes the synchronizer at the end of the recordings.
+    last sets owned before its cut (all it saw of them, at least one; shards that own no set are
+    passed over to the one before). A seam that fails (a camera silent across the cut, clips
+    longer than the overlap) is redone with four times the overlap of its last run, at most back
+    to the start of the run, where it is exact by construction. Only the last shard flushes the synchronizer at the end of the recordings.
 
 Resume
     A shard is done when its marker exists (it is written after the bag and the export were
@@ -48,7 +48,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 __all__ = ["PLAN_NAME", "PLAN_FORMAT", "Shard", "ShardPlan", "ShardsError", "make_plan", "load_plan",
-           "check_resume", "shard_cuts", "run_shard", "shard_done", "seam_problem", "read_marker",
+           "check_resume", "shard_cuts", "run_shard", "shard_done", "seam_problem", "tail_before", "read_marker",
            "default_overlap_ns", "looks_like_shards_dir"]
 
 PLAN_NAME = "plan.json"
@@ -290,22 +290,25 @@ def overlap_for(root: Path, plan: ShardPlan, shard: Shard) -> int:
 
 
 def grow_overlap(root: Path, plan: ShardPlan, shard: Shard) -> int:
-    """Discard the shard and let its next run read OVERLAP_GROWTH times further back."""
-    wider = overlap_for(root, plan, shard) * OVERLAP_GROWTH
+    """Discard the shard and let its next run read OVERLAP_GROWTH times further back than its last
+    run did (at most to the run's start, where a shard is one pass by construction)."""
+    marker = read_marker(root, shard) or {}
+    current = max(overlap_for(root, plan, shard), int(marker.get("overlap_ns") or 0))
+    wider = min(current * OVERLAP_GROWTH, max(current, shard.start_ns - plan.start_ns))
     discard_shard(root, shard)
     (Path(root) / PARTIAL).mkdir(exist_ok=True)
     (Path(root) / PARTIAL / f"{shard.name}.overlap").write_text(str(wider))
     return wider
 
 
-def seam_problem(plan: ShardPlan, before: dict, after: dict) -> str | None:
-    """Why shard ``after`` may not follow shard ``before`` (None: its sets continue one pass's).
+def seam_problem(plan: ShardPlan, tail: list, after: dict) -> str | None:
+    """Why shard ``after`` may not follow the sets before its cut (None: its sets continue one pass's).
 
-    ``after``'s last warm-up sets must be ``before``'s last owned sets: every warm-up set born
-    since the first of ``before``'s kept sets (its last :data:`TAIL_SETS`), and at least one."""
+    ``tail``: the last sets owned before the cut (:func:`tail_before`). ``after``'s last warm-up
+    sets must be those: every warm-up set born since the first of them, and at least one."""
     if after["read_start_ns"] <= plan.start_ns:
         return None  # read from the run's start: it is one pass
-    warm, tail = after["warmup_sets"], before["tail_sets"]
+    warm = after["warmup_sets"]
     if not warm or not tail:
         return "no synchronized set was completed in the overlap"
     common = [s for s in warm if s[0] >= tail[0][0]]
@@ -379,13 +382,26 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     return marker
 
 
+def tail_before(markers: list, index: int) -> list | None:
+    """The last sets owned before shard ``index``'s cut, as signatures: the kept tail of the nearest
+    earlier shard that owns sets (the shards between own none); [] when no earlier shard owns a
+    set; None while one of those shards is not done."""
+    for j in range(index - 1, -1, -1):
+        if markers[j] is None:
+            return None
+        if markers[j]["tail_sets"]:
+            return markers[j]["tail_sets"]
+    return []
+
+
 def seam_failures(root: Path, plan: ShardPlan) -> list[tuple[int, str]]:
-    """(shard index, reason) for every done shard whose seam with a done predecessor fails."""
+    """(shard index, reason) for every done shard whose seam with the done shards before it fails."""
     markers = [read_marker(root, s) if shard_done(root, plan, s) else None for s in plan.shards]
     bad = []
     for i in range(1, len(markers)):
-        if markers[i - 1] is not None and markers[i] is not None:
-            problem = seam_problem(plan, markers[i - 1], markers[i])
+        tail = tail_before(markers, i) if markers[i] is not None else None
+        if tail is not None:
+            problem = seam_problem(plan, tail, markers[i])
             if problem is not None:
                 bad.append((i, problem))
     return bad
