@@ -287,6 +287,44 @@ def test_a_command_joins_a_running_cluster_by_address_and_its_driver_never_impor
     _assert_same_as_single(tmp_path / "merged", single)
 
 
+def test_workers_that_cannot_fit_on_the_cluster_are_refused(recording, ray_cluster, tmp_path):
+    address = ray.get_runtime_context().gcs_address
+    run = subprocess.run(_extract_cmd(recording, tmp_path / "shards", "--ray", address, "--workers", "2",
+                                      "--gpus-per-worker", "1"), capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "--gpus-per-worker 1: the cluster has 0 GPUs in all, so no worker could ever start" in run.stderr
+    assert "Traceback" not in run.stderr and not list((tmp_path / "shards").glob("shard-*"))
+
+
+@pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the process group"])
+def test_a_signal_stops_a_ray_run_cleanly_and_a_rerun_completes(recording, single, tmp_path, how):
+    """The driver's own handlers stay in place although ray.init installs one for SIGTERM: the run
+    stops with a summary and the signal's exit status, the local cluster goes with it, and the
+    same command finishes the run."""
+    shards = tmp_path / "shards"
+    cmd = _extract_cmd(recording, shards, "--ray", "--workers", "2")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    while proc.poll() is None and not list(shards.glob("shard-*.json")):
+        time.sleep(0.005)
+    if how.startswith("SIGTERM"):
+        proc.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=300)
+    done = len(_markers(shards))
+    if done < 7:  # the usual case: stopped with shards left
+        assert proc.returncode == (143 if how.startswith("SIGTERM") else 130), err
+        assert f"{done} of 7 shards done" in err and "rerun the same command" in err, err
+        assert "Traceback" not in err and "failed" not in err, err
+    _wait_gone(proc.pid)  # the local cluster it started is gone too
+    again = subprocess.run(cmd, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr
+    assert f"7 of 7 shards done ({7 - done} in this run)" in again.stderr
+    merge(shards, tmp_path / "merged")
+    _assert_same_as_single(tmp_path / "merged", single)
+
+
 def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
     """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
     that shard is redone reading further back, and the result is still one pass's."""

@@ -307,6 +307,24 @@ def _ray_init(opts: FleetOptions, stream):
     return ray
 
 
+def _connect(opts: FleetOptions, stream) -> None:
+    """Join (or start) the cluster and check that a worker fits on it; ExtractError otherwise.
+    Called before the run's signal handlers are installed: ray.init installs its own for SIGTERM."""
+    from .extract import ExtractError
+
+    try:
+        ray = _ray_init(opts, stream)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ExtractError(f"--ray {opts.ray}: {reason}") from None
+    have = ray.cluster_resources()
+    need = {"GPU": opts.gpus_per_worker, "CPU": opts.cpus_per_worker or 0}
+    for kind, flag in (("GPU", "--gpus-per-worker"), ("CPU", "--cpus-per-worker")):
+        if need[kind] > have.get(kind, 0):
+            raise ExtractError(f"{flag} {need[kind]:g}: the cluster has {have.get(kind, 0):g} {kind}s in all, so no "
+                               f"worker could ever start")
+
+
 def _run_ray(root: Path, plan: ShardPlan, todo, stop, board: _Board, opts: FleetOptions, stream) -> list:
     """Shards on Ray actors, each with its model; a dead actor is replaced and its shard redone."""
     ray = _ray_init(opts, stream)
@@ -417,6 +435,8 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
                          f"{plan.shard_ns / 1e9:g} s, overlap {plan.overlap_ns / 1e9:g} s, in {root}\n")
         stream.flush()
         failures, ran, local, seams = [], 0, [], []
+        if opts.ray is not None and todo:
+            _connect(opts, stream)
         with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
             try:
                 for _ in range(MAX_SEAM_ROUNDS):
