@@ -325,6 +325,34 @@ def test_a_signal_stops_a_ray_run_cleanly_and_a_rerun_completes(recording, singl
     _assert_same_as_single(tmp_path / "merged", single)
 
 
+def test_force_and_merge_are_refused_while_a_run_works_in_the_directory(recording, single, tmp_path):
+    """A run stopped (SIGSTOP) after its first shard still holds the directory: `--force` deletes
+    nothing and `merge` writes nothing; once it has finished, `--force` starts over."""
+    shards = tmp_path / "shards"
+    cmd = _extract_cmd(recording, shards, "--workers", "1")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while proc.poll() is None and not list(shards.glob("shard-*.json")):
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        before = sorted(p.name for p in shards.iterdir())
+        forced = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+        refused = subprocess.run([sys.executable, "-m", "qvl_ros.offline.cli", "merge", str(shards), "--out",
+                                  str(tmp_path / "early")], capture_output=True, text=True)
+        assert sorted(p.name for p in shards.iterdir()) == before
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    assert forced.returncode == 2 and f"another run or merge is working in {shards}" in forced.stderr, forced.stderr
+    assert refused.returncode == 2 and f"another run or merge is working in {shards}" in refused.stderr
+    assert not (tmp_path / "early").exists()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    again = subprocess.run(cmd + ["--force"], capture_output=True, text=True)
+    assert again.returncode == 0 and "7 of 7 shards done (7 in this run)" in again.stderr, again.stderr
+    merge(shards, tmp_path / "merged")
+    _assert_same_as_single(tmp_path / "merged", single)
+
+
 def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
     """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
     that shard is redone reading further back, and the result is still one pass's."""
@@ -374,6 +402,51 @@ def test_a_camera_silent_over_whole_shards_settles_every_seam_and_matches_one_pa
     merge(tmp_path / "shards", tmp_path / "merged")
     assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
     assert len(_messages(tmp_path / "merged")) == report.sets_written
+
+
+def test_a_model_or_input_rewritten_at_the_same_size_is_refused_and_mixed_devices_do_not_merge(tmp_path):
+    """Resume compares every model file and every input file by size and content fingerprint: a
+    weight byte changed in place, or a recording's metadata edited at the same length, is named.
+    Shards computed with another dtype (a resume on a GPU worker, say) are refused by merge."""
+    import shutil
+
+    from qvl_ros.model import default_tiny_checkpoint
+
+    model = tmp_path / "model"
+    shutil.copytree(default_tiny_checkpoint(), model)
+    rec = tmp_path / "rec"
+    write_camera_bag(rec, [CameraSpec(TOPICS[0], 64, 96, "rgb8", latency=0.004),
+                           CameraSpec(TOPICS[1], 72, 100, "bgr8", latency=0.011)],
+                     ticks=25, period=0.1, t0=1_700_000_000.0, seed=7)
+    cfg = ex.ExtractConfig(inputs=[rec], output=tmp_path / "shards", topics=TOPICS[:2], model=str(model),
+                           device="cpu", handle_signals=False, batch=3, slop=0.02, batch_window=1.0,
+                           features=["vision"])
+    opts = fleet.FleetOptions(workers=1, shard_seconds=1)
+    assert fleet.run_sharded(cfg, opts, stream=io.StringIO(), progress="none") == 0
+
+    weights = model / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    with pytest.raises(ex.ExtractError, match=r"model\.files\.model\.safetensors: \[1765920, '[0-9a-f]{64}'\] in the "
+                                              r"plan, \[1765920, '[0-9a-f]{64}'\] now.*--force"):
+        fleet.run_sharded(cfg, opts, stream=io.StringIO(), progress="none")
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+
+    meta = rec / "metadata.yaml"
+    meta.write_text(meta.read_text().replace("ros_distro: rosbags", "ros_distro: rosbagz"))
+    with pytest.raises(ex.ExtractError, match=r"inputs\[0\]\.files\.metadata\.yaml: \[\d+, '[0-9a-f]{64}'\] in the plan"):
+        fleet.run_sharded(cfg, opts, stream=io.StringIO(), progress="none")
+    meta.write_text(meta.read_text().replace("ros_distro: rosbagz", "ros_distro: rosbags"))
+    assert fleet.run_sharded(cfg, opts, stream=io.StringIO(), progress="none") == 0  # the same run again
+
+    marker = tmp_path / "shards" / "shard-00001.json"
+    assert json.loads(marker.read_text())["dtype"] == "float32"
+    marker.write_text(marker.read_text().replace('"dtype":"float32"', '"dtype":"bfloat16"'))
+    with pytest.raises(ex.ExtractError, match=r"different devices or dtypes \(cpu bfloat16, cpu float32\)"):
+        merge(tmp_path / "shards", tmp_path / "merged")
+    assert not (tmp_path / "merged").exists()
 
 
 def test_ctrl_c_keeps_the_finished_shards_and_a_rerun_completes(recording, single, tmp_path):

@@ -22,9 +22,7 @@ must be at the same paths on every node (a shared file system).
 from __future__ import annotations
 
 import collections
-import fcntl
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -32,9 +30,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .shards import (LOCK_NAME, ShardPlan, ShardsError, check_resume, grow_overlap, load_plan,
-                     looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard, save_plan,
-                     seam_failures)
+from .shards import (DirectoryLock, ShardPlan, ShardsError, check_resume, clear_shards_dir, grow_overlap,
+                     load_plan, looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard,
+                     save_plan, seam_failures)
 
 __all__ = ["FleetOptions", "ShardWorker", "ProgressBoard", "run_sharded", "add_arguments", "options_from_args"]
 
@@ -98,12 +96,11 @@ def _check(opts: FleetOptions) -> None:
 
 
 # ------------------------------------------------------------------------------------- plan
-def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool]:
+def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, DirectoryLock]:
     """Check the run, then write its plan or check it against the one in the shards directory.
-    Returns (shards directory, plan, resumed)."""
+    Returns (shards directory, plan, resumed, the directory's lock, held)."""
     from .bag_io import BagInputError, CameraBags, qvl_typestore
     from .extract import ExtractError, _check_options, _plan, _resolve_model_path
-    from .output_guard import check_writable
 
     _check_options(cfg)
     _check(opts)
@@ -121,53 +118,46 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool]:
     with bags:
         xplan = _plan(cfg, bags)
         plan = make_plan(cfg, bags, xplan, _resolve_model_path(cfg.model), opts.shard_seconds, opts.overlap)
-    resumed = False
-    if root.exists() or root.is_symlink():
-        empty = root.is_dir() and not any(root.iterdir())
-        if cfg.force and not empty:
-            if not looks_like_shards_dir(root):
-                raise ExtractError(f"{root} exists and is not a shards directory (refusing to delete it, "
-                                   f"even with --force)")
-            shutil.rmtree(root)
-        elif not empty:
-            if not looks_like_shards_dir(root):
-                raise ExtractError(f"{root} exists and is not a shards directory of a sharded run "
-                                   f"(no {root / 'plan.json'}); pick another --out")
-            try:
+    try:
+        return (root, *_claim(root, plan, cfg.force))
+    except ShardsError as exc:
+        raise ExtractError(str(exc)) from None
+
+
+def _claim(root: Path, plan: ShardPlan, force: bool) -> tuple[ShardPlan, bool, DirectoryLock]:
+    """Lock the shards directory, then resume the run in it, clear it (``force``) or create it and
+    write the plan. Returns (the plan to run, resumed, the lock)."""
+    from .extract import ExtractError
+    from .output_guard import check_writable
+
+    if (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir())):
+        if not looks_like_shards_dir(root):
+            raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
+                               f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
+                                                             else "pick another --out"))
+        lock = DirectoryLock(root).acquire()  # before anything is read or deleted: no run is working here
+        try:
+            if not force:
                 check_resume(load_plan(root), plan, root)
-            except ShardsError as exc:
-                raise ExtractError(str(exc)) from None
-            plan, resumed = load_plan(root), True
-    if not resumed:
-        try:
-            check_writable(root)
-        except OSError as exc:
-            raise ExtractError(f"--out {root} cannot be created: {exc.strerror or exc}") from None
-        root.mkdir(parents=True, exist_ok=True)
+                return load_plan(root), True, lock
+            clear_shards_dir(root)
+            save_plan(root, plan)
+            return plan, False, lock
+        except BaseException:
+            lock.release()
+            raise
+    try:
+        check_writable(root)
+    except OSError as exc:
+        raise ExtractError(f"--out {root} cannot be created: {exc.strerror or exc}") from None
+    root.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(root).acquire()
+    try:
         save_plan(root, plan)
-    return root, plan, resumed
-
-
-class _Lock:
-    """One run per shards directory (an flock, released by the kernel however the process ends)."""
-
-    def __init__(self, root: Path) -> None:
-        self.path = root / LOCK_NAME
-
-    def __enter__(self):
-        from .extract import ExtractError
-
-        self.fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(self.fd)
-            raise ExtractError(f"another run is working in {self.path.parent}") from None
-        return self
-
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.fd, fcntl.LOCK_UN)
-        os.close(self.fd)
+    except BaseException:
+        lock.release()
+        raise
+    return plan, False, lock
 
 
 # ---------------------------------------------------------------------------------- workers
@@ -401,11 +391,12 @@ def run_sharded(cfg, opts: FleetOptions, stream=None, progress: str = "auto",
                 progress_interval: float | None = None, stop: threading.Event | None = None) -> int:
     """A sharded run (see the module doc); returns the exit status of `qvl-ros extract`."""
     stream = stream if stream is not None else sys.stderr
-    root, plan, resumed = _prepare(cfg, opts, stream)
+    root, plan, resumed, lock = _prepare(cfg, opts, stream)
     stop = stop if stop is not None else threading.Event()
     ray_was_up = opts.ray is None or _ray_is_up()
     try:
-        return _run_rounds(cfg, opts, root, plan, resumed, stop, stream, progress, progress_interval)
+        with lock:
+            return _run_rounds(cfg, opts, root, plan, resumed, stop, stream, progress, progress_interval)
     finally:
         if not ray_was_up:  # this run connected (or started a local cluster): leave now, not at exit, which
             import ray      # took over a second longer
@@ -425,45 +416,44 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
     from .extract import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
 
     t0 = time.perf_counter()
-    with _Lock(root):
-        todo = pending_shards(root, plan)
-        if resumed:
-            stream.write(f"resuming {root}: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards done, "
-                         f"{len(todo)} to run\n")
-        else:
-            stream.write(f"plan: {len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''} of "
-                         f"{plan.shard_ns / 1e9:g} s, overlap {plan.overlap_ns / 1e9:g} s, in {root}\n")
-        stream.flush()
-        failures, ran, local, seams = [], 0, [], []
-        if opts.ray is not None and todo:
-            _connect(opts, stream)
-        with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
-            try:
-                for _ in range(MAX_SEAM_ROUNDS):
-                    todo = pending_shards(root, plan)
-                    if not todo or stop.is_set():
-                        break
-                    board = _Board(plan, todo, progress, progress_interval, stream)
-                    if opts.ray is None:
-                        failures = _run_here(root, plan, todo, stop, board, cfg, stream, local)
-                    else:
-                        failures = _run_ray(root, plan, todo, stop, board, opts, stream)
-                    board.finish()
-                    ran += len(todo) - len(pending_shards(root, plan))
-                    if failures or stop.is_set():
-                        break
-                    seams = seam_failures(root, plan)
-                    for index, problem in seams:
-                        wider = grow_overlap(root, plan, plan.shards[index])
-                        stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
-                                     f"{wider / 1e9:g} s of overlap\n")
-            except KeyboardInterrupt:  # a second Ctrl-C
-                stop.set()
-                if signals.signum is None:
-                    signals.signum = signal.SIGINT
-            signals.closing = True
-        left = pending_shards(root, plan)
-        markers = [read_marker(root, s) for s in plan.shards if s not in left]
+    todo = pending_shards(root, plan)
+    if resumed:
+        stream.write(f"resuming {root}: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards done, "
+                     f"{len(todo)} to run\n")
+    else:
+        stream.write(f"plan: {len(plan.shards)} shard{'s' if len(plan.shards) != 1 else ''} of "
+                     f"{plan.shard_ns / 1e9:g} s, overlap {plan.overlap_ns / 1e9:g} s, in {root}\n")
+    stream.flush()
+    failures, ran, local, seams = [], 0, [], []
+    if opts.ray is not None and todo:
+        _connect(opts, stream)
+    with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
+        try:
+            for _ in range(MAX_SEAM_ROUNDS):
+                todo = pending_shards(root, plan)
+                if not todo or stop.is_set():
+                    break
+                board = _Board(plan, todo, progress, progress_interval, stream)
+                if opts.ray is None:
+                    failures = _run_here(root, plan, todo, stop, board, cfg, stream, local)
+                else:
+                    failures = _run_ray(root, plan, todo, stop, board, opts, stream)
+                board.finish()
+                ran += len(todo) - len(pending_shards(root, plan))
+                if failures or stop.is_set():
+                    break
+                seams = seam_failures(root, plan)
+                for index, problem in seams:
+                    wider = grow_overlap(root, plan, plan.shards[index])
+                    stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
+                                 f"{wider / 1e9:g} s of overlap\n")
+        except KeyboardInterrupt:  # a second Ctrl-C
+            stop.set()
+            if signals.signum is None:
+                signals.signum = signal.SIGINT
+        signals.closing = True
+    left = pending_shards(root, plan)
+    markers = [read_marker(root, s) for s in plan.shards if s not in left]
     sets = sum(m["sets"] for m in markers if m)
     elapsed = time.perf_counter() - t0
     stream.write(f"{len(plan.shards) - len(left)} of {len(plan.shards)} shards done ({ran} in this run), "

@@ -26,7 +26,7 @@ __all__ = ["merge", "add_arguments", "run_cli", "main"]
 def _check(root: Path, out: Path, export: Path | None, force: bool):
     from .extract import ExtractError, _check_target, _looks_like_export
     from .output_guard import check_writable, looks_like_output
-    from .shards import ShardsError, load_plan, pending_shards, seam_failures
+    from .shards import ShardsError, load_plan, pending_shards, read_marker, seam_failures
 
     try:
         plan = load_plan(root)
@@ -42,6 +42,11 @@ def _check(root: Path, out: Path, export: Path | None, force: bool):
         index, problem = bad[0]
         raise ExtractError(f"the seam before {plan.shards[index].name} fails its check ({problem}); rerun the "
                            f"extraction command to redo it")
+    markers = [read_marker(root, s) for s in plan.shards]
+    kinds = sorted({f"{m['device'].split(':')[0]} {m.get('dtype', '?')}" for m in markers})
+    if len(kinds) > 1:
+        raise ExtractError(f"the shards were computed on different devices or dtypes ({', '.join(kinds)}): no "
+                           f"one-process run writes those results; extract again with --force on one kind")
     if export is not None and not plan.export:
         raise ExtractError(f"--export: the shards in {root} were extracted without --export")
     for target in [out] + ([export] if export else []):
@@ -91,7 +96,21 @@ def _export_rows(path: Path):
 
 def merge(root, out, export=None, force: bool = False) -> dict:
     """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``, by default the
-    run's --export); returns counts (with ``export``: the directory written, or None)."""
+    run's --export); returns counts (with ``export``: the directory written, or None). Holds the
+    shards directory's lock: no run works in it meanwhile."""
+    from .extract import ExtractError
+    from .shards import DirectoryLock, ShardsError, load_plan
+
+    try:
+        load_plan(root)  # a shards directory, before a lock file is made in it
+        lock = DirectoryLock(root).acquire()
+    except ShardsError as exc:
+        raise ExtractError(str(exc)) from None
+    with lock:
+        return _merge(root, out, export, force)
+
+
+def _merge(root, out, export, force: bool) -> dict:
     from .bag_io import FeatureBagWriter
     from .export import FeatureExporter
     from .extract import _remove
@@ -147,6 +166,7 @@ def merge(root, out, export=None, force: bool = False) -> dict:
             if closed:
                 guard.finish()
     counts["export"] = export
+    counts["devices"] = sorted({m.get("device_name", "?") for m in markers})
     return counts
 
 
@@ -172,6 +192,10 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros merge") -> int:
         return EXIT_FAILED
     sys.stderr.write(f"{counts['shards']} shards merged: {counts['sets']} sets, {counts['messages']} messages "
                      f"to {args.out}" + (f", export {counts['export']}" if counts["export"] else "") + "\n")
+    if len(counts["devices"]) > 1:
+        sys.stderr.write(f"note: the shards were computed on {len(counts['devices'])} kinds of device "
+                         f"({'; '.join(counts['devices'])}); a one-process run on one of them may differ in the "
+                         f"last bits\n")
     return EXIT_OK
 
 

@@ -38,6 +38,7 @@ Resume
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import hashlib
 import json
 import math
@@ -124,19 +125,37 @@ _OUTPUT_OPTIONS = ("topics", "camera_names", "device", "dtype", "min_pixels", "m
                    "batch_window")
 
 
+def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
+    """sha256 of a file's first and last MiB (the whole file when it is smaller): cheap on a
+    recording or a checkpoint of any size, and it tells a file rewritten at the same size."""
+    digest = hashlib.sha256()
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        digest.update(f.read(edge))
+        if size > edge:
+            f.seek(max(edge, size - edge))
+            digest.update(f.read(edge))
+    return digest.hexdigest()
+
+
+def _files_identity(paths, base: Path | None) -> dict:
+    """{name: [size, fingerprint]} of files (names relative to ``base``)."""
+    return {str(p.relative_to(base)) if base is not None else p.name: [p.stat().st_size, _fingerprint(p)]
+            for p in sorted(paths)}
+
+
 def _input_identity(path: Path) -> dict:
-    """A recording as a rerun must find it again: its files' names and sizes, and its time range."""
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    return {"path": str(path.resolve()),
-            "files": [[str(p.relative_to(path)) if path.is_dir() else p.name, p.stat().st_size] for p in files]}
+    """A recording as a rerun must find it again: its files' names, sizes and fingerprints."""
+    if path.is_dir():
+        return {"path": str(path.resolve()), "files": _files_identity((p for p in path.rglob("*") if p.is_file()), path)}
+    return {"path": str(path.resolve()), "files": _files_identity([path], None)}
 
 
 def _model_identity(path: Path) -> dict:
-    """The checkpoint: config.json's hash and every weight file's name and size."""
-    config = path / "config.json"
-    digest = hashlib.sha256(config.read_bytes()).hexdigest() if config.is_file() else None
-    weights = sorted([p.name, p.stat().st_size] for p in path.glob("*.safetensors"))
-    return {"path": str(path.resolve()), "config_sha256": digest, "weights": weights}
+    """The checkpoint: every file of its directory (weights, config, tokenizer, preprocessor and
+    generation settings) by name, size and fingerprint."""
+    files = (p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+    return {"path": str(path.resolve()), "files": _files_identity(files, path)}
 
 
 def _options(cfg) -> dict:
@@ -153,6 +172,9 @@ def _differences(old: Any, new: Any, where: str = "") -> list[str]:
         for key in sorted(set(old) | set(new), key=str):
             out += _differences(old.get(key), new.get(key), f"{where}.{key}" if where else str(key))
         return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new) and \
+            any(isinstance(x, dict) for x in old + new):
+        return [d for i, (a, b) in enumerate(zip(old, new)) for d in _differences(a, b, f"{where}[{i}]")]
     return [] if old == new else [f"{where}: {old!r} in the plan, {new!r} now"]
 
 
@@ -235,6 +257,48 @@ def looks_like_shards_dir(path: Path) -> bool:
             continue
         return False
     return True
+
+
+class DirectoryLock:
+    """One run or merge at a time in a shards directory: an flock on its ``.lock`` file, released
+    by the kernel however the process ends."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(root) / LOCK_NAME
+        self.fd: int | None = None
+
+    def acquire(self) -> "DirectoryLock":
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ShardsError(f"another run or merge is working in {self.path.parent}") from None
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+    def __enter__(self) -> "DirectoryLock":
+        return self if self.fd is not None else self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def clear_shards_dir(root: Path) -> None:
+    """Delete a run's files (``--force``), keeping the lock file that the caller holds."""
+    for entry in Path(root).iterdir():
+        if entry.name == LOCK_NAME:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def _write_json(path: Path, data: dict, indent: int | None = None) -> None:
@@ -371,6 +435,7 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
         "overlap_ns": overlap, "sets": report.sets_written, "captions": report.captions_written,
         "frames_read": source.frames_read, "failed": [c.failed for c in report.cameras],
         "elapsed_s": round(report.elapsed_s, 3), "model": report.model, "device": report.device,
+        "device_name": device_name(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "host": os.uname().nodename, "pid": os.getpid(),
         "warmup_sets": source.warmup_sets, "tail_sets": list(source.tail_sets),
     }
@@ -392,6 +457,24 @@ def tail_before(markers: list, index: int) -> list | None:
         if markers[j]["tail_sets"]:
             return markers[j]["tail_sets"]
     return []
+
+
+def device_name(device) -> str:
+    """What computed a shard: the GPU's name, or the CPU's model name."""
+    if device.type == "cuda":
+        import torch
+
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() or "cpu"
 
 
 def seam_failures(root: Path, plan: ShardPlan) -> list[tuple[int, str]]:
