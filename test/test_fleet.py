@@ -449,6 +449,19 @@ def test_a_model_or_input_rewritten_at_the_same_size_is_refused_and_mixed_device
     assert not (tmp_path / "merged").exists()
 
 
+def test_shard_options_without_a_sharded_run_or_without_a_batch_grid_are_refused(recording, tmp_path):
+    plain = [sys.executable, "-m", "qvl_ros.offline.cli", "extract", *map(str, recording["inputs"]), "--topics",
+             *TOPICS, "--out", str(tmp_path / "out"), "--shard-seconds", "60", "--gpus-per-worker", "1"]
+    run = subprocess.run(plain, capture_output=True, text=True)
+    assert run.returncode == 2, run.stderr
+    assert "--gpus-per-worker, --shard-seconds: options of a sharded run, which needs --workers N" in run.stderr
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ex.ExtractError, match="--batch-window 0 cannot be sharded"):
+        fleet.run_sharded(_config(recording, tmp_path / "shards", batch_window=0.0), fleet.FleetOptions(workers=1),
+                          stream=io.StringIO(), progress="none")
+    assert not (tmp_path / "shards").exists()
+
+
 def test_ctrl_c_keeps_the_finished_shards_and_a_rerun_completes(recording, single, tmp_path):
     shards = tmp_path / "shards"
     cmd = _extract_cmd(recording, shards, "--workers", "1")

@@ -322,7 +322,8 @@ class _SetSource:
         self.start_ns, self.stop_ns = start_ns, stop_ns
         self.stopped = stopped
         self.window = dataclasses.replace(window) if window is not None else _Window()
-        self.warmup_sets: list = []  # signatures of the sets born before window.own_from_ns (not yielded)
+        # signatures of the last window.warmup_keep sets born before window.own_from_ns (not yielded)
+        self.warmup_sets: collections.deque = collections.deque(maxlen=self.window.warmup_keep)
         # signatures of the last window.tail_keep sets yielded
         self.tail_sets: collections.deque = collections.deque(maxlen=self.window.tail_keep)
         n = len(bags.cameras)
@@ -410,6 +411,7 @@ class _Window:
 
     own_from_ns: int = -(1 << 63)
     tail_keep: int = 0  # signatures are kept of this many of the last owned sets
+    warmup_keep: int | None = None  # and of this many of the last warm-up sets (None: all)
     flush_at_end: bool = True
     owning: bool = False
 

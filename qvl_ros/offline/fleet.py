@@ -57,10 +57,10 @@ def add_arguments(parser) -> None:
     group.add_argument("--workers", type=int, default=None, metavar="N",
                        help="workers (Ray actors, one model each); --workers 1 without --ray runs the same "
                             "sharded, resumable run in this process")
-    group.add_argument("--gpus-per-worker", type=float, default=0.0, metavar="G", help="GPUs per Ray worker (default 0)")
+    group.add_argument("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per Ray worker (default 0)")
     group.add_argument("--cpus-per-worker", type=float, default=None, metavar="C",
                        help="CPUs per Ray worker (default: the cluster's CPUs divided by the workers)")
-    group.add_argument("--shard-seconds", type=float, default=300.0, metavar="SEC",
+    group.add_argument("--shard-seconds", type=float, default=None, metavar="SEC",
                        help="recording time per shard, a multiple of --batch-window (default 300)")
     group.add_argument("--overlap", type=float, default=None, metavar="SEC",
                        help="synchronization warm-up read before each shard (default: 2 s, more for a wide "
@@ -69,11 +69,22 @@ def add_arguments(parser) -> None:
 
 def options_from_args(args) -> FleetOptions | None:
     """The sharded-run options, or None when the run is a plain one-process extraction."""
+    from .extract import ExtractError
+
+    given = {flag: value for flag, value in (("--gpus-per-worker", args.gpus_per_worker),
+                                             ("--cpus-per-worker", args.cpus_per_worker),
+                                             ("--shard-seconds", args.shard_seconds), ("--overlap", args.overlap))
+             if value is not None}
     if args.ray is None and args.workers is None:
+        if given:
+            raise ExtractError(f"{', '.join(given)}: options of a sharded run, which needs --workers N (in this "
+                               f"process: --workers 1) or --ray")
         return None
+    defaults = FleetOptions()
     return FleetOptions(workers=args.workers if args.workers is not None else 1, ray=args.ray,
-                        gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
-                        shard_seconds=args.shard_seconds, overlap=args.overlap)
+                        gpus_per_worker=given.get("--gpus-per-worker", defaults.gpus_per_worker),
+                        cpus_per_worker=args.cpus_per_worker,
+                        shard_seconds=given.get("--shard-seconds", defaults.shard_seconds), overlap=args.overlap)
 
 
 def _check(opts: FleetOptions) -> None:
@@ -104,6 +115,9 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, Di
 
     _check_options(cfg)
     _check(opts)
+    if not cfg.batch_window:
+        raise ExtractError("--batch-window 0 cannot be sharded: shards are cut on the batch-window grid so that "
+                           "their batches are one pass's batches")
     root = Path(cfg.output)
     if any(root.resolve() == Path(p).resolve() for p in cfg.inputs):
         raise ExtractError(f"{root} is also an input")
@@ -347,6 +361,10 @@ def _run_ray(root: Path, plan: ShardPlan, todo, stop, board: _Board, opts: Fleet
                     board.live.pop(shard.index, None)
                     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
                     stream.write(f"\nworker died during {shard.name} ({reason}); the shard will be redone\n")
+                    try:  # an actor only unreachable for now must not finish the shard beside its replacement
+                        ray.kill(actor)
+                    except Exception:
+                        pass
                     if deaths > 2 * n + 2:
                         failures.append((shard, f"workers keep dying ({deaths} so far); last: {exc}"))
                         queue.clear()

@@ -301,6 +301,23 @@ def clear_shards_dir(root: Path) -> None:
             entry.unlink()
 
 
+def _sync_tree(path: Path, files: bool = True) -> None:
+    """fsync a directory's files (``files``) and the directory itself."""
+    if files:
+        for p in Path(path).rglob("*"):
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _write_json(path: Path, data: dict, indent: int | None = None) -> None:
     """Whole or not at all: a temporary file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
@@ -369,7 +386,9 @@ def seam_problem(plan: ShardPlan, tail: list, after: dict) -> str | None:
     """Why shard ``after`` may not follow the sets before its cut (None: its sets continue one pass's).
 
     ``tail``: the last sets owned before the cut (:func:`tail_before`). ``after``'s last warm-up
-    sets must be those: every warm-up set born since the first of them, and at least one."""
+    sets must be those: every warm-up set born since the first of them, and at least one. A shard
+    keeps only its last TAIL_SETS + 1 warm-up sets: births only grow in reading order, so those
+    are all the ones born since the tail's first when the seam holds, and one too many when not."""
     if after["read_start_ns"] <= plan.start_ns:
         return None  # read from the run's start: it is one pass
     warm = after["warmup_sets"]
@@ -415,14 +434,15 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     try:
         xplan = ex._plan(cfg, bags)
         window = ex._Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
-                            tail_keep=0 if last else TAIL_SETS, flush_at_end=last)
+                            tail_keep=0 if last else TAIL_SETS, warmup_keep=TAIL_SETS + 1, flush_at_end=last)
         xplan = dataclasses.replace(xplan, start_ns=read_start, stop_ns=shard.stop_ns if not last else plan.stop_ns,
                                     window=window)
         xplan.input_names = list(plan.options["input_names"])
-        run = ex._Extraction(xplan, bags, model, stop_event, open(os.devnull, "w"), None)
-        if on_progress is not None:
-            run.on_progress = lambda report: on_progress(run.source.frames_read, report.sets_written)
-        report = run.run("none", None)
+        with open(os.devnull, "w") as quiet:
+            run = ex._Extraction(xplan, bags, model, stop_event, quiet, None)
+            if on_progress is not None:
+                run.on_progress = lambda report: on_progress(run.source.frames_read, report.sets_written)
+            report = run.run("none", None)
     finally:
         bags.close()
     if report.interrupted is not None or stop_event.is_set():
@@ -437,11 +457,14 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
         "elapsed_s": round(report.elapsed_s, 3), "model": report.model, "device": report.device,
         "device_name": device_name(model.device), "dtype": str(model.dtype).removeprefix("torch."),
         "host": os.uname().nodename, "pid": os.getpid(),
-        "warmup_sets": source.warmup_sets, "tail_sets": list(source.tail_sets),
+        "warmup_sets": list(source.warmup_sets), "tail_sets": list(source.tail_sets),
     }
+    for path in (out, export) if plan.export else (out,):
+        _sync_tree(path)  # on disk before the marker vouches for it (a power loss, not only a kill)
     os.replace(out, root / shard.name)
     if plan.export:
         os.replace(export, root / f"{shard.name}.export")
+    _sync_tree(root, files=False)
     _write_json(marker_path(root, shard), marker)
     (partial / f"{shard.name}.overlap").unlink(missing_ok=True)
     return marker
