@@ -1093,6 +1093,7 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     """Run from parsed arguments; print progress and the summary on stderr; return the exit code."""
+    fleet = None
     try:
         _check_number(args.progress_interval, "progress-interval", maximum=1e6)
         from .fleet import options_from_args, run_sharded
@@ -1109,8 +1110,9 @@ def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:
     except ExtractError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
-    except KeyboardInterrupt:  # Ctrl-C before the run started (model loading): nothing written
-        sys.stderr.write(f"\n{prog}: interrupted before extraction started; nothing was written\n")
+    except KeyboardInterrupt:  # Ctrl-C before the run started (model loading; joining a cluster)
+        sys.stderr.write(f"\n{prog}: interrupted before extraction started; " + (
+            "nothing was written\n" if fleet is None else "no shard started; rerun the same command to go on\n"))
         return EXIT_SIGNAL[signal.SIGINT]
     sys.stderr.write(format_summary(report) + "\n")
     sys.stderr.flush()
