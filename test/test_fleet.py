@@ -296,6 +296,19 @@ def test_workers_that_cannot_fit_on_the_cluster_are_refused(recording, ray_clust
     assert "Traceback" not in run.stderr and not list((tmp_path / "shards").glob("shard-*"))
 
 
+def test_an_address_where_nothing_answers_is_a_prompt_error(recording, tmp_path):
+    import socket
+
+    with socket.socket() as free:  # a port nothing listens on once this is closed
+        free.bind(("127.0.0.1", 0))
+        port = free.getsockname()[1]
+    run = subprocess.run(_extract_cmd(recording, tmp_path / "shards", "--ray", f"127.0.0.1:{port}"),
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2, run.stderr
+    assert f"--ray 127.0.0.1:{port}: nothing answers there (Connection refused)" in run.stderr
+    assert "Traceback" not in run.stderr
+
+
 @pytest.mark.parametrize("how", ["SIGTERM to the driver", "Ctrl-C to the process group"])
 def test_a_signal_stops_a_ray_run_cleanly_and_a_rerun_completes(recording, single, tmp_path, how):
     """The driver's own handlers stay in place although ray.init installs one for SIGTERM: the run

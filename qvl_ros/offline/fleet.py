@@ -311,11 +311,29 @@ def _ray_init(opts: FleetOptions, stream):
     return ray
 
 
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """A HOST:PORT that takes no connection is an error now: ray.init would retry it for minutes,
+    deaf to Ctrl-C."""
+    import socket
+
+    from .extract import ExtractError
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit() or "://" in address:
+        return  # "local", "auto", a ray:// client address: Ray's own errors are prompt
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ExtractError(f"--ray {address}: nothing answers there ({exc.strerror or exc}); is the cluster "
+                           f"up (ray start --head), and is this its GCS address?") from None
+
+
 def _connect(opts: FleetOptions, stream) -> None:
     """Join (or start) the cluster and check that a worker fits on it; ExtractError otherwise.
     Called before the run's signal handlers are installed: ray.init installs its own for SIGTERM."""
     from .extract import ExtractError
 
+    _probe(opts.ray)
     try:
         ray = _ray_init(opts, stream)
     except (ConnectionError, RuntimeError, ValueError) as exc:

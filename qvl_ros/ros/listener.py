@@ -128,6 +128,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         if node is not None:
             print(node.summary(), flush=True)
+    except Exception as exc:
+        from .shutdown import ended_by_shutdown
+
+        if not ended_by_shutdown(exc):
+            raise
+        if node is not None:  # a signal shut the context down inside spin_once: a clean exit
+            print(node.summary(), flush=True)
     finally:
         if node is not None:
             node.destroy_node()

@@ -941,7 +941,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
     except Exception as exc:
-        if node is None or rclpy.ok():  # else a signal shut the context down under a callback
+        from .shutdown import ended_by_shutdown
+
+        if node is None or not ended_by_shutdown(exc):  # else a signal shut the context down under a callback
             msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
             if node is not None:
                 node.get_logger().fatal(msg)

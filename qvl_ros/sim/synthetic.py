@@ -332,8 +332,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             executor.spin()
     except (KeyboardInterrupt, ExternalShutdownException):
         pass
-    except Exception:
-        if rclpy.ok():
+    except Exception as exc:
+        from ..ros.shutdown import ended_by_shutdown
+
+        if not ended_by_shutdown(exc):
             raise
         # SIGTERM/SIGINT shut the context down while a tick was publishing: a clean exit.
     finally:

@@ -1,0 +1,44 @@
+"""qvl_ros.ros.shutdown: what an entry point treats as a signal's shutdown rather than a failure.
+
+Oracle: rclpy itself. A second context is shut down under an executor, as a signal does under the
+node's executor, while the process's default context is still up (the race in which
+``rclpy.ok()`` alone says nothing); the RCLError rclpy raises then must count as a shutdown, and
+other errors must not.
+"""
+import pytest
+
+rclpy = pytest.importorskip("rclpy")
+
+from rclpy.context import Context  # noqa: E402
+from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor  # noqa: E402
+
+from qvl_ros.ros.shutdown import ended_by_shutdown  # noqa: E402
+
+
+def test_an_error_of_a_shut_down_context_is_a_shutdown_and_other_errors_are_failures():
+    own_default = not rclpy.ok()
+    if own_default:
+        rclpy.init()
+    other = Context()
+    rclpy.init(context=other)
+    node = rclpy.create_node("shutdown_probe", context=other)
+    executor = SingleThreadedExecutor(context=other)
+    executor.add_node(node)
+    try:
+        other.shutdown()
+        with pytest.raises(Exception) as raised:
+            executor.spin_once(timeout_sec=0.1)
+        assert rclpy.ok()  # the default context is up: only the error's text tells
+        assert ended_by_shutdown(raised.value), raised.value
+        assert not ended_by_shutdown(RuntimeError("model worker failed: out of memory"))
+        assert not ended_by_shutdown(ValueError("bad parameter"))
+        assert ended_by_shutdown(ExternalShutdownException())
+        assert ended_by_shutdown(KeyboardInterrupt())
+    finally:
+        executor.shutdown(timeout_sec=1.0)
+        node.destroy_node()
+        other.try_shutdown()
+        if own_default:
+            rclpy.try_shutdown()
+    if own_default:
+        assert ended_by_shutdown(RuntimeError("anything")), "with no context up, everything is the shutdown"
