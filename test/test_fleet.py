@@ -209,6 +209,14 @@ def _extract_cmd(recording, shards: Path, *extra: str) -> list[str]:
             "--topics", *TOPICS, "--out", str(shards), *_cli_options(), *SHARD_ARGS, *extra]
 
 
+def _start_until_a_shard_is_done(cmd: list[str], shards: Path, **popen) -> subprocess.Popen:
+    """Start an extraction command; return once its first shard marker is there (or it ended)."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    while proc.poll() is None and not list(shards.glob("shard-*.json")):
+        time.sleep(0.005)
+    return proc
+
+
 def _wait_gone(pgid: int) -> None:
     for _ in range(2000):
         try:
@@ -224,10 +232,7 @@ def test_a_killed_driver_resumes_with_only_the_missing_shards(recording, single,
     shards = tmp_path / "shards"
     extra = ["--ray", "--workers", "2"] if where == "ray" else ["--workers", "1"]
     cmd = _extract_cmd(recording, shards, *extra)
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    while proc.poll() is None and not list(shards.glob("shard-*.json")):
-        time.sleep(0.005)
+    proc = _start_until_a_shard_is_done(cmd, shards, start_new_session=True)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     _wait_gone(proc.pid)
@@ -316,10 +321,7 @@ def test_a_signal_stops_a_ray_run_cleanly_and_a_rerun_completes(recording, singl
     same command finishes the run."""
     shards = tmp_path / "shards"
     cmd = _extract_cmd(recording, shards, "--ray", "--workers", "2")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    while proc.poll() is None and not list(shards.glob("shard-*.json")):
-        time.sleep(0.005)
+    proc = _start_until_a_shard_is_done(cmd, shards, start_new_session=True)
     if how.startswith("SIGTERM"):
         proc.send_signal(signal.SIGTERM)
     else:
@@ -343,9 +345,7 @@ def test_force_and_merge_are_refused_while_a_run_works_in_the_directory(recordin
     nothing and `merge` writes nothing; once it has finished, `--force` starts over."""
     shards = tmp_path / "shards"
     cmd = _extract_cmd(recording, shards, "--workers", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not list(shards.glob("shard-*.json")):
-        time.sleep(0.005)
+    proc = _start_until_a_shard_is_done(cmd, shards)
     proc.send_signal(signal.SIGSTOP)
     try:
         before = sorted(p.name for p in shards.iterdir())
@@ -366,14 +366,15 @@ def test_force_and_merge_are_refused_while_a_run_works_in_the_directory(recordin
     _assert_same_as_single(tmp_path / "merged", single)
 
 
-def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
-    """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
-    that shard is redone reading further back, and the result is still one pass's."""
+def _silent_camera_run(tmp_path, ticks: int, silent: range, seed: int):
+    """Two cameras, camera 1 silent over the ticks ``silent``: one pass, then a sharded run in this
+    process (1 s shards, 0.3 s overlap). Returns (the sharded run's output, its exit status, sets
+    of one pass)."""
     topics = TOPICS[:2]
-    rec = tmp_path / "gap"
+    rec = tmp_path / "rec"
     write_camera_bag(rec, [CameraSpec(topics[0], 64, 96, "rgb8", latency=0.004),
                            CameraSpec(topics[1], 72, 100, "bgr8", latency=0.011)],
-                     ticks=40, period=0.1, t0=1_700_000_000.0, drop=[(1, t) for t in range(17, 24)], seed=5)
+                     ticks=ticks, period=0.1, t0=1_700_000_000.0, drop=[(1, t) for t in silent], seed=seed)
     common = dict(inputs=[rec], topics=topics, device="cpu", handle_signals=False, batch=3, slop=0.02,
                   batch_window=1.0, features=["vision"])
     report = ex.extract(ex.ExtractConfig(output=tmp_path / "single", **common), progress="none")
@@ -381,40 +382,37 @@ def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path)
     code = fleet.run_sharded(ex.ExtractConfig(output=tmp_path / "shards", **common),
                              fleet.FleetOptions(workers=1, shard_seconds=1, overlap=0.3), stream=stream,
                              progress="none")
-    assert code == 0, stream.getvalue()
-    assert "seam before shard-00002: no synchronized set was completed in the overlap; redoing it with 1.2 s" \
-        in stream.getvalue()
-    assert _markers(tmp_path / "shards")["shard-00002.json"]["overlap_ns"] == 1_200_000_000
+    return stream.getvalue(), code, report.sets_written
+
+
+def _assert_merged_is_one_pass(tmp_path, sets: int) -> None:
     merge(tmp_path / "shards", tmp_path / "merged")
     assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
-    assert len(_messages(tmp_path / "merged")) == report.sets_written
+    assert len(_messages(tmp_path / "merged")) == sets
+
+
+def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path):
+    """Camera 1 is silent from 1.7 s to 2.3 s: the overlap before the cut at 2 s holds no set, so
+    that shard is redone reading further back, and the result is still one pass's."""
+    out, code, sets = _silent_camera_run(tmp_path, 40, range(17, 24), seed=5)
+    assert code == 0, out
+    assert "seam before shard-00002: no synchronized set was completed in the overlap; redoing it with 1.2 s" in out
+    assert _markers(tmp_path / "shards")["shard-00002.json"]["overlap_ns"] == 1_200_000_000
+    _assert_merged_is_one_pass(tmp_path, sets)
 
 
 def test_a_camera_silent_over_whole_shards_settles_every_seam_and_matches_one_pass(tmp_path):
     """Camera 1 is silent from 0.8 s to 3.2 s: shards 1 and 2 own no set, and the shard after the
     gap must read back past it. Its overlap grows from the widened one (0.3, 1.2, then to the
     run's start), and the seam check passes over the shards that own no set."""
-    topics = TOPICS[:2]
-    rec = tmp_path / "long-gap"
-    write_camera_bag(rec, [CameraSpec(topics[0], 64, 96, "rgb8", latency=0.004),
-                           CameraSpec(topics[1], 72, 100, "bgr8", latency=0.011)],
-                     ticks=50, period=0.1, t0=1_700_000_000.0, drop=[(1, t) for t in range(8, 32)], seed=6)
-    common = dict(inputs=[rec], topics=topics, device="cpu", handle_signals=False, batch=3, slop=0.02,
-                  batch_window=1.0, features=["vision"])
-    report = ex.extract(ex.ExtractConfig(output=tmp_path / "single", **common), progress="none")
-    stream = io.StringIO()
-    code = fleet.run_sharded(ex.ExtractConfig(output=tmp_path / "shards", **common),
-                             fleet.FleetOptions(workers=1, shard_seconds=1, overlap=0.3), stream=stream,
-                             progress="none")
-    assert code == 0, stream.getvalue()
+    out, code, sets = _silent_camera_run(tmp_path, 50, range(8, 32), seed=6)
+    assert code == 0, out
     plan = json.loads((tmp_path / "shards" / "plan.json").read_text())
     markers = _markers(tmp_path / "shards")
     assert [markers[f"shard-{i:05d}.json"]["sets"] == 0 for i in range(5)] == [False, True, True, False, False]
-    assert "redoing it with 1.2 s" in stream.getvalue()
+    assert "redoing it with 1.2 s" in out
     assert markers["shard-00003.json"]["read_start_ns"] == plan["start_ns"]  # read back past the gap
-    merge(tmp_path / "shards", tmp_path / "merged")
-    assert _messages(tmp_path / "merged") == _messages(tmp_path / "single")
-    assert len(_messages(tmp_path / "merged")) == report.sets_written
+    _assert_merged_is_one_pass(tmp_path, sets)
 
 
 def test_a_model_or_input_rewritten_at_the_same_size_is_refused_and_mixed_devices_do_not_merge(tmp_path):
@@ -478,9 +476,7 @@ def test_shard_options_without_a_sharded_run_or_without_a_batch_grid_are_refused
 def test_ctrl_c_keeps_the_finished_shards_and_a_rerun_completes(recording, single, tmp_path):
     shards = tmp_path / "shards"
     cmd = _extract_cmd(recording, shards, "--workers", "1")
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    while proc.poll() is None and not list(shards.glob("shard-*.json")):
-        time.sleep(0.005)
+    proc = _start_until_a_shard_is_done(cmd, shards)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=300)
     done = len(_markers(shards))

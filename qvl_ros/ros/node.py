@@ -917,7 +917,11 @@ class QvlLifecycleNode(QvlPipeline, LifecycleNode):
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``qvl_node`` / ``python -m qvl_ros.ros.node``; returns the exit code."""
+    import faulthandler
+
     from ..model.kernels import tune_cpu_allocator
+
+    faulthandler.enable()  # a crash in native code (rcl, DDS, torch) leaves every thread's Python stack in the log
 
     tune_cpu_allocator()  # before the model thread allocates (see its docstring)
     args = list(sys.argv if argv is None else argv)
