@@ -144,34 +144,29 @@ def _claim(root: Path, plan: ShardPlan, force: bool) -> tuple[ShardPlan, bool, D
     from .extract import ExtractError
     from .output_guard import check_writable
 
-    if (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir())):
-        if not looks_like_shards_dir(root):
-            raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
-                               f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
-                                                             else "pick another --out"))
-        lock = DirectoryLock(root).acquire()  # before anything is read or deleted: no run is working here
+    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir()))
+    if found and not looks_like_shards_dir(root):
+        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
+                           f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
+                                                         else "pick another --out"))
+    if not found:
         try:
-            if not force:
-                check_resume(load_plan(root), plan, root)
-                return load_plan(root), True, lock
+            check_writable(root)
+        except OSError as exc:
+            raise ExtractError(f"--out {root} cannot be created: {exc.strerror or exc}") from None
+        root.mkdir(parents=True, exist_ok=True)
+    lock = DirectoryLock(root).acquire()  # before anything is read, deleted or written: no run works here
+    try:
+        if found and not force:
+            check_resume(load_plan(root), plan, root)
+            return load_plan(root), True, lock
+        if found:
             clear_shards_dir(root)
-            save_plan(root, plan)
-            return plan, False, lock
-        except BaseException:
-            lock.release()
-            raise
-    try:
-        check_writable(root)
-    except OSError as exc:
-        raise ExtractError(f"--out {root} cannot be created: {exc.strerror or exc}") from None
-    root.mkdir(parents=True, exist_ok=True)
-    lock = DirectoryLock(root).acquire()
-    try:
         save_plan(root, plan)
+        return plan, False, lock
     except BaseException:
         lock.release()
         raise
-    return plan, False, lock
 
 
 # ---------------------------------------------------------------------------------- workers
