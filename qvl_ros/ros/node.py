@@ -956,9 +956,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             code = 1
     finally:
         if node is not None:
-            node.destroy_node()
+            _destroy(node)
         rclpy.try_shutdown()
     return code
+
+
+def _destroy(node: QvlPipeline) -> None:
+    """Destroy the node even when a late KeyboardInterrupt lands inside (rclpy hands SIGINT on to
+    Python's handler too, so one Ctrl-C can surface twice): the model worker, a daemon thread, must
+    be joined before the interpreter finalizes, or torch can crash under it (seen as a SIGSEGV on
+    SIGINT with a batch in flight)."""
+    for attempt in range(3):
+        try:
+            node.destroy_node()
+            return
+        except KeyboardInterrupt:
+            continue
+        except Exception:
+            if attempt == 0:
+                raise
+            return  # a second pass over handles the interrupted one already destroyed
 
 
 if __name__ == "__main__":
