@@ -374,12 +374,18 @@ class Bench:
             except Exception as e:  # a failing sub-benchmark is reported, not fatal
                 print(f"  {rowname}: failed: {e}", flush=True)
                 continue
-            skip = ("params", "ours", "reference", "unit", "error", "lower_is_better", "peak_mem_mb")
+            # `add` computes name, ratio, device and dtype itself; a sub-benchmark's own row name
+            # (clips call theirs "video_encode") is kept as `variant`.
+            skip = ("name", "params", "ours", "reference", "unit", "ratio", "error", "lower_is_better",
+                    "peak_mem_mb")
             for row in rows:
                 mem = row.get("peak_mem_mb") or {}
+                extra = {k: v for k, v in row.items() if k not in skip}
+                if "name" in row:
+                    extra["variant"] = row["name"]
                 self.add(rowname, row["params"], row["ours"], row["reference"], row["unit"], row.get("error"),
                          mem.get("ours"), mem.get("reference"), lower_is_better=row.get("lower_is_better", False),
-                         **{k: v for k, v in row.items() if k not in skip})
+                         **extra)
 
 
 # ----------------------------------------------------------------------------- output
