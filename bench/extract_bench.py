@@ -118,7 +118,7 @@ def _load(name: str, device, tmp: Path):
     return BatchedQwenVL.from_pretrained(ckpt, device=device)
 
 
-def run(quick: bool = False, device: str = "cpu") -> list[dict]:
+def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> list[dict]:
     """Rows for bench/run.py: extraction sets/s ("ours") against encode on frames in memory.
 
     The "small" benchmark config (the one the targets are stated for) at VGA and QVGA, then
@@ -128,6 +128,8 @@ def run(quick: bool = False, device: str = "cpu") -> list[dict]:
     cases = [("small", 480, 640, 8, 3), ("small", 240, 320, 16, 3), ("tiny", 480, 640, 24, 5), ("tiny", 240, 320, 48, 5)]
     if quick:
         cases = [("small", 240, 320, 12, 3)]
+    if smoke:  # the code path once, on the tiny model
+        cases = [("tiny", 112, 112, 4, 1)]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         models = {}

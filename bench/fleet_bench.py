@@ -118,15 +118,21 @@ def measure(model_name: str, ticks: int, long_s: float, short_s: float, repeats:
     }
 
 
-def run(quick: bool = False, device: str = "cpu") -> list[dict]:
-    """Rows for bench/run.py (make bench): sharded, one Ray worker, against one process."""
+def run(quick: bool = False, device: str = "cpu", smoke: bool = False) -> list[dict]:
+    """Rows for bench/run.py (make bench): sharded, one Ray worker, against one process (smoke:
+    a 6 s recording in shards of 4 and 2 s, once)."""
     try:
         import ray  # noqa: F401
     except ImportError:
+        if smoke:
+            raise
         return []
     model, ticks, repeats = ("tiny", 120, 1) if quick else ("small", 400, 2)
+    long_s, short_s = 16.0, 4.0
+    if smoke:
+        model, ticks, repeats, long_s, short_s = "tiny", 30, 1, 4.0, 2.0
     with tempfile.TemporaryDirectory() as tmp:
-        r = measure(model, ticks, 16.0, 4.0, repeats, Path(tmp))
+        r = measure(model, ticks, long_s, short_s, repeats, Path(tmp))
     return [{"params": {"size": "240x320", "cameras": 3, "sets": r["sets"], "model": model, "workers": 1,
                         "shards": r["shards"], "reference": "qvl-ros extract, one process"},
              "ours": r["sets"] / r["sharded_s"], "reference": r["sets"] / r["one_process_s"], "unit": "sets/s",

@@ -1,6 +1,6 @@
 """qvl_node at saturation and at 1 Hz against `BatchedQwenVL.encode` alone, measured from outside.
 
-    scripts/run.sh python bench/node_bench.py [--quick] [--json FILE]
+    scripts/run.sh python bench/node_bench.py [--quick | --smoke] [--json FILE]
 
 Processes (same ROS_DOMAIN_ID, localhost discovery, Fast DDS over shared memory, see SHM_PROFILE):
   node     `python -m qvl_ros.node` as users start it (so glibc malloc is tuned as qvl_node ships it,
@@ -15,7 +15,8 @@ Processes (same ROS_DOMAIN_ID, localhost discovery, Fast DDS over shared memory,
 Measured, in alternation so that background load hits both alike:
   saturation  cameras at 1.5x the encode-alone rate; messages arrive in bursts, one per batch; once
               two full batches in a row came, sets/s = messages between two batch starts / time
-              between them (quick: one window of ~8 s, full: two of ~19 s). Between windows the
+              between them (quick: one window of ~8 s, full: two of ~19 s; smoke: one of ~3 s on
+              the tiny model, which only checks the code). Between windows the
               cameras are paused (SIGSTOP), the node drains, and `encode` of 4 sets is timed here.
               Peak memory: the node process's peak RSS during windows against this process's
               during encode alone (both hold the model, torch and rclpy).
@@ -208,8 +209,11 @@ def batch_starts(arrivals: list, gap: float) -> list:
 
 
 def full_batches(feats: Arrivals, since: float, k: int, gap: float) -> bool:
-    """k finished batches in a row after `since` were full (the queue fills only gradually)."""
+    """k finished batches in a row after `since` were full (the queue fills only gradually);
+    k = 0: one finished batch of any size (a smoke run, which measures nothing)."""
     done = batch_starts(feats.since(since), gap)[1:-1]  # the first may be partial, the last unfinished
+    if k == 0:
+        return len(done) >= 1
     return len(done) >= k and all(n == BATCH for _, n in done[-k:])
 
 
@@ -243,11 +247,12 @@ def encode_seconds(model, sets, reps: int) -> list:
 
 
 # ----------------------------------------------------------------------------- phases
-def saturation_window(feats: Arrivals, cams: Child, node: Child, seconds: float, gap: float) -> dict:
-    """Cameras running: wait for full batches, count sets over ~`seconds`, then pause and drain."""
+def saturation_window(feats: Arrivals, cams: Child, node: Child, seconds: float, gap: float, full: int = 2) -> dict:
+    """Cameras running: wait for `full` full batches in a row, count sets over ~`seconds`, then pause
+    and drain."""
     cams.resume()
     since = time.monotonic()
-    wait_for(lambda: node.running() and full_batches(feats, since, 2, gap), 180, "two full batches in a row")
+    wait_for(lambda: node.running() and full_batches(feats, since, full, gap), 180, f"{full} full batches in a row")
     t0 = batch_starts(feats.since(since), gap)[-1][0]
     reset_peak_rss(node.proc.pid)
     time.sleep(max(0.0, seconds - (time.monotonic() - t0)))
@@ -294,14 +299,14 @@ def ros_node(ns: str):
         spinner.join(5)
 
 
-def phases(bench, ns: str, node: Child, model, sets, times: dict, quick: bool) -> dict:
+def phases(bench, ns: str, node: Child, model, sets, times: dict, level: str) -> dict:
     """Saturation windows alternating with encode alone, then 1 Hz; `times` gains the encode calls."""
     from sensor_msgs.msg import Image
 
     from bench.memory import process_peak_mb, reset_peak
     from qvl_ros.msg import VisionFeatures
 
-    windows, seconds, light_sets = (1, 8.0, 4) if quick else (2, 19.0, 6)
+    windows, seconds, light_sets = {"smoke": (1, 3.0, 2), "quick": (1, 8.0, 4), "full": (2, 19.0, 6)}[level]
     rate = round(OVERLOAD * BATCH / min(times["batch"]), 2)  # from the fastest call: batches must fill
     gap = 0.3 * min(times["single"])
     feats = Arrivals(bench, VisionFeatures, "features")
@@ -312,7 +317,7 @@ def phases(bench, ns: str, node: Child, model, sets, times: dict, quick: bool) -
     with cameras(ns, rate) as cams:
         cams.pause()
         for _ in range(windows):
-            wins.append(saturation_window(feats, cams, node, seconds, gap))
+            wins.append(saturation_window(feats, cams, node, seconds, gap, full=0 if level == "smoke" else 2))
             say(f"window: {wins[-1]['sets']} sets in {wins[-1]['seconds']:.1f} s")
             reset_peak()
             times["batch"] += encode_seconds(model, sets, 2)
@@ -327,7 +332,7 @@ def phases(bench, ns: str, node: Child, model, sets, times: dict, quick: bool) -
             "light": light}
 
 
-def measure(quick: bool, threads: int) -> dict:
+def measure(level: str, threads: int) -> dict:
     """The whole measurement; this process's malloc is tuned by the caller before torch allocates."""
     import torch
 
@@ -337,7 +342,8 @@ def measure(quick: bool, threads: int) -> dict:
     ns = f"/node_bench_{os.getpid()}"
     with tempfile.TemporaryDirectory(prefix="node_bench_") as tmp:
         transport = use_shm_transport(tmp)
-        ckpt = save_tiny_checkpoint(Path(tmp) / "small", config=PRESETS["small"], seed=0)
+        preset = "tiny" if level == "smoke" else "small"
+        ckpt = save_tiny_checkpoint(Path(tmp) / preset, config=PRESETS[preset], seed=0)
         with qvl_node(ns, ckpt, threads) as node:  # loads the model while this process loads its own
             model = BatchedQwenVL.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
             sets = frames(torch.device("cpu"))
@@ -345,16 +351,17 @@ def measure(quick: bool, threads: int) -> dict:
             encode_seconds(model, sets[:1], 1)
             times = {"batch": encode_seconds(model, sets, 2), "single": encode_seconds(model, sets[:1], 3)}
             with ros_node(ns) as bench:
-                result = phases(bench, ns, node, model, sets, times, quick)
+                result = phases(bench, ns, node, model, sets, times, level)
     single = sorted(times["single"])
     return {**result, "encode_sets_per_s": BATCH * len(times["batch"]) / sum(times["batch"]),
             "encode_ms_one_set": 1e3 * single[len(single) // 2], "transport": transport, "torch_threads": threads}
 
 
 # ----------------------------------------------------------------------------- rows
-def rows(r: dict) -> list[dict]:
+def rows(r: dict, level: str = "full") -> list[dict]:
     """The two rows bench/run.py reports: sets/s at saturation and latency p50 at 1 Hz."""
-    common = {"cameras": CAMERAS, "size": f"{SIZE}x{SIZE}", "encoding": "rgb8", "model": "small", "malloc": "tuned"}
+    common = {"cameras": CAMERAS, "size": f"{SIZE}x{SIZE}", "encoding": "rgb8",
+              "model": "tiny" if level == "smoke" else "small", "malloc": "tuned"}
     error = "encode within 1e-4 (test_node)"
     single = r["encode_ms_one_set"]
     lat = percentiles(r["light"]["latency_ms"])
@@ -378,12 +385,12 @@ def rows(r: dict) -> list[dict]:
     return [saturation, latency]
 
 
-def child(quick: bool, threads: int, timeout: float) -> dict:
+def child(level: str, threads: int, timeout: float) -> dict:
     """One measurement in a fresh process: malloc must be tuned before torch allocates."""
     with tempfile.TemporaryDirectory(prefix="node_bench_out_") as d:
         out = Path(d) / "result.json"
         cmd = [sys.executable, str(Path(__file__).resolve()), "--child", "--threads", str(threads), "--json", str(out)]
-        proc = subprocess.Popen(cmd + (["--quick"] if quick else []))
+        proc = subprocess.Popen(cmd + ([] if level == "full" else [f"--{level}"]))
         try:
             if proc.wait(timeout) != 0:
                 raise RuntimeError(f"node benchmark exited with {proc.returncode}")
@@ -394,28 +401,32 @@ def child(quick: bool, threads: int, timeout: float) -> dict:
         return json.loads(out.read_text())
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Rows for bench/run.py (quick: one ~8 s window and 4 sets at 1 Hz; full: two ~19 s windows, 6 sets)."""
+def run(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """Rows for bench/run.py (quick: one ~8 s window and 4 sets at 1 Hz; full: two ~19 s windows, 6 sets;
+    smoke: one ~3 s window and 2 sets on the tiny model)."""
     import torch
 
-    return rows(child(quick, torch.get_num_threads(), 420 if quick else 600))
+    level = "smoke" if smoke else "quick" if quick else "full"
+    return rows(child(level, torch.get_num_threads(), 600 if level == "full" else 420), level)
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one window of ~8 s (else two of ~19 s)")
+    ap.add_argument("--smoke", action="store_true", help="one window of ~3 s on the tiny model (checks the code)")
     ap.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads, here and in the node")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    level = "smoke" if a.smoke else "quick" if a.quick else "full"
     if a.child:
         from qvl_ros.model.kernels import tune_cpu_allocator
 
         tune_cpu_allocator()
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwinds through the clean-up
-        Path(a.json).write_text(json.dumps(measure(a.quick, a.threads)))
+        Path(a.json).write_text(json.dumps(measure(level, a.threads)))
         return 0
-    out = rows(child(a.quick, a.threads, 420 if a.quick else 600))
+    out = rows(child(level, a.threads, 600 if level == "full" else 420), level)
     for r in out:
         p = r["params"]
         print(f"{p['metric']:22s} node {r['ours']:8.2f} {r['unit']:6s} encode alone {r['reference']:8.2f}  "

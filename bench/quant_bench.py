@@ -1,6 +1,7 @@
 """4-bit decoder (AWQ / GPTQ on torch's int4 kernels) against the same weights in float32 and bfloat16.
 
     scripts/run.sh python bench/quant_bench.py [--config 3b-slice|small] [--method awq|gptq] [--device cpu|cuda]
+    scripts/run.sh python bench/quant_bench.py --smoke --out DIR/quant   (the code once, small config, 2 steps)
 
 Writes a quantized checkpoint (group size 128) and its float twin (the same weights, dequantized),
 loads each as int4 and as float models, and reports per variant:
@@ -130,7 +131,8 @@ def linear_rows(cfg, device, repeats: int = 10) -> list[dict]:
     return rows
 
 
-def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -> tuple[dict, torch.Tensor]:
+def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None,
+            caption_tokens: int = 32) -> tuple[dict, torch.Tensor]:
     t0 = time.perf_counter()
     model, load_mb = peak(device, lambda: BatchedQwenVL.from_pretrained(path, device=device, dtype=dtype))
     row = {"decoder_weight_bytes": weight_bytes(model.decoder.layers), "load_s": round(time.perf_counter() - t0, 2),
@@ -139,8 +141,9 @@ def measure(path, device, dtype, steps: int, repeats: int, reference_ids=None) -
     for B in (1, 4):
         row[f"decode_step_ms_b{B}"] = round(1000 * best(device, lambda: decode_steps(model, B, steps), repeats) / steps, 2)
     imgs, prompts = [[camera(0)]], ["Describe the scene."]
-    row["caption_s"] = round(best(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32), 1), 3)
-    ids, row["caption_peak_mb"] = peak(device, lambda: model.generate_ids(imgs, prompts, max_new_tokens=32))
+    caption = lambda: model.generate_ids(imgs, prompts, max_new_tokens=caption_tokens)  # noqa: E731
+    row["caption_s"] = round(best(device, caption, 1), 3)
+    ids, row["caption_peak_mb"] = peak(device, caption)
     row["caption_peak_mb"] = round(row["caption_peak_mb"], 1)
     row["tokens_equal_float32"] = None if reference_ids is None else bool(torch.equal(ids.cpu(), reference_ids))
     del model
@@ -182,12 +185,17 @@ def main(argv=None) -> int:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=None, help="path prefix (default bench/results/quant-<device>)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every row once on the small config with 2 steps (checks the code, measures nothing)")
     args = ap.parse_args(argv)
+    caption_tokens, linear_repeats = 32, 10
+    if args.smoke:
+        args.config, args.steps, args.repeats, caption_tokens, linear_repeats = "small", 2, 1, 4, 1
     device = torch.device(args.device)
     t_start = time.perf_counter()
     dtypes = [torch.float32, torch.bfloat16] if device.type == "cpu" else [torch.bfloat16, torch.float32]
     print("  one linear ...", flush=True)
-    linears = linear_rows(CONFIGS[args.config], device)
+    linears = linear_rows(CONFIGS[args.config], device, linear_repeats)
     with tempfile.TemporaryDirectory() as tmp:
         path = save_tiny_checkpoint(Path(tmp) / "q", config=CONFIGS[args.config], quantize=args.method,
                                     group_size=128)
@@ -197,7 +205,7 @@ def main(argv=None) -> int:
             for dt in dtypes:
                 name = f"{kind} {str(dt).split('.')[-1]}" if kind == "float" else f"int4, {str(dt).split('.')[-1]} model"
                 print(f"  {name} ...", flush=True)
-                row, ids = measure(p, device, dt, args.steps, args.repeats, ref_ids)
+                row, ids = measure(p, device, dt, args.steps, args.repeats, ref_ids, caption_tokens)
                 if kind == "float" and dt == torch.float32:
                     ref_ids = ids
                     row["tokens_equal_float32"] = True

@@ -1,6 +1,6 @@
 """Benchmarks: qvl_ros against the transformers reference, side by side in one process run.
 
-    python bench/run.py [--quick] [--name NAME] [--threads N]
+    python bench/run.py [--quick | --smoke] [--name NAME] [--threads N]
 
 Same weights (the "small" Qwen2.5-VL config of docs/architecture.md, random, float32), same inputs, same
 device. Rows: preprocessing, vision tower, encode (frames -> vision features + decoder hidden
@@ -11,6 +11,10 @@ dtype, throughput, ratio ours/reference, peak memory and the numerical error aga
 reference: mean(|ours - ref| / (|ref| + 1)).
 
 Writes bench/results/<name>.json, <name>.md and <name>.png (throughput against B x N).
+
+`--smoke` runs every row, sub-benchmarks included, once at the smallest size (the tiny model,
+112² frames, one repetition) and stops on the first failure: `make test` runs it so that the
+benchmark code cannot break unnoticed. Its numbers measure nothing.
 """
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from bench.memory import peak_mb  # noqa: E402
 from qvl_ros.model import PRESETS, BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
 
+TINY = "the tiny test model (smoke run: numbers measure nothing)"
 SMALL = ("Qwen2.5-VL, vision depth 8, hidden 256, intermediate 512, 4 heads, out_hidden 256, window 112, "
          "full-attention layers [3, 7]; text 4 layers, hidden 256, intermediate 512, 4 heads, 2 KV heads, "
          "mrope_section [8, 12, 12]; random weights, float32")
@@ -102,13 +107,17 @@ PROMPTS = ["Describe the scene.", "What is in front of the robot?", "Is the path
 
 
 class Bench:
-    def __init__(self, quick: bool, threads: int):
+    def __init__(self, quick: bool, threads: int, smoke: bool = False):
         from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
-        self.quick = quick
-        self.reps = 2 if quick else 4
+        self.quick = quick or smoke
+        self.smoke = smoke
+        self.reps = 1 if smoke else 2 if quick else 4
+        self.side = 112 if smoke else 448  # frame side of the vision, encode and caption rows
+        self.many = 2 if smoke else 12  # frames of the roofline row
+        self.size = f"{self.side}x{self.side}"
         self.dir = Path(tempfile.mkdtemp(prefix="qvl_bench_"))
-        save_tiny_checkpoint(self.dir, config=PRESETS["small"], seed=0)
+        save_tiny_checkpoint(self.dir, config=PRESETS["tiny" if smoke else "small"], seed=0)
         self.ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(self.dir), dtype=torch.float32).eval()
         self.proc = AutoProcessor.from_pretrained(str(self.dir))
         self.ours = BatchedQwenVL.from_pretrained(self.dir, device="cpu", dtype=torch.float32)
@@ -150,7 +159,7 @@ class Bench:
 
     # ------------------------------------------------------------------ rows
     def preprocess(self):
-        B, N = (2, 3) if self.quick else (4, 3)
+        B, N = (1, 2) if self.smoke else (2, 3) if self.quick else (4, 3)
         imgs = frames(B, N, (480, 640))
         flat = [im for cams in imgs for im in cams]
         np_imgs = [im.permute(1, 2, 0).numpy() for im in flat]
@@ -166,8 +175,8 @@ class Bench:
                  ours_mem=peak_mb(f_ours), ref_mem=peak_mb(f_ref))
 
     def vision(self):
-        counts = [1, 12] if self.quick else [1, 4, 12, 32]
-        cases = [((224, 224), c) for c in counts if not self.quick] + [((448, 448), c) for c in counts]
+        counts = [1, self.many] if self.quick else [1, 4, 12, 32]
+        cases = [((224, 224), c) for c in counts if not self.quick] + [((self.side, self.side), c) for c in counts]
         if not self.quick:
             cases.append(([(448, 448), (224, 252), (308, 420), (480, 640)], 12))
         with torch.inference_mode():
@@ -203,14 +212,15 @@ class Bench:
     def roofline_and_ops(self, rates: dict):
         from torch.profiler import ProfilerActivity, profile
 
-        imgs = frames(1, 12, (448, 448))
+        imgs = frames(1, self.many, (self.side, self.side))
         _, inp = self.ours.prepare(imgs, ["x"])
         pv = self.ours.processor.hf_pixel_values(inp.pixels)
         grid = torch.tensor(inp.grids)
         with torch.inference_mode():
             f_ref = lambda: self.ref.model.visual(pv, grid_thw=grid)
             f_ours = lambda: self.ours.visual(inp.pixels, inp.grids)
-            same = [r for r in self.results if r["name"] == "vision" and r["params"] == {"frames": 12, "size": "448x448"}]
+            same = [r for r in self.results
+                    if r["name"] == "vision" and r["params"] == {"frames": self.many, "size": self.size}]
             if same:  # the vision row timed these very inputs in this run
                 to, tr = same[0]["seconds"]["ours"], same[0]["seconds"]["reference"]
             else:
@@ -220,7 +230,7 @@ class Bench:
             # the roofline target is stated against (transformers sits at ~60-80% of it). oneDNN's linear runs
             # the same matmul about 2x faster here; the row reports that stricter ratio as well.
             peak = rates["torch.mm"]
-            self.add("roofline", {"frames": 12, "size": "448x448", "matmul_2048_gflops": round(peak, 1),
+            self.add("roofline", {"frames": self.many, "size": self.size, "matmul_2048_gflops": round(peak, 1),
                                   "matmul_kernel": "torch.mm"},
                      flops / to / 1e9 / peak * 100, flops / tr / 1e9 / peak * 100, "% of matmul", None,
                      achieved_gflops={"ours": round(flops / to / 1e9, 1), "reference": round(flops / tr / 1e9, 1)},
@@ -237,7 +247,7 @@ class Bench:
                 attn = sum(1 for e in top if "scaled_dot_product" in e.name)
                 counts[who] = {"ops": len(top), "attention_calls": attn}
             depth = self.ours.cfg.vision_depth
-            self.add("ops", {"frames": 12, "size": "448x448", "layers": depth}, counts["ours"]["ops"],
+            self.add("ops", {"frames": self.many, "size": self.size, "layers": depth}, counts["ours"]["ops"],
                      counts["reference"]["ops"], "op calls", None, lower_is_better=True,
                      attention_calls=counts, fewer_ops_factor=round(counts["reference"]["ops"] / counts["ours"]["ops"], 1))
 
@@ -300,10 +310,11 @@ class Bench:
         return out
 
     def encode(self):
-        grid = [(1, 3), (4, 3)] if self.quick else [(b, n) for b in (1, 4, 8) for n in (1, 3, 6)]
+        grid = [(1, 2)] if self.smoke else [(1, 3), (4, 3)] if self.quick else \
+            [(b, n) for b in (1, 4, 8) for n in (1, 3, 6)]
         with torch.inference_mode():
             for B, N in grid:
-                imgs = frames(B, N, (448, 448), seed=B * 10 + N)
+                imgs = frames(B, N, (self.side, self.side), seed=B * 10 + N)
                 prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
 
                 def f_ref():
@@ -314,7 +325,7 @@ class Bench:
                 L = o.hidden.shape[1]
                 err = max(rel_err(o.hidden[b, L - r[b][1].shape[0]:], r[b][1]) for b in range(B))
                 mem_o, mem_r = peak_mb(f_ours), peak_mb(f_ref)
-                self.add("encode", {"B": B, "N": N, "size": "448x448", "reference": "HF per sample"},
+                self.add("encode", {"B": B, "N": N, "size": self.size, "reference": "HF per sample"},
                          B * N / to, B * N / tr, "images/s", err, mem_o, mem_r)
             if self.quick:
                 return
@@ -337,8 +348,8 @@ class Bench:
                      B * N / to, B * N / tr, "images/s", err, peak_mb(f_ours), peak_mb(f_ref_batched))
 
     def generate(self):
-        B, N, T = (4, 3, 32) if not self.quick else (2, 3, 16)
-        imgs = frames(B, N, (448, 448), seed=7)
+        B, N, T = (1, 2, 4) if self.smoke else (2, 3, 16) if self.quick else (4, 3, 32)
+        imgs = frames(B, N, (self.side, self.side), seed=7)
         prompts = [PROMPTS[b % len(PROMPTS)] for b in range(B)]
         hf_inputs = self.hf_batched_inputs(imgs, prompts)
         eos = self.ours.eos_ids
@@ -359,19 +370,18 @@ class Bench:
             rr, oo = r[b].tolist(), o[b].tolist()
             n = next((i + 1 for i, t in enumerate(rr) if t in eos), len(rr))
             same &= rr[:n] == oo[:n]
-        self.add("generate", {"B": B, "N": N, "new_tokens": T, "size": "448x448", "reference": "HF generate batched"},
+        self.add("generate", {"B": B, "N": N, "new_tokens": T, "size": self.size, "reference": "HF generate batched"},
                  B * T / to, B * T / tr, "tokens/s", "identical tokens" if same else "TOKENS DIFFER", mem_o, mem_r)
 
     def extract_and_node(self):
         for modname, rowname in (("bench.video_bench", "video"), ("bench.extract_bench", "extract"),
                                  ("bench.fleet_bench", "fleet"), ("bench.node_bench", "node")):
+            mod = __import__(modname, fromlist=["run"])
             try:
-                mod = __import__(modname, fromlist=["run"])
-            except ImportError:
-                continue
-            try:
-                rows = mod.run(quick=self.quick)
-            except Exception as e:  # a failing sub-benchmark is reported, not fatal
+                rows = mod.run(quick=self.quick, smoke=self.smoke)
+            except Exception as e:  # a failing sub-benchmark is reported, not fatal (except in a smoke run)
+                if self.smoke:
+                    raise
                 print(f"  {rowname}: failed: {e}", flush=True)
                 continue
             # `add` computes name, ratio, device and dtype itself; a sub-benchmark's own row name
@@ -547,7 +557,9 @@ def plot(report: dict, path: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="a subset that finishes in under 2 minutes")
+    ap.add_argument("--quick", action="store_true", help="a subset of the rows at their target sizes")
+    ap.add_argument("--smoke", action="store_true",
+                    help="every row once at the smallest size on the tiny model (checks the code, measures nothing)")
     ap.add_argument("--name", default=None, help="results file name (default: quick or full)")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads())
     ap.add_argument("--out", default=str(ROOT / "bench" / "results"))
@@ -561,12 +573,13 @@ def main(argv=None) -> int:
 
         tune_cpu_allocator()  # before anything large is allocated; the reference runs under it too
     torch.set_num_threads(a.threads)
-    name = a.name or ("quick" if a.quick else "full")
+    kind = "smoke" if a.smoke else "quick" if a.quick else "full"
+    name = a.name or kind
     t0 = time.time()
-    print(f"qvl_ros bench ({'quick' if a.quick else 'full'}), device cpu, float32, {a.threads} threads", flush=True)
-    peak = matmul_rate(1.0 if a.quick else 4.0)
+    print(f"qvl_ros bench ({kind}), device cpu, float32, {a.threads} threads", flush=True)
+    peak = matmul_rate(0.2 if a.smoke else 1.0 if a.quick else 4.0)
     print("  2048^2 matmul GFLOP/s: " + ", ".join(f"{k} {v:.1f}" for k, v in peak.items()), flush=True)
-    b = Bench(a.quick, a.threads)
+    b = Bench(a.quick, a.threads, smoke=a.smoke)
     only = set(a.only or ["preprocess", "vision", "roofline", "encode", "generate", "extract"])
     sections = {"setup": round(time.time() - t0, 1)}
     for key, run in (("preprocess", b.preprocess), ("vision", b.vision), ("roofline", lambda: b.roofline_and_ops(peak)),
@@ -576,7 +589,8 @@ def main(argv=None) -> int:
             run()
             sections[key] = round(time.time() - t1, 1)
     report = {"name": name, "machine": {**machine(a.threads), "malloc": a.malloc}, "matmul_gflops": peak,
-              "config": {"preset": "small", "description": SMALL}, "results": b.results,
+              "config": {"preset": "tiny" if a.smoke else "small", "description": TINY if a.smoke else SMALL},
+              "results": b.results,
               "seconds": round(time.time() - t0, 1), "section_seconds": sections}
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)

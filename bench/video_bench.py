@@ -72,26 +72,26 @@ def cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
-def measure(frames=(4, 8), batches=(1,), reps: int = 2) -> list[dict]:
-    """One row per (T, B): ours against transformers on the small config's random weights."""
+def measure(frames=(4, 8), batches=(1,), reps: int = 2, preset: str = "small", side: int = SIDE) -> list[dict]:
+    """One row per (T, B): ours against transformers on the `preset` config's random weights."""
     from transformers import AutoProcessor, Qwen2_5_VLForConditionalGeneration
 
     torch.manual_seed(0)
     ckpt = Path(tempfile.mkdtemp(prefix="qvl_video_bench_"))
-    save_tiny_checkpoint(ckpt, config=PRESETS["small"], seed=0)
+    save_tiny_checkpoint(ckpt, config=PRESETS[preset], seed=0)
     ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(ckpt), dtype=torch.float32).eval()
     proc = AutoProcessor.from_pretrained(str(ckpt))
     ours = BatchedQwenVL.from_pretrained(ckpt, device="cpu", dtype=torch.float32)
     rows = []
     for T in frames:
         for B in batches:
-            rows.append(_row(ours, ref, proc, T, B, reps))
+            rows.append(_row(ours, ref, proc, T, B, reps, side))
     return rows
 
 
-def _row(ours, ref, proc, T: int, B: int, reps: int) -> dict:
+def _row(ours, ref, proc, T: int, B: int, reps: int, side: int) -> dict:
     g = torch.Generator().manual_seed(T * 10 + B)
-    batch = [[torch.randint(0, 256, (T, 3, SIDE, SIDE), dtype=torch.uint8, generator=g)
+    batch = [[torch.randint(0, 256, (T, 3, side, side), dtype=torch.uint8, generator=g)
               for _ in range(CAMERAS)] for _ in range(B)]
     prompts = [PROMPT] * B
     run_ours = lambda: ours.encode(batch, prompts, fps=FPS)  # noqa: E731
@@ -102,7 +102,7 @@ def _row(ours, ref, proc, T: int, B: int, reps: int) -> dict:
     err_v = max(rel_err(feats.vision[b][n], v) for b, (_, vis) in enumerate(refs) for n, v in enumerate(vis))
     err_h = max(rel_err(feats.hidden[b, L - h.shape[0]:], h) for b, (h, _) in enumerate(refs))
     n_frames = B * CAMERAS * T
-    row = {"name": "video_encode", "params": {"B": B, "N": CAMERAS, "T": T, "size": f"{SIDE}x{SIDE}",
+    row = {"name": "video_encode", "params": {"B": B, "N": CAMERAS, "T": T, "size": f"{side}x{side}",
                                               "reference": "HF video path per sample"},
            "unit": "frames/s", "ours": n_frames / t_ours, "reference": n_frames / t_ref,
            "ratio": t_ref / t_ours, "error": max(err_v, err_h), "error_vision": err_v, "error_hidden": err_h,
@@ -113,8 +113,11 @@ def _row(ours, ref, proc, T: int, B: int, reps: int) -> dict:
     return row
 
 
-def run(quick: bool = False) -> list[dict]:
-    """The rows `make bench` reports: 3 cameras x 4 and 8 frames of 448² (quick: 4 frames)."""
+def run(quick: bool = False, smoke: bool = False) -> list[dict]:
+    """The rows `make bench` reports: 3 cameras x 4 and 8 frames of 448² (quick: 4 frames; smoke:
+    2 frames of 112² on the tiny model, once)."""
+    if smoke:
+        return measure(frames=(2,), reps=1, preset="tiny", side=112)
     return measure(frames=(4,) if quick else (4, 8), reps=1 if quick else 2)
 
 

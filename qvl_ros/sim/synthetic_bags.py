@@ -1,5 +1,7 @@
 """Synthetic multi-camera rosbag2 recordings, for trying the offline tools, tests and benchmarks.
 
+    python -m qvl_ros.sim.synthetic_bags rec --cameras 3 --size 240x320 --seconds 10
+
     from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag
     truth = write_camera_bag("cams", [CameraSpec("/cam0/image_raw", 240, 320, "rgb8"),
                                       CameraSpec("/cam1/image/compressed", 240, 320, "jpeg")],
@@ -15,7 +17,9 @@ known here: decode ``data`` to get them).
 """
 from __future__ import annotations
 
+import argparse
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -162,3 +166,38 @@ def write_camera_bag(path: str | os.PathLike, cameras: Sequence[CameraSpec], tic
     finally:
         writer.close()
     return truth
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Write a recording of N synthetic cameras (`/cam<i>/image_raw`, or `/cam<i>/image_raw/compressed`
+    for jpeg) that `qvl-ros extract` can read."""
+    ap = argparse.ArgumentParser(prog="python -m qvl_ros.sim.synthetic_bags", description=main.__doc__)
+    ap.add_argument("out", help="the recording directory to create (must not exist)")
+    ap.add_argument("--cameras", type=int, default=3, choices=range(1, 17), metavar="N", help="1..16 (default 3)")
+    ap.add_argument("--size", default="240x320", help="HxW of every camera (default 240x320)")
+    ap.add_argument("--encoding", default="rgb8", choices=["rgb8", "bgr8", "mono8", "rgba8", "bgra8", "jpeg", "png"])
+    ap.add_argument("--rate", type=float, default=10.0, help="frames per second per camera (default 10)")
+    ap.add_argument("--seconds", type=float, default=10.0, help="length of the recording (default 10)")
+    ap.add_argument("--storage", default="mcap", choices=["mcap", "sqlite3"])
+    a = ap.parse_args(argv)
+    try:
+        h, w = (int(v) for v in a.size.lower().split("x"))
+    except ValueError:
+        ap.error(f"--size {a.size!r}: expected HxW, e.g. 240x320")
+    if not (28 <= h <= 4096 and 28 <= w <= 4096):
+        ap.error("--size: each side must be 28..4096")
+    if not (0.1 <= a.rate <= 120 and 0 < a.seconds <= 3600):
+        ap.error("--rate must be 0.1..120 and --seconds 0..3600")
+    if Path(a.out).exists():
+        ap.error(f"{a.out} exists")
+    suffix = "/compressed" if a.encoding in ("jpeg", "png") else ""
+    cams = [CameraSpec(f"/cam{i}/image_raw{suffix}", h, w, a.encoding) for i in range(a.cameras)]
+    ticks = max(1, int(a.seconds * a.rate))
+    write_camera_bag(a.out, cams, ticks=ticks, period=1.0 / a.rate, storage=a.storage)
+    print(f"wrote {a.out}: {a.cameras} cameras x {ticks} frames of {h}x{w} {a.encoding}; topics "
+          + " ".join(c.topic for c in cams))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

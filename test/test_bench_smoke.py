@@ -1,0 +1,53 @@
+"""The benchmark code runs: every row of `bench/run.py` (sub-benchmarks included) and the quant
+benchmark once at the smallest size, each writing a results file that parses.
+
+These are not measurements (the numbers of a smoke run mean nothing); they keep `make bench`
+from breaking unnoticed between benchmark runs. The oracle for the rows' own numbers is
+transformers inside each row (its error column); here only that every row ran and was written.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(args: list[str], timeout: float) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{args[0]} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc
+
+
+def test_bench_run_smoke_writes_every_row(tmp_path):
+    _run(["bench/run.py", "--smoke", "--out", str(tmp_path)], timeout=840)
+    report = json.loads((tmp_path / "smoke.json").read_text())
+    names = {r["name"] for r in report["results"]}
+    # bench/run.py's own rows, then the sub-benchmarks (clips, extraction, fleet, node)
+    assert names >= {"preprocess", "vision", "roofline", "ops", "encode", "generate",
+                     "video", "extract", "fleet", "node"}, names
+    for r in report["results"]:
+        assert r["ours"] is not None and r["ours"] > 0, r
+        assert r["device"] == "cpu" and r["unit"], r
+    clip = [r for r in report["results"] if r["name"] == "video"]
+    assert clip and clip[0]["variant"] == "video_encode"
+    # the rows that compare with transformers stay close to it even at the smallest size
+    for r in report["results"]:
+        if r["name"] in ("vision", "encode", "video") and isinstance(r["error"], float):
+            assert r["error"] < 1e-3, r
+    generate = [r for r in report["results"] if r["name"] == "generate"]
+    assert generate[0]["error"] == "identical tokens"
+    md = (tmp_path / "smoke.md").read_text()
+    assert "| generate |" in md
+    assert (tmp_path / "smoke.png").stat().st_size > 0
+
+
+def test_quant_bench_smoke_writes_every_variant(tmp_path):
+    _run(["bench/quant_bench.py", "--smoke", "--out", str(tmp_path / "quant")], timeout=600)
+    report = json.loads((tmp_path / "quant.json").read_text())
+    variants = [r["variant"] for r in report["rows"]]
+    assert variants == ["float float32", "float bfloat16", "int4, float32 model", "int4, bfloat16 model"], variants
+    assert report["linears"] and all(r["int4_ms"] > 0 for r in report["linears"])
+    assert (tmp_path / "quant.md").read_text().startswith("#")
