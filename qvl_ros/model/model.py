@@ -207,11 +207,8 @@ class BatchedQwenVL(nn.Module):
         del weights, tensors
         if dtype == torch.float32:
             model.visual.fold_norms()
-        model.visual.reset_buffers()  # buffers are computed, not stored in the checkpoint
-        model.decoder.reset_buffers()
+        # buffers are computed, not stored in the checkpoint; rotary frequencies stay float32 (_apply)
         model = model.to(device=device, dtype=dtype)
-        model.visual.inv_freq = model.visual.inv_freq.float()
-        model.decoder.inv_freq = model.decoder.inv_freq.float()
         attach_int4_linears(model.decoder, int4, device, dtype, int4_dtype)
         model.name = str(path)
         return model.eval().requires_grad_(False)

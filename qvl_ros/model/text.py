@@ -104,12 +104,22 @@ class Decoder(nn.Module):
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        cfg, hd, dev = self.cfg, self.cfg.head_dim, self.inv_freq.device
+        """inv_freq in float32 on the weights' device, whatever their dtype (as transformers keeps
+        it: a bfloat16 copy turns the angle at position p into p times a rounded frequency), and
+        the rotary pairs' position streams."""
+        cfg, hd, dev = self.cfg, self.cfg.head_dim, self.embed.weight.device
         if dev.type == "meta":
             return
         self.inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))).to(dev)
         # which position stream (t, h, w) drives each rotary pair
         self.stream = torch.cat([torch.full((n,), i) for i, n in enumerate(cfg.mrope_section)]).to(dev)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.cuda()`, `to_empty` cast or move the buffers; the rotary frequencies are
+        then computed again in float32 instead of keeping a rounded copy."""
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
 
     def rope(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids (3, B, L) -> (B, L, hd/2) complex rotations."""
