@@ -103,6 +103,30 @@ def test_sampling_in_bucketed_states(setup):
     assert a.min() >= 0 and a.max() < ours.cfg.vocab_size
 
 
+def test_masked_prefill_with_expanded_kv_equals_per_row(setup):
+    """The padded prefill of other devices (one masked call, k/v expanded to the query heads so
+    that CUDA's memory-efficient kernel takes it) gives the CPU's per-row result: hidden states of
+    real tokens and the KV cache the decode steps read, on a padded batch of mixed sizes."""
+    path, ref, proc, ours = setup
+    imgs = frames(SIZES, seed=11)
+    out = {}
+    for per_row in (True, False):
+        ours.decoder.per_row_prefill = per_row
+        ours.steps = StepRunner(ours.decoder, buckets=False)
+        try:
+            feats = ours.encode(imgs, PROMPTS)
+            ids = ours.generate_ids(imgs, PROMPTS, max_new_tokens=12)
+        finally:
+            ours.decoder.per_row_prefill = None
+            ours.steps = StepRunner(ours.decoder)
+        out[per_row] = feats, ids
+    (a, ids_a), (b, ids_b) = out[True], out[False]
+    assert a.attention_mask.sum(1).unique().numel() == len(SIZES)  # every row padded differently
+    real = a.attention_mask.bool()
+    torch.testing.assert_close(b.hidden[real], a.hidden[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(ids_a, ids_b)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_bf16_at_least_as_exact_as_transformers(family, tmp_path):
     """bf16 vision features and hidden states against transformers float32, 3 cameras of 640x480:
