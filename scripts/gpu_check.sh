@@ -7,8 +7,8 @@
 # Stages, in order, each with its own time limit (seconds; environment variables override them),
 # each writing under $OUT as it goes, so that a stage cut short keeps what the earlier ones and its
 # own finished parts produced:
-#   1-env         (LIMIT_ENV=45)     Python, torch, transformers, huggingface-hub, pytest, devices
-#   2-cuda-tests  (LIMIT_TESTS=165)  the CUDA tests of test/test_cuda.py and test/test_quant.py,
+#   1-env         (LIMIT_ENV=60)     Python, torch, transformers, huggingface-hub, pytest, devices
+#   2-cuda-tests  (LIMIT_TESTS=150)  the CUDA tests of test/test_cuda.py and test/test_quant.py,
 #                                    one line per test as it finishes
 #   3-bench-quick (LIMIT_QUICK=270)  bench/gpu.py --quick: its JSON holds every finished row
 #   4-bench-full  (what is left of GPU_CHECK_BUDGET=570, if at least 90)  bench/gpu.py
@@ -33,8 +33,8 @@ OUT=${OUT:-$ROOT/bench/results/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
 BUDGET=${GPU_CHECK_BUDGET:-570}
-LIMIT_ENV=${LIMIT_ENV:-45}
-LIMIT_TESTS=${LIMIT_TESTS:-165}
+LIMIT_ENV=${LIMIT_ENV:-60}
+LIMIT_TESTS=${LIMIT_TESTS:-150}
 LIMIT_QUICK=${LIMIT_QUICK:-270}
 START=$SECONDS
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
