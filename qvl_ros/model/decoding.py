@@ -110,9 +110,11 @@ class StepRunner:
         return entry
 
     def _capture(self, state: DecodeState) -> tuple[DecodeState, callable]:
-        """Capture one step on the state's own device (streams and graph made under it, so a model
-        on cuda:1 while cuda:0 is current is captured, not left empty), in "thread_local" mode: the
-        node's executor thread may use the device (frame conversion) during a capture."""
+        """Capture one step on the state's own device (streams and graph made under it, and the
+        capture stream given: torch.cuda.graph's default one is made once, on whichever device is
+        current then; so a model on cuda:1 while cuda:0 is current is captured, not left empty), in
+        "thread_local" mode: the node's executor thread may use the device (frame conversion)
+        during a capture."""
         dev = state.tok.device
         with torch.cuda.device(dev):
             if self._pool is None:
@@ -125,7 +127,7 @@ class StepRunner:
                     self.decoder.step(state)
             torch.cuda.current_stream(dev).wait_stream(side)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
                 logits = self.decoder.step(state)
         self.captures += 1
         if not self.warming:
