@@ -366,6 +366,7 @@ class GpuBench:
         the same weights: decoder weight bytes, decode step and a 32-token caption, against ours in
         the run's dtype (reference column)."""
         q = BatchedQwenVL.from_pretrained(self.path, device=self.device, dtype=self.dtype)
+        q.visual.compile_blocks(self.ours.visual.compiled)  # the same vision tower as the bf16 rows
         dense = weight_bytes(q.decoder.layers)
         t = time.perf_counter()
         quantize_decoder_int4(q.decoder, group_size=128)

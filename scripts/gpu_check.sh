@@ -18,7 +18,7 @@
 #
 # Carried wheels (no network there): every *.whl in $WHEELS (default shared/wheels), plus a
 # transformers wheel given as the argument (or $TRANSFORMERS_WHEEL). pytest and its dependencies
-# (pytest, pluggy, iniconfig, packaging) go to one directory, used where the machine has no pytest;
+# (pytest, pluggy, iniconfig, packaging, pygments) go to one directory, used where the machine has no pytest;
 # everything else (transformers 5.23 and the huggingface-hub >= 1.31 it needs at import, ...) to
 # another, put first on PYTHONPATH only if transformers then imports, else the installed one is
 # used and 1-env.txt says why. Wheels are installed with `pip --no-deps --no-index --target` or,
@@ -112,7 +112,7 @@ LIB_WHEELS=()
 for w in "$WHEEL_DIR"/*.whl $ARG_WHEEL; do
   [ -f "$w" ] || continue
   case $(basename "$w") in
-    pytest-* | pluggy-* | iniconfig-* | packaging-*) TEST_WHEELS+=("$w") ;;
+    pytest-* | pluggy-* | iniconfig-* | packaging-* | pygments-* | Pygments-*) TEST_WHEELS+=("$w") ;;
     *) LIB_WHEELS+=("$w") ;;
   esac
 done
