@@ -61,13 +61,14 @@ def low_precision_errors(path, cams: list, prompt: str = "Describe the scene.", 
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # a true float32 reference
     try:
         inputs = reference_inputs(AutoProcessor.from_pretrained(str(path)), cams, prompt)
-        ref32 = models.get("ref32") or cls.from_pretrained(str(path), dtype=torch.float32).to(device).eval()
+        ref32 = models.get("ref32") or cls.from_pretrained(str(path), dtype=torch.float32,
+                                                      attn_implementation="sdpa").to(device).eval()
         v32, h32 = reference_features(ref32, inputs)
         models.pop("ref32", None)
         del ref32
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
-    ref = models.get("ref") or cls.from_pretrained(str(path), dtype=dtype).to(device).eval()
+    ref = models.get("ref") or cls.from_pretrained(str(path), dtype=dtype, attn_implementation="sdpa").to(device).eval()
     v, h = reference_features(ref, inputs)
     del ref
     ours = models.get("ours") or BatchedQwenVL.from_pretrained(path, device=device, dtype=dtype)

@@ -134,8 +134,13 @@ def test_bf16_at_least_as_exact_as_transformers(family, tmp_path):
 
 
 def test_gpu_jpeg_decode():
-    """nvJPEG decode on the device against libjpeg-turbo on the host: same size, within a few levels
-    (the two differ in IDCT and chroma upsampling, so not bit-exact)."""
+    """nvJPEG decode on the device against libjpeg-turbo on the host: same size, close in bulk, not
+    bit-exact. The two differ in the IDCT (a level or two anywhere) and in 4:2:0 chroma
+    upsampling: torchvision's GPU decode repeats each chroma sample over its 2 x 2 pixels, libjpeg-
+    turbo interpolates ("fancy upsampling"), so along sharp colour edges (the rectangle here) pixels
+    differ by tens of levels. Simulated on this image (chroma averaged 2 x 2, then repeated against
+    bilinear): max 43-64, 99th percentile 3, 99.9th 21-29, mean 0.3. Hence a mean and percentiles,
+    no maximum."""
     from torchvision.io import encode_jpeg
 
     from qvl_ros.core.conversion import compressed_to_tensor
@@ -147,5 +152,60 @@ def test_gpu_jpeg_decode():
     gpu = compressed_to_tensor(msg, device="cuda", gpu_jpeg=True)
     cpu = compressed_to_tensor(msg, device="cpu")
     assert gpu.device.type == "cuda" and gpu.dtype == torch.uint8 and gpu.shape == cpu.shape == (3, 240, 320)
-    diff = (gpu.cpu().int() - cpu.int()).abs()
-    assert diff.float().mean() <= 1.0 and diff.max() <= 16
+    diff = (gpu.cpu().int() - cpu.int()).abs().flatten().float()
+    assert diff.mean() <= 1.0
+    assert torch.quantile(diff, 0.99) <= 8 and torch.quantile(diff, 0.999) <= 40
+
+
+def test_padded_prefill_takes_the_efficient_kernel(setup):
+    """With only the memory-efficient SDPA kernel allowed, a padded batch (bfloat16, GQA) still runs:
+    the masked prefill does not need the math kernel; its hidden states equal the default run's."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    path = setup[0]
+    ours = BatchedQwenVL.from_pretrained(path, device="cuda", dtype=torch.bfloat16)
+    imgs = [[im.cuda() for im in cams] for cams in frames(CASES["exact-mixed"][0], seed=12)]
+    base = ours.encode(imgs, PROMPTS)
+    assert base.attention_mask.sum(1).unique().numel() > 1  # padded
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION]):  # the math kernel would be refused here
+        only = ours.encode(imgs, PROMPTS)
+    real = base.attention_mask.bool()
+    torch.testing.assert_close(only.hidden[real], base.hidden[real], rtol=2e-2, atol=2e-2)
+
+
+def test_warmup_captures_every_bucket_and_none_later(setup):
+    """thread_local capture at warm-up for batch sizes 1..4 of these camera sizes: later calls
+    capture nothing (late_captures stays 0) and give the eager step's tokens."""
+    from qvl_ros.model.decoding import warmup_batch_sizes
+
+    path, _, _, ours = setup
+    sizes = [(224, 252), (280, 280)]
+    runner = ours.steps = StepRunner(ours.decoder)
+    try:
+        ours.warmup(sizes, batch_sizes=warmup_batch_sizes(3), prompt=PROMPTS[0], max_new_tokens=16,
+                    compile_vision=False)
+    finally:
+        ours.steps = StepRunner(ours.decoder)
+    assert runner.captures == 3 and runner.late_captures == 0  # buckets 1, 2, 4
+    for B in (1, 2, 3):
+        imgs = frames([sizes] * B, seed=20 + B)
+        got = generate(ours, imgs, [PROMPTS[0]] * B, runner, max_new_tokens=16)
+        eager = generate(ours, imgs, [PROMPTS[0]] * B, StepRunner(ours.decoder, buckets=True, graphs=False),
+                         max_new_tokens=16)
+        assert torch.equal(got, eager)
+    assert runner.captures == 3 and runner.late_captures == 0
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_graphs_on_the_second_device(setup):
+    """A model on cuda:1 while cuda:0 is current: the captured steps give the eager tokens (a graph
+    captured on the wrong device's stream would replay the capture-time logits)."""
+    path = setup[0]
+    ours = BatchedQwenVL.from_pretrained(path, device="cuda:1", dtype=torch.float32)
+    imgs = [[im.to("cuda:1") for im in cams] for cams in frames(CASES["exact-mixed"][0], seed=13)]
+    torch.cuda.set_device(0)
+    runs = {}
+    for graphs in (True, False):
+        ours.steps = StepRunner(ours.decoder, buckets=True, graphs=graphs)
+        runs[graphs] = ours.generate_ids(imgs, PROMPTS, max_new_tokens=16).cpu()
+    assert torch.equal(runs[True], runs[False])

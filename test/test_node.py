@@ -1145,3 +1145,24 @@ def test_signals_end_node_listener_and_cameras_cleanly(tiny_path, tmp_path, sig)
         text = "".join(lines)
         assert "Traceback" not in text and "[ERROR]" not in text and "model failed" not in text, (name, text)
         assert "context is invalid" not in text, (name, text)
+
+
+def test_warmup_deferred_to_the_first_sets_sizes(rigs):
+    """model.warmup_size empty: the worker warms the model up for the first set's frame sizes and
+    every decode batch bucket up to batch.max_size before running it; /diagnostics reports the
+    graphs captured after warm-up (none: no graphs on the CPU, and none after warm-up anywhere)."""
+    rig = rigs(topics=["w0/image_raw", "w1/image_raw"], sizes=["224x168", "280x210"],
+               node_params=[("model.warmup_size", ""), ("caption.enabled", True), ("caption.max_new_tokens", 4),
+                            ("diagnostics.period", 0.25)])
+    rig.drive(6)
+    rig.settle()
+    logs = rig.collector.node_logs(20, rig.fqn)
+    done = [m for m in logs if m.startswith("warm-up for frames")]
+    assert len(done) == 1 and re.fullmatch(r"warm-up for frames 168x224, 210x280, batches \[1, 2, 4\]: [\d.]+ s",
+                                           done[0]), logs
+    msgs = rig.collector.feature_msgs()
+    stats = rig.node.pipeline_stats()
+    assert msgs and stats["monitor"]["published"] == stats["sync"]["sets"] == len(msgs)
+    assert wait_for(lambda: "graph captures after warm-up" in rig.collector.pipeline_status(rig.fqn)[
+        f"{rig.fqn}: pipeline"][2])
+    assert rig.collector.pipeline_status(rig.fqn)[f"{rig.fqn}: pipeline"][2]["graph captures after warm-up"] == "0"

@@ -338,6 +338,31 @@ def test_decoder_weights_take_at_most_30_percent_of_bf16_at_group_128(tmp_path, 
     assert ratio <= 0.30, ratio
 
 
+def test_vectorized_awq_grid_equals_the_per_group_one():
+    g = torch.Generator().manual_seed(4)
+    for shape, group in (((24, 256), 128), ((16, 200), 128), ((8, 96), 32)):  # 200: a partial last group
+        w = torch.randn(shape, generator=g) * torch.rand(shape[0], 1, generator=g)
+        for ours, theirs in zip(quant.quantize_awq_rtn(w, group), quant.quantize_rtn(w, "awq", group)):
+            assert torch.equal(ours, theirs)
+
+
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_in_memory_int4_decoder_equals_the_awq_checkpoint(tmp_path, family):
+    """bench/gpu.py's int4 rows quantize a loaded decoder in memory (quantize_decoder_int4); loading
+    the AWQ checkpoint of the same weights gives the same kernel weights and the same outputs."""
+    path = save_tiny_checkpoint(tmp_path / "q", family=family, seed=0, quantize="awq", group_size=64)
+    from_ckpt = BatchedQwenVL.from_pretrained(path)
+    in_memory = BatchedQwenVL.from_pretrained(save_tiny_checkpoint(tmp_path / "f", family=family, seed=0))
+    quant.quantize_decoder_int4(in_memory.decoder, group_size=64)
+    for a, b in zip(from_ckpt.decoder.layers, in_memory.decoder.layers):
+        for name in ("qkv", "o", "gate_up", "down"):
+            wa, wb = getattr(a, name).weight, getattr(b, name).weight
+            assert torch.equal(wa.packed, wb.packed) and torch.equal(wa.scale_zero, wb.scale_zero), name
+    imgs = frames([[(224, 224), (168, 252)]], seed=2)
+    fa, fb = from_ckpt.encode(imgs, ["Describe."]), in_memory.encode(imgs, ["Describe."])
+    assert torch.equal(fa.hidden, fb.hidden)
+
+
 # ------------------------------------------------------------------ refusals
 @pytest.fixture(scope="module")
 def awq_dir(tmp_path_factory):

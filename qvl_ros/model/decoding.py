@@ -26,6 +26,11 @@ def batch_bucket(B: int) -> int:
     return next((b for b in BATCH_BUCKETS if b >= B), B)
 
 
+def warmup_batch_sizes(max_size: int) -> list[int]:
+    """One batch size per decode bucket a batch of 1..max_size sets runs in: [1, 2, 4, 5] for 5."""
+    return [b for b in BATCH_BUCKETS if b < max_size] + [max_size]
+
+
 def cache_bucket(K: int) -> int:
     return -(-K // CACHE_QUANTUM) * CACHE_QUANTUM
 
@@ -79,6 +84,9 @@ class StepRunner:
         self.buckets, self.graphs = buckets, graphs
         self._entries: dict[tuple, tuple] = {}  # (B, K, device, dtype) -> (state, step function)
         self._pool = None
+        self.captures = 0        # graphs captured
+        self.late_captures = 0   # of which outside a warm-up (`warming` False): expected 0 in a node
+        self.warming = False
 
     def _on(self, flag: bool | None, device: torch.device) -> bool:
         return device.type == "cuda" if flag is None else bool(flag)
@@ -102,18 +110,28 @@ class StepRunner:
         return entry
 
     def _capture(self, state: DecodeState) -> tuple[DecodeState, callable]:
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        state.key_mask[:, 0, 0, 0] = True
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
-            for _ in range(2):
-                self.decoder.step(state)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self.decoder.step(state)
+        """Capture one step on the state's own device (streams and graph made under it, and the
+        capture stream given: torch.cuda.graph's default one is made once, on whichever device is
+        current then; so a model on cuda:1 while cuda:0 is current is captured, not left empty), in
+        "thread_local" mode: the node's executor thread may use the device (frame conversion)
+        during a capture."""
+        dev = state.tok.device
+        with torch.cuda.device(dev):
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            state.key_mask[:, 0, 0, 0] = True
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side):  # warm-up outside the graph (allocator, kernel selection)
+                for _ in range(2):
+                    self.decoder.step(state)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool, stream=side, capture_error_mode="thread_local"):
+                logits = self.decoder.step(state)
+        self.captures += 1
+        if not self.warming:
+            self.late_captures += 1
 
         def replay():
             graph.replay()

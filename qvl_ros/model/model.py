@@ -207,11 +207,8 @@ class BatchedQwenVL(nn.Module):
         del weights, tensors
         if dtype == torch.float32:
             model.visual.fold_norms()
-        model.visual.reset_buffers()  # buffers are computed, not stored in the checkpoint
-        model.decoder.reset_buffers()
+        # buffers are computed, not stored in the checkpoint; rotary frequencies stay float32 (_apply)
         model = model.to(device=device, dtype=dtype)
-        model.visual.inv_freq = model.visual.inv_freq.float()
-        model.decoder.inv_freq = model.decoder.inv_freq.float()
         attach_int4_linears(model.decoder, int4, device, dtype, int4_dtype)
         model.name = str(path)
         return model.eval().requires_grad_(False)
@@ -222,9 +219,13 @@ class BatchedQwenVL(nn.Module):
         """Pay one-time costs before the first frame; returns the seconds it took.
 
         `sizes`: one (H, W) per camera, as the frames will arrive; `batch_sizes`: the batch sizes
-        that will run. For each, one encode + caption on blank frames builds the vision layout
-        cache and, on CUDA, captures the decode step's CUDA graph for its bucket and (with
-        `compile_vision`, default: on CUDA) compiles the vision blocks for that layout."""
+        that will run (`decoding.warmup_batch_sizes(max_size)` covers every decode bucket up to a largest
+        batch). For each, one encode + caption on blank frames builds the vision layout cache and,
+        on CUDA, captures the decode step's CUDA graph for its (batch, cache length) bucket and
+        (with `compile_vision`, default: on CUDA) compiles the vision blocks for that layout. A
+        layout that fails to compile runs eagerly (warned with its grids, counted in
+        `visual.compile_failures`); any other error propagates. Captures made here are not
+        counted in `late_captures`."""
         import time
 
         t0 = time.perf_counter()
@@ -232,23 +233,22 @@ class BatchedQwenVL(nn.Module):
             compile_vision = self.device.type == "cuda"
         if compile_vision:
             self.visual.compile_blocks()
-        for b in batch_sizes:
-            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self.device) for h, w in sizes]
-                      for _ in range(b)]
-            try:
+        self.steps.warming = True
+        try:
+            for b in batch_sizes:
+                frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self.device) for h, w in sizes]
+                          for _ in range(b)]
                 self._run(frames, [prompt] * b, None, max_new_tokens)
-            except Exception as exc:  # a compiler missing on this machine: keep the eager blocks
-                if not compile_vision:
-                    raise
-                import warnings
-
-                warnings.warn(f"torch.compile of the vision blocks failed, running them eagerly: {exc}")
-                compile_vision = False
-                self.visual.compile_blocks(False)
-                self._run(frames, [prompt] * b, None, max_new_tokens)
+        finally:
+            self.steps.warming = False
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         return time.perf_counter() - t0
+
+    @property
+    def late_captures(self) -> int:
+        """CUDA graphs captured outside `warmup` (a node expects 0 once it is active)."""
+        return self.steps.late_captures
 
     # ------------------------------------------------------------------ pieces
     def prepare(self, images, prompts, size=None, fps=None) -> tuple[list, Batch]:

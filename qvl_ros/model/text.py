@@ -71,6 +71,12 @@ class DecoderLayer(nn.Module):
             for b, p in enumerate(pads):
                 o[b:b + 1, :, p:] = F.scaled_dot_product_attention(q[b:b + 1, :, p:], k[b:b + 1, :, p:],
                                                                    v[b:b + 1, :, p:], is_causal=True, enable_gqa=gqa)
+        elif mask is not None and gqa:
+            # a boolean mask with enable_gqa rules out the flash and memory-efficient kernels (math
+            # attention); with k/v expanded to the query heads the memory-efficient kernel takes it
+            rep = H // self.Hkv
+            o = F.scaled_dot_product_attention(q, k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1),
+                                               attn_mask=mask)
         else:
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and L > 1,
                                                enable_gqa=gqa)
@@ -99,17 +105,28 @@ class Decoder(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden, cfg.vocab_size, bias=False)
         if sum(cfg.mrope_section) != cfg.head_dim // 2:
             raise ValueError(f"mrope_section {cfg.mrope_section} must sum to head_dim/2 = {cfg.head_dim // 2}")
+        self.per_row_prefill: bool | None = None  # padded prefill per row (None: on the CPU) or one masked call
         self.register_buffer("inv_freq", torch.empty(cfg.head_dim // 2), persistent=False)
         self.register_buffer("stream", torch.empty(cfg.head_dim // 2, dtype=torch.long), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
-        cfg, hd, dev = self.cfg, self.cfg.head_dim, self.inv_freq.device
+        """inv_freq in float32 on the weights' device, whatever their dtype (as transformers keeps
+        it: a bfloat16 copy turns the angle at position p into p times a rounded frequency), and
+        the rotary pairs' position streams."""
+        cfg, hd, dev = self.cfg, self.cfg.head_dim, self.embed.weight.device
         if dev.type == "meta":
             return
         self.inv_freq = (1.0 / (cfg.rope_theta ** (torch.arange(0, hd, 2, dtype=torch.float) / hd))).to(dev)
         # which position stream (t, h, w) drives each rotary pair
         self.stream = torch.cat([torch.full((n,), i) for i, n in enumerate(cfg.mrope_section)]).to(dev)
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.cuda()`, `to_empty` cast or move the buffers; the rotary frequencies are
+        then computed again in float32 instead of keeping a rounded copy."""
+        super()._apply(fn, recurse)
+        self.reset_buffers()
+        return self
 
     def rope(self, position_ids: torch.Tensor) -> torch.Tensor:
         """position_ids (3, B, L) -> (B, L, hd/2) complex rotations."""
@@ -126,12 +143,13 @@ class Decoder(nn.Module):
         """Prefill: x (B, L, D) embeddings -> last hidden states (B, L, D) after the final norm.
 
         `pads` (host ints) is each row's left padding. Without padding one causal call serves the
-        batch; with padding the CPU attends per row on real tokens, other devices use one masked
-        call."""
+        batch; with padding the CPU attends per row on real tokens (`per_row_prefill`, default on
+        the CPU), other devices use one masked call with k/v expanded to the query heads."""
         B, L, D = x.shape
         mask, rows = None, None
         if any(pads):
-            if x.device.type == "cpu":
+            per_row = x.device.type == "cpu" if self.per_row_prefill is None else self.per_row_prefill
+            if per_row:
                 rows = pads
             else:
                 valid = attention_mask.bool()

@@ -19,8 +19,11 @@ SwiGLU, residual adds and biases ride in the matmul output pass (see kernels.py)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
+import torch._dynamo.exc
+import torch._inductor.exc
 import torch.nn.functional as F
 from torch import nn
 
@@ -172,7 +175,9 @@ class VisionBlock(nn.Module):
         return linear_add(h, self.down.weight, self.down.bias, x)
 
 
-_COMPILED_BLOCK = None  # torch.compile(VisionBlock.forward), shared by all blocks and towers
+_COMPILED_BLOCKS: dict = {}  # backend -> torch.compile(VisionBlock.forward), shared by all blocks and towers
+# what a failed compilation raises: dynamo and the backends it wraps (Triton missing, inductor), the C++/CUDA compilers
+COMPILE_ERRORS = (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.CppCompileError)
 
 
 class VisionTower(nn.Module):
@@ -190,14 +195,16 @@ class VisionTower(nn.Module):
         self.register_buffer("inv_freq", torch.empty(cfg.vision_head_dim // 4), persistent=False)
         self.reset_buffers()
 
-    def compile_blocks(self, enable: bool = True) -> None:
+    def compile_blocks(self, enable: bool = True, backend: str | Callable = "inductor") -> None:
         """Run the blocks through torch.compile (fixed shapes: one compiled graph per grid layout
         and attention kind, cached by torch). Fuses norms, rotary, SwiGLU and residual adds into
-        a few kernels on CUDA; on the CPU the eager blocks are faster, so they stay eager there."""
-        global _COMPILED_BLOCK
-        if enable and _COMPILED_BLOCK is None:
-            _COMPILED_BLOCK = torch.compile(VisionBlock.forward, dynamic=False)
-        self._block_fn = _COMPILED_BLOCK if enable else VisionBlock.forward
+        a few kernels on CUDA; on the CPU the eager blocks are faster, so they stay eager there.
+
+        A layout whose compilation fails (COMPILE_ERRORS) runs eagerly from then on, with a
+        warning naming it, and is counted in `compile_failures`; other errors propagate."""
+        if enable and backend not in _COMPILED_BLOCKS:
+            _COMPILED_BLOCKS[backend] = torch.compile(VisionBlock.forward, dynamic=False, backend=backend)
+        self._block_fn = _COMPILED_BLOCKS[backend] if enable else VisionBlock.forward
         limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
         if enable and getattr(torch._dynamo.config, limit) < 64:  # layouts x (window, full) attention
             setattr(torch._dynamo.config, limit, 64)
@@ -208,12 +215,27 @@ class VisionTower(nn.Module):
 
     def reset_buffers(self) -> None:
         self._block_fn = getattr(self, "_block_fn", VisionBlock.forward)
+        self._eager_layouts: set = getattr(self, "_eager_layouts", set())  # layouts whose compile failed
+        self.compile_failures: list = getattr(self, "compile_failures", [])  # (layout key, error) per failure
+        self._reset_rotary()
+
+    def _reset_rotary(self) -> None:
+        """inv_freq in float32 on the weights' device, whatever their dtype (as transformers keeps it);
+        drops the cached layouts, whose rotary tables derive from it."""
         self._layouts: dict[tuple, Layout] = {}
-        if self.inv_freq.device.type == "meta":
+        dev = self.patch_embed.weight.device
+        if dev.type == "meta":
             return
         hd = self.cfg.vision_head_dim
-        inv = 1.0 / (self.cfg.vision_rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float) / (hd // 2)))
-        self.inv_freq = inv.to(self.inv_freq.device)  # (hd/4,) float32
+        inv = 1.0 / (self.cfg.vision_rope_theta ** (torch.arange(0, hd // 2, 2, dtype=torch.float32) / (hd // 2)))
+        self.inv_freq = inv.to(dev)  # (hd/4,) float32, computed as transformers does
+
+    def _apply(self, fn, recurse=True):
+        """`.to(dtype)`, `.cuda()`, `to_empty` cast or move the buffers; the rotary frequencies are
+        then computed again in float32 instead of keeping a rounded copy."""
+        super()._apply(fn, recurse)
+        self._reset_rotary()
+        return self
 
     # -------------------------------------------------------------- index math (per grid shape)
     def _image_layout(self, gh: int, gw: int):
@@ -312,13 +334,33 @@ class VisionTower(nn.Module):
             x = x.view(S // mm, mm, D)[lay.unit_perm].view(S, D)  # window order
         x = x.float()  # the residual stream is float32 (a no-op for float32 weights)
         P = x.shape[0]
-        full = set(self.cfg.fullatt_blocks)
-        for i, blk in enumerate(self.blocks):
-            x = self._block_fn(blk, x, lay.rope, lay.full_groups if i in full else lay.window_groups)
+        x = self._blocks(x, lay, (tuple(grids), tuple(clips or ())))
         x = self.merger_norm(x).view(P // mm, -1)  # (U, mm*D)
         x = F.gelu(linear(x, self.merger_fc1.weight, self.merger_fc1.bias))
         x = linear(x, self.merger_fc2.weight, self.merger_fc2.bias)  # (U, out)
         return x[lay.unit_inv]
+
+    def _blocks(self, x: torch.Tensor, lay: Layout, key: tuple) -> torch.Tensor:
+        """All blocks, compiled where they compile for this layout, else eagerly (see compile_blocks)."""
+        fn = VisionBlock.forward if key in self._eager_layouts else self._block_fn
+        try:
+            return self._run_blocks(fn, x, lay)
+        except COMPILE_ERRORS as exc:
+            if fn is VisionBlock.forward:
+                raise
+            import warnings
+
+            self._eager_layouts.add(key)
+            self.compile_failures.append((key, f"{type(exc).__name__}: {exc}"))
+            warnings.warn(f"torch.compile of the vision blocks failed for grids {key[0]}, running that layout "
+                          f"eagerly: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+            return self._run_blocks(VisionBlock.forward, x, lay)
+
+    def _run_blocks(self, fn, x: torch.Tensor, lay: Layout) -> torch.Tensor:
+        full = set(self.cfg.fullatt_blocks)
+        for i, blk in enumerate(self.blocks):
+            x = fn(blk, x, lay.rope, lay.full_groups if i in full else lay.window_groups)
+        return x
 
     # -------------------------------------------------------------- weights
     @torch.no_grad()

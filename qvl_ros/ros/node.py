@@ -76,6 +76,9 @@ from ..model.model import DTYPES
 from ..model.processor import MIN_SIDE, image_size_problem
 from ..core.synchronizer import SyncSet, Synchronizer, default_slop_ns
 from ..core.topics import camera_names as default_camera_names
+from ..core.warmup import batch_sizes as warmup_batch_sizes
+from ..core.warmup import frame_sizes as warmup_frame_sizes
+from ..core.warmup import parse_sizes as parse_warmup_sizes
 
 __all__ = ["QvlNode", "QvlLifecycleNode", "QvlPipeline", "main", "default_camera_names"]
 
@@ -309,28 +312,27 @@ class QvlPipeline:
             + (f" and {self.resolve_topic_name('caption')}" if v("caption.enabled") else "")
             + (" (lazy: cameras subscribed while someone listens)" if v("lazy") else ""))
 
-    def _warm_up(self) -> None:
+    def _warm_up(self, sizes: Optional[List[tuple]] = None) -> None:
         """Pay the model's one-time costs (allocation, kernel choice; on CUDA graph capture and
-        compilation) for the expected frame size and every batch size up to batch.max_size."""
+        compilation) for the cameras' frame sizes and every decode batch bucket up to
+        batch.max_size (core/warmup.py). model.warmup_size unset: deferred to the first set."""
         t0 = time.perf_counter()
-        size = str(self._value("model.warmup_size")).lower().split("x")
-        try:
-            h, w = int(size[0]), int(size[1])
-        except (ValueError, IndexError):
-            raise ValueError(f"model.warmup_size must be HxW, got {self._value('model.warmup_size')!r}") from None
-        if image_size_problem(h, w):
-            raise ValueError(f"model.warmup_size: {image_size_problem(h, w)}")
+        sizes = sizes or parse_warmup_sizes(self._value("model.warmup_size"), len(self._topics))
+        self._warm_pending = sizes is None
+        if sizes is None:
+            self.get_logger().info("warm-up deferred: model.warmup_size is unset, the first set's frames decide")
+            return
         tokens = int(self._value("caption.max_new_tokens")) if self._value("caption.enabled") else 0
-        batches = sorted({1, int(self._value("batch.max_size"))})
+        batches = warmup_batch_sizes(int(self._value("batch.max_size")))
         if hasattr(self.model, "warmup"):
-            self.model.warmup([(h, w)] * len(self._topics), batch_sizes=batches, prompt=str(self._value("prompt")),
-                              max_new_tokens=tokens)
+            self.model.warmup(sizes, batch_sizes=batches, prompt=str(self._value("prompt")), max_new_tokens=tokens)
         else:  # a wrapped model (tests, instrumentation): one call on black frames
             import torch
 
-            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self._device) for _ in self._topics]]
+            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self._device) for h, w in sizes]]
             self.model.encode(frames, [str(self._value("prompt"))])
-        self.get_logger().info(f"warm-up for {h}x{w} frames, batches {batches}: {time.perf_counter() - t0:.2f} s")
+        self.get_logger().info(f"warm-up for frames {', '.join(f'{h}x{w}' for h, w in sizes)}, batches {batches}: "
+                               f"{time.perf_counter() - t0:.2f} s")
 
     # ------------------------------------------------------------------------- cameras
     def _subscribe(self) -> None:
@@ -453,7 +455,8 @@ class QvlPipeline:
         d("model.warmup", True, _BOOL, "Run the model on black frames when configuring (BatchedQwenVL.warmup: "
           "on CUDA it captures the decode graphs and compiles the vision blocks for model.warmup_size).")
         d("model.warmup_size", "224x224", _STRING,
-          "Frame size HxW the cameras are expected to deliver, for the warm-up (one value for all cameras).")
+          "Frame sizes the cameras deliver, for the warm-up: HxW for all, HxW,HxW,... per camera, or empty: "
+          "the first set's frames (warmed up in the worker before that set).")
         d("prompt", "Describe the scene.", _STRING, "Text given to the model with the images of each set.",
           read_only=False)
         d("features", ["vision", "hidden"], _STRINGS, "Tensors to publish: vision (per camera), hidden (decoder).",
@@ -651,6 +654,11 @@ class QvlPipeline:
     # ------------------------------------------------------------------------- model side
     def _run_batch(self, sets: List[SyncSet]) -> None:
         """Batcher worker: one model call for all sets, then one message (pair) per set."""
+        if getattr(self, "_warm_pending", False):
+            try:
+                self._warm_up(warmup_frame_sizes([f.image for f in sets[0].items]))
+            except Exception as exc:  # the batch itself still runs (and reports its own failure)
+                self.get_logger().error(f"warm-up for the first set failed: {type(exc).__name__}: {exc}")
         settings = self._batch_settings()
         settings["epoch"] = self._epoch
         t0 = time.perf_counter()
@@ -762,7 +770,8 @@ class QvlPipeline:
             statuses = self._monitor.statuses(
                 self.get_fully_qualified_name(), self._sync.stats(), self._batcher.stats(),
                 extra=[("model", self._model_name), ("device", str(self._device)),
-                       ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower())]
+                       ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower()),
+                       ("graph captures after warm-up", str(getattr(self.model, "late_captures", 0)))]
                 + self._clip_diagnostics())
             self._log_no_set(statuses[0])
             stale = set(self._monitor.stale_cameras())
