@@ -364,7 +364,8 @@ class Bench:
 
     def extract_and_node(self):
         for modname, rowname in (("bench.video_bench", "video"), ("bench.extract_bench", "extract"),
-                                 ("bench.fleet_bench", "fleet"), ("bench.node_bench", "node")):
+                                 ("bench.fleet_bench", "fleet"), ("bench.node_bench", "node"),
+                                 ("bench.detect_bench", "detect")):
             try:
                 mod = __import__(modname, fromlist=["run"])
             except ImportError:

@@ -166,6 +166,10 @@ def test_prompts_and_grammars_follow_each_format():
         grammar_for(False, ["cup"], (56, 56), kind="point")
     with pytest.raises(ValueError):
         prompt_for(True, [])
+    with pytest.raises(ValueError, match="max_detections <= 100"):  # bounds the answer and the KV cache
+        grammar_for(True, ["cup"], (56, 56), max_detections=101)
+    with pytest.raises(ValueError, match="at most 64 class names"):
+        prompt_for(True, [f"c{i}" for i in range(65)])
 
 
 # ----------------------------------------------------------------------------- the model, constrained

@@ -41,6 +41,9 @@ import torch
 from .constrained import GrammarGuide, TokenScores, require_llguidance
 
 KINDS = ("box", "point")
+MAX_DETECTIONS = 100  # per camera: bounds the grammar, hence the answer's length and the KV cache
+MAX_CLASSES = 64
+MAX_NAME_CHARS = 128  # a class name or a query
 MAX_LABEL_CHARS = 32  # a free-text label's bound in a constrained answer (no escapes, no control characters)
 
 
@@ -61,6 +64,7 @@ class CameraDetections:
     model_size: tuple           # (h, w) the model saw
     complete: bool              # the whole answer is one well-formed answer of the family's format
     malformed: int = 0          # items or fragments that could not be read
+    tokens: int = 0             # tokens generated for this camera, its end token included
     grammar_error: str | None = field(default=None, repr=False)  # a constrained row's matcher error
 
 
@@ -85,12 +89,14 @@ def _targets(classes_or_query) -> tuple[list | None, str | None]:
     """(class list, None) or (None, query)."""
     if isinstance(classes_or_query, str):
         q = classes_or_query.strip()
-        if not q:
-            raise ValueError("the detection query is empty")
+        if not q or len(q) > MAX_NAME_CHARS:
+            raise ValueError(f"a detection query must have 1 to {MAX_NAME_CHARS} characters")
         return None, q
     labels = [str(c).strip() for c in classes_or_query]
     if not labels or any(not c for c in labels):
         raise ValueError("give a non-empty list of non-empty class names or a query")
+    if len(labels) > MAX_CLASSES or any(len(c) > MAX_NAME_CHARS for c in labels):
+        raise ValueError(f"at most {MAX_CLASSES} class names of at most {MAX_NAME_CHARS} characters each")
     return list(dict.fromkeys(labels)), None
 
 
@@ -119,8 +125,8 @@ def grammar_for(v25: bool, classes_or_query, model_size: tuple, kind: str = "box
     """The Lark grammar (llguidance dialect) of an answer for an image the model sees at `model_size`."""
     labels, _ = _targets(classes_or_query)
     lo, hi = int(min_detections), int(max_detections)
-    if not 0 <= lo <= hi or hi < 1:
-        raise ValueError("need 0 <= min_detections <= max_detections and max_detections >= 1")
+    if not 0 <= lo <= hi or not 1 <= hi <= MAX_DETECTIONS:
+        raise ValueError(f"need 0 <= min_detections <= max_detections and 1 <= max_detections <= {MAX_DETECTIONS}")
     if v25:
         h, w = model_size
         xs, ys = ({"type": "integer", "minimum": 0, "maximum": int(n)} for n in (w, h))
@@ -345,7 +351,7 @@ def _per_sample(classes_or_query, B: int) -> list:
 def detect(model, images, classes_or_query, constrained: bool | None = None, kind: str = "box",
            max_detections: int = 10, min_detections: int = 0, max_new_tokens: int | None = None,
            size=None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None) -> list[list[CameraDetections]]:
+           generator: torch.Generator | None = None, timing: dict | None = None) -> list[list[CameraDetections]]:
     """Detections per sample and camera (see the module doc). `classes_or_query`: a list of class
     names or one free-text query for all samples, or a list of those, one per sample (a list holding
     at least one list is read per sample).
@@ -391,11 +397,15 @@ def detect(model, images, classes_or_query, constrained: bool | None = None, kin
         ids = model._run(rows, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator,
                          hook=hook)[1]
     ids, logprobs = ids.cpu().tolist(), hook.logprobs.cpu()
+    if timing is not None:
+        timing.update(steps=getattr(hook, "steps", 0), grammar_seconds=hook.seconds)
     pieces = token_pieces(proc.tokenizer)
     drop = set(model.eos_ids) | {model.pad_id}
     out = [[None] * len(cams) for cams in frames]
+    eos = set(model.eos_ids)
     for r, (b, n) in enumerate(where):
-        text, owner = answer_text(ids[r], pieces, drop)
+        used = next((t + 1 for t, i in enumerate(ids[r]) if i in eos), len(ids[r]))
+        text, owner = answer_text(ids[r][:used], pieces, drop)
         _, query = _targets(row_targets[r])
         parsed = parse_json_answer(text) if v25 else parse_ref_answer(text, query or "")
         dets = []
@@ -406,5 +416,5 @@ def detect(model, images, classes_or_query, constrained: bool | None = None, kin
             dets.append(Detection(it.label, box, point, math.exp(lp), lp))
         err = hook.errors[r] if constrained else None
         out[b][n] = CameraDetections(dets, text, image_sizes[r], model_sizes[r], parsed.complete,
-                                     parsed.malformed, err)
+                                     parsed.malformed, used, err)
     return out
