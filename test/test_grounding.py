@@ -278,3 +278,12 @@ def test_missing_llguidance_is_a_clear_error(checkpoints, monkeypatch):
         model.detect(img, ["cup"], constrained=True)
     out = model.detect(img, ["cup"], max_new_tokens=4)  # constrained=None: falls back to plain decoding
     assert len(out) == 1 and len(out[0]) == 1
+
+
+def test_detect_reports_the_size_the_model_saw(checkpoints):
+    model = BatchedQwenVL.from_pretrained(checkpoints["qwen2_vl"])
+    imgs = [[torch.zeros(3, 90, 150, dtype=torch.uint8), torch.zeros(3, 300, 200, dtype=torch.uint8)]]
+    out = model.detect(imgs, "a door", constrained=False, max_new_tokens=2, size=(56, 84))
+    assert [(c.image_size, c.model_size) for c in out[0]] == [((90, 150), (56, 84)), ((300, 200), (56, 84))]
+    out = model.detect(imgs, "a door", constrained=False, max_new_tokens=2)
+    assert [c.model_size for c in out[0]] == [(84, 140), (308, 196)]  # smart_resize: nearest multiples of 28
