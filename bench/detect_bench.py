@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -113,7 +114,8 @@ def main(argv=None) -> int:
     import llguidance
 
     meta = {"cpu": cpu_name(), "torch_threads": torch.get_num_threads(), "device": "cpu", "config": "small",
-            "torch": torch.__version__, "llguidance": llguidance.__version__}
+            "torch": torch.__version__, "llguidance": llguidance.__version__,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "detect-cpu.json").write_text(json.dumps({"meta": meta, "results": rows}, indent=2))
@@ -127,6 +129,10 @@ def main(argv=None) -> int:
         lines.append(f"| {p['B']} x {p['N']} | {dec['params']['steps']} | {det['ours']:.2f} | "
                      f"{det['error'].split()[0]} | {dec['ours']:.1f} | {dec['reference']:.1f} | "
                      f"{dec['mask_ms_per_step']:.1f} | {det['seconds']['prefill'] * 1e3:.0f} |")
+    lines += ["", f"Load average (1, 5, 15 min) at the end of the run: {meta['load_average']} on "
+              f"{os.cpu_count()} cores. Tokens/s divide each camera's tokens (up to its end token) by the "
+              "decode time of the whole batch, which runs until its longest answer ends; `mask ms/step` is "
+              "the grammar's own host time per step, timed inside the decode loop."]
     (out / "detect-cpu.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
