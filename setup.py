@@ -25,6 +25,6 @@ setup(
     packages=find_packages(include=["qvl_ros", "qvl_ros.*"]),
     python_requires=">=3.10",
     install_requires=["torch", "torchvision", "transformers>=5,<6", "safetensors", "numpy"],
-    extras_require={"ros": ["rosbags"], "ray": ["ray>=2.40", "rosbags"], "test": ["pytest", "opencv-python-headless", "pillow"]},
+    extras_require={"ros": ["rosbags"], "grounding": ["llguidance>=1.9,<2"], "ray": ["ray>=2.40", "rosbags"], "test": ["pytest", "opencv-python-headless", "pillow"]},
     entry_points={"console_scripts": CONSOLE_SCRIPTS},
 )

@@ -375,7 +375,8 @@ class Bench:
 
     def extract_and_node(self):
         for modname, rowname in (("bench.video_bench", "video"), ("bench.extract_bench", "extract"),
-                                 ("bench.fleet_bench", "fleet"), ("bench.node_bench", "node")):
+                                 ("bench.fleet_bench", "fleet"), ("bench.node_bench", "node"),
+                                 ("bench.detect_bench", "detect")):
             mod = __import__(modname, fromlist=["run"])
             try:
                 rows = mod.run(quick=self.quick, smoke=self.smoke)

@@ -25,9 +25,9 @@ def test_bench_run_smoke_writes_every_row(tmp_path):
     _run(["bench/run.py", "--smoke", "--out", str(tmp_path)], timeout=840)
     report = json.loads((tmp_path / "smoke.json").read_text())
     names = {r["name"] for r in report["results"]}
-    # bench/run.py's own rows, then the sub-benchmarks (clips, extraction, fleet, node)
+    # bench/run.py's own rows, then the sub-benchmarks (clips, extraction, fleet, node, detections)
     assert names >= {"preprocess", "vision", "roofline", "ops", "encode", "generate",
-                     "video", "extract", "fleet", "node"}, names
+                     "video", "extract", "fleet", "node", "detect"}, names
     for r in report["results"]:
         assert r["ours"] is not None and r["ours"] > 0, r
         assert r["device"] == "cpu" and r["unit"], r

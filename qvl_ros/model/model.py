@@ -302,11 +302,20 @@ class BatchedQwenVL(nn.Module):
         feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)
         return feats, self.decode(ids)
 
+    def detect(self, images, classes_or_query, **options) -> list:
+        """Open-vocabulary detections per sample and camera, in each camera's own pixels.
+
+        `classes_or_query`: a list of class names or one free-text query (or one per sample);
+        options: see grounding.detect (constrained, kind, max_detections, size, ...)."""
+        from .grounding import detect
+
+        return detect(self, images, classes_or_query, **options)
+
     def decode(self, ids: torch.Tensor) -> list[str]:
         return self.processor.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
 
     def _run(self, images, prompts, size, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None):
+             temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None, hook=None):
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
         _, inputs = self.prepare(images, prompts, size, fps)
@@ -331,18 +340,25 @@ class BatchedQwenVL(nn.Module):
             return feats, None
         state.begin(inputs.attention_mask, inputs.next_position)
         logits = self.decoder.logits(hidden[:, -1])  # (B, V)
-        return feats, self._decode(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator)
+        return feats, self._decode(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator,
+                                   hook)
 
-    def _decode(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator):
-        """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?)."""
+    def _decode(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator, hook=None):
+        """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?).
+
+        `hook` (constrained.GrammarGuide / TokenScores): `before(logits, done)` returns the logits
+        to select from (e.g. masked by a grammar), `after(t, tok, done)` sees each step's tokens."""
         B, dev = logits.shape[0], logits.device
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
         ids = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         pad = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
         for t in range(max_new_tokens):
-            tok = torch.where(done, pad, self._select(logits, do_sample, temperature, top_p, generator))
+            sel = logits if hook is None else hook.before(logits, done)
+            tok = torch.where(done, pad, self._select(sel, do_sample, temperature, top_p, generator))
             ids[:, t] = tok
+            if hook is not None:
+                hook.after(t, tok, done)
             done |= torch.isin(tok, eos)
             if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):
                 break
