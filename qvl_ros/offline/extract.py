@@ -177,13 +177,9 @@ def _parse_time(spec: str | float | None, bag_start_ns: int, what: str) -> int |
 
 
 def _looks_like_export(path: Path) -> bool:
-    from .export import INDEX_NAME
+    from .output_guard import looks_like_export
 
-    if not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    return any(e.name == INDEX_NAME for e in entries) and all(
-        e.is_file() and (e.name.endswith((".safetensors", ".json", ".tmp"))) for e in entries)
+    return looks_like_export(path)
 
 
 def _check_target(path: Path, force: bool, what: str, looks_ok: Callable[[Path], bool]) -> None:

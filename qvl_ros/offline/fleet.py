@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .shards import (DirectoryLock, ShardPlan, ShardsError, check_resume, clear_shards_dir, grow_overlap,
-                     load_plan, looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard,
+                     load_plan, make_plan, shards_dir_problem, pending_shards, read_marker, run_shard,
                      save_plan, seam_failures)
 
 __all__ = ["FleetOptions", "ShardWorker", "ProgressBoard", "run_sharded", "add_arguments", "options_from_args"]
@@ -144,11 +144,13 @@ def _claim(root: Path, plan: ShardPlan, force: bool) -> tuple[ShardPlan, bool, D
     from .extract import ExtractError
     from .output_guard import check_writable
 
-    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir()))
-    if found and not looks_like_shards_dir(root):
-        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
-                           f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
-                                                         else "pick another --out"))
+    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not root.is_symlink()
+                                                          and not any(root.iterdir()))
+    problem = shards_dir_problem(root) if found else None
+    if problem:
+        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run ({problem}); "
+                           + ("refusing to delete it, even with --force" if force
+                              else "refusing to resume it; pick another --out"))
     if not found:
         try:
             check_writable(root)
