@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import check_weights, read_tensors
+from .checkpoint import check_weights, read_tensors, resolve_checkpoint
 from .config import QwenVLConfig, check_pixel_bounds, load_checked_config
 from .decoding import StepRunner
 from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
@@ -165,7 +165,9 @@ class BatchedQwenVL(nn.Module):
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
                         video_min_pixels=None, video_max_pixels=None, dequantize=False,
                         int4_dtype=torch.bfloat16, check_finite=True):
-        """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
+        """Load a Qwen2.5-VL or Qwen2-VL checkpoint (safetensors only, no remote code): a directory,
+        or a Hugging Face id ("Qwen/Qwen2.5-VL-3B-Instruct") already in the local cache, which is
+        never downloaded (as the node's `model.path`).
 
         Pixel bounds default to the checkpoint's processor config: min/max_pixels for still
         images, video_min/max_pixels for each frame of a clip. 4-bit AWQ / GPTQ checkpoints
@@ -175,7 +177,7 @@ class BatchedQwenVL(nn.Module):
         as float weights of `dtype` instead. Config sizes, pixel bounds and weight files are
         checked before anything is allocated (config.py, weights_check.py); weights holding NaN
         or Inf are refused unless `check_finite=False`."""
-        path = Path(path)
+        path = Path(path) if Path(path).is_dir() else resolve_checkpoint(path)
         raw, cfg = load_checked_config(path)  # bounded and consistent, before transformers parses it
         check_checkpoint_files(path)
         qcfg = QuantConfig.from_checkpoint(raw, path)  # None for float checkpoints; refuses unknown formats
