@@ -43,9 +43,16 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from bench.node_bench import apply_transport  # noqa: E402
+from bench.node_bench import use_shm_transport  # noqa: E402
 
 CAMERAS, RATE, SIZE = 3, 30.0, "320x240"
+
+
+def apply_transport(mode: str, directory: str) -> str:
+    """The DDS transport for this process and the camera process it starts (before rclpy.init)."""
+    if mode == "default":
+        return f"{os.environ.get('RMW_IMPLEMENTATION', 'rmw_fastrtps_cpp')} default transports"
+    return use_shm_transport(directory)
 
 
 def _rss_mb() -> float:
