@@ -65,6 +65,8 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ..core.model_call import ModelRequest, call_model
+
 __all__ = ["ExtractConfig", "ExtractReport", "ExtractError", "extract", "add_arguments", "run_cli", "main"]
 
 DEFAULT_PROMPT = "Describe the scene."
@@ -749,7 +751,8 @@ class _Extraction:
         self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped, plan.window)
         self._window_ns = int(round(cfg.batch_window * 1e9))
         self.writer = self.exporter = self.guard = None
-        self._prompts: dict[int, list[str]] = {}
+        self._request = ModelRequest(cfg.prompt, features=True, texts=cfg.caption,
+                                     max_new_tokens=cfg.max_new_tokens)
         self._geometry: dict = {}  # (height, width, frames) -> the model's input geometry
         self._placeholder_ids = placeholder_token_ids(model)  # to index the hidden rows
 
@@ -800,14 +803,7 @@ class _Extraction:
 
     # ------------------------------------------------------------------------------ batches
     def _compute(self, batch):
-        cfg = self.cfg
-        images = [[f.image for f in s.items] for s in batch]
-        prompts = self._prompts.setdefault(len(batch), [cfg.prompt] * len(batch))
-        clip = {"fps": [list(s.fps) for s in batch]} if cfg.clip_frames else {}  # rates from clip stamps
-        if cfg.caption:
-            feats, texts = self.model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens, **clip)
-        else:
-            feats, texts = self.model.encode(images, prompts, **clip), None
+        feats, texts = call_model(self.model, batch, self._request)  # clip rates from the clip stamps
         return batch, feats, texts
 
     def _emit(self, batch, feats, texts) -> None:

@@ -63,6 +63,7 @@ from ..core.batcher import Batcher
 from ..core.clips import ClipAssembler
 from ..core.conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
 from ..core.input_loss import InputLossEstimator
+from ..core.model_call import ModelRequest, call_model
 from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
@@ -687,12 +688,9 @@ class QvlPipeline:
         }
 
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
-        images = [[f.image for f in s.items] for s in sets]
-        prompts = [settings["prompt"]] * len(sets)
-        clip = {"fps": [list(s.fps) for s in sets]} if self._clips is not None else {}
-        if settings["caption"]:
-            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"], **clip)
-        return self.model.encode(images, prompts, **clip), None
+        request = ModelRequest(settings["prompt"], features=True, texts=settings["caption"],
+                               max_new_tokens=settings["max_new_tokens"])
+        return call_model(self.model, sets, request)
 
     def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
         """One message (pair) per set. Sets of an older timeline (time went back while they ran)
