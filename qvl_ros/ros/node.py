@@ -857,8 +857,10 @@ class QvlPipeline:
     def destroy_node(self) -> None:
         """Stop the worker (the batch in flight finishes, queued sets are discarded), then the node."""
         self._active = False
-        self._cleanup()
-        super().destroy_node()
+        try:
+            self._cleanup()
+        finally:  # rclpy's part always runs: the node leaves its context, which can then shut down
+            super().destroy_node()
 
 
 class QvlNode(QvlPipeline, Node):
@@ -962,9 +964,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(msg, file=sys.stderr)
             code = 1
     finally:
-        if node is not None:
-            _destroy(node)
-        rclpy.try_shutdown()
+        try:
+            if node is not None:
+                _destroy(node)
+        except Exception as exc:  # the context is still shut down below, and the exit status says so
+            print(f"{NODE_NAME}: destroying the node failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = code or 1
+        finally:
+            rclpy.try_shutdown()
     return code
 
 
