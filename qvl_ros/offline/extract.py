@@ -65,9 +65,14 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from ..core.model_call import ModelRequest, call_model
+from ..core.params import BY_NAME as P
+from ..core.params import ParamError, read_params_file
+from ..core.params import slop_ns as resolve_slop_ns
+
 __all__ = ["ExtractConfig", "ExtractReport", "ExtractError", "extract", "add_arguments", "run_cli", "main"]
 
-DEFAULT_PROMPT = "Describe the scene."
+DEFAULT_PROMPT = P["prompt"].default
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_EMPTY = 0, 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -89,17 +94,22 @@ class ExtractConfig:
     dtype: str = "auto"
     min_pixels: int | None = None
     max_pixels: int | None = None
-    slop: float = 0.02  # seconds
-    batch: int = 4
+    # Defaults: the node's (the parameter table, qvl_ros.core.params; the node parameter in brackets).
+    slop: float = P["sync.slop"].default  # seconds; -1: a third of the slowest expected frame period [sync.slop]
+    batch: int = P["batch.max_size"].default  # [batch.max_size]
     prompt: str = DEFAULT_PROMPT
     features: Sequence[str] = ("vision", "hidden")
     caption: bool = False
-    max_new_tokens: int = 32
+    max_new_tokens: int = P["caption.max_new_tokens"].default
     start: str | float | None = None  # bag time in seconds, or "+S" = S seconds after the start
     end: str | float | None = None
-    stamps: str = "header"  # "header": camera header stamps; "bag": recording times
-    queue_size: int = 64  # frames kept per camera while waiting for a match
-    reorder: float = 0.2  # seconds of out-of-order stamps tolerated per camera
+    stamps: str = "header"  # "header": camera header stamps; "bag" (= "arrival"): recording times; "auto"
+    queue_size: int = P["sync.queue_size"].default  # frames kept per camera while waiting for a match
+    reorder: float = P["sync.reorder_tolerance"].default  # seconds of out-of-order stamps tolerated per camera
+    policy: str = P["sync.policy"].default  # approximate_time | max_sets
+    reset_threshold: float = P["sync.reset_threshold"].default  # seconds a stamp may go back before a reset
+    max_rate: float = P["max_rate"].default  # most sets per second of recording time; 0: no cap
+    expected_rates: Sequence[float] = (0.0,)  # Hz per camera (or one for all): the default slop [diagnostics.]
     frame_id: str = ""
     clip_frames: int = 0  # 0: still images; K >= 2: per camera, a clip of K frames ending at the matched one
     clip_stride: int = 1  # the clip takes every S-th frame of its camera
@@ -111,7 +121,7 @@ class ExtractConfig:
     prefetch: int | None = None
     reader_threads: int | None = 1  # torch threads of the reading thread on a CPU device (None: torch's)
     handle_signals: bool = True  # SIGINT/SIGTERM finish the batch in flight, then stop
-    max_input_pixels: int | None = None  # largest declared frame size; None: the conversion's default
+    max_input_pixels: int | None = P["max_input_pixels"].default  # largest declared frame size; 0: no limit
     allow_empty: bool = False  # an output without sets is a success (otherwise: exit 3)
     announce_model_load: bool = False  # write "loading model ..." on the stream before loading
     # A batch never holds sets born (completed by a frame recorded) in two different windows of
@@ -128,7 +138,8 @@ class CameraReport:
     msgtype: str
     frames: int = 0  # read from the recordings
     used: int = 0  # part of a written set
-    failed: int = 0  # could not be deserialized or converted
+    failed: int = 0  # could not be deserialized or converted, or the model cannot take them
+    invalid: dict[str, int] = field(default_factory=dict)  # those by reason (the node's invalid-frame keys)
     dropped: dict[str, int] = field(default_factory=dict)  # synchronizer drops by reason
     pending: int = 0  # still waiting for partners when reading stopped
     in_unwritten_sets: int = 0  # matched, but the run stopped before their batch
@@ -174,6 +185,20 @@ def _parse_time(spec: str | float | None, bag_start_ns: int, what: str) -> int |
         raise ExtractError(f"--{what} {spec!r} is not a finite number of seconds")
     ns = int(seconds * 1_000_000_000)
     return bag_start_ns + ns if relative else ns
+
+
+def intake_settings(cfg: ExtractConfig):
+    """The node's intake rules (:class:`qvl_ros.core.intake.IntakeSettings`) from the extraction
+    options (``--stamps bag``: the recording time is the arrival time)."""
+    from ..core.intake import IntakeSettings  # torch: not imported by a Ray driver, which never converts
+
+    kw = {} if cfg.max_input_pixels is None else {"max_input_pixels": int(cfg.max_input_pixels)}
+    return IntakeSettings(slop_ns=resolve_slop_ns(cfg.slop, cfg.expected_rates), queue_size=int(cfg.queue_size),
+                          policy=cfg.policy, reorder_ns=int(round(cfg.reorder * 1e9)),
+                          reset_ns=int(round(cfg.reset_threshold * 1e9)),
+                          stamp_source="arrival" if cfg.stamps == "bag" else cfg.stamps,
+                          clip_frames=int(cfg.clip_frames), clip_stride=int(cfg.clip_stride),
+                          max_rate=float(cfg.max_rate), **kw)
 
 
 def _looks_like_export(path: Path) -> bool:
@@ -310,8 +335,6 @@ class _SetSource:
 
     def __init__(self, bags, cfg: ExtractConfig, device, start_ns=None, stop_ns=None,
                  stopped: Callable[[], bool] = lambda: False, window: "_Window | None" = None) -> None:
-        from ..core.synchronizer import Synchronizer
-
         self.bags = bags
         self.cfg = cfg
         self.device = device
@@ -322,22 +345,16 @@ class _SetSource:
         self.warmup_sets: collections.deque = collections.deque(maxlen=self.window.warmup_keep)
         # signatures of the last window.tail_keep sets yielded
         self.tail_sets: collections.deque = collections.deque(maxlen=self.window.tail_keep)
-        n = len(bags.cameras)
-        slop_ns = int(round(cfg.slop * 1e9))
-        reorder_ns = int(round(cfg.reorder * 1e9))
-        reset_ns = max(1_000_000_000, reorder_ns)
-        self.sync = Synchronizer(n, slop_ns, cfg.queue_size, reset_threshold=reset_ns,
-                                 reorder_tolerance=reorder_ns)
-        self.clips = None
-        if cfg.clip_frames:  # the node's clip rule (qvl_ros.core.clips)
-            from ..core.clips import ClipAssembler
+        from ..core.intake import Intake
 
-            self.clips = ClipAssembler(n, cfg.clip_frames, cfg.clip_stride, lag=cfg.queue_size)
+        n = len(bags.cameras)
+        # the node's intake: conversion, input checks, stamps, synchronizer, clips, rate cap
+        self.intake = Intake(n, intake_settings(cfg), device)
+        self.sync, self.clips = self.intake.sync, self.intake.clips
         self.frames = [0] * n
         self.failed = [0] * n
         self.failures: list[tuple[str, int, str]] = []
         self.finished = False  # the whole requested range was read
-        self.limits = {} if cfg.max_input_pixels is None else {"max_input_pixels": cfg.max_input_pixels}
 
     @property
     def frames_read(self) -> int:
@@ -349,13 +366,9 @@ class _SetSource:
 
     def __iter__(self) -> Iterator:
         """(birth ns, set): each synchronized set with the recording time of the frame that
-        completed it (:data:`FLUSH_BIRTH` for the sets flushed at the end of the recordings)."""
-        from ..core.conversion import ConversionError, msg_to_tensor
-        from ..core.stamps import stamp_ns as header_ns
-        from ..ros.feature_msgs import Frame
-
-        use_header = self.cfg.stamps == "header"
-        sync, bags, device = self.sync, self.bags, self.device
+        completed it (:data:`FLUSH_BIRTH` for the sets flushed at the end of the recordings). The
+        recording time is the frame's arrival time (``--stamps bag`` synchronizes on it)."""
+        intake, bags = self.intake, self.bags
         for k, rec_ns, raw in bags.records(self.start_ns, self.stop_ns):
             if self.stopped():
                 return
@@ -365,34 +378,29 @@ class _SetSource:
             try:
                 msg = bags.deserialize(k, raw)
             except ValueError as exc:
+                intake.count_invalid(k, exc)
                 self._fail(k, rec_ns, str(exc))
                 continue
-            stamp = header_ns(msg.header.stamp) if use_header else rec_ns
             try:
-                image = msg_to_tensor(msg, device, min_size=(28, 28), **self.limits)
-            except ConversionError as exc:
-                self._fail(k, stamp, str(exc))
+                frame = intake.convert(k, msg, rec_ns)  # counts an invalid frame by its reason
+            except Exception as exc:  # as the node: the frame is dropped, the run goes on
+                self._fail(k, intake.stamp_of(msg.header, rec_ns), str(exc))
                 continue
-            if self.clips is not None:
-                self.clips.push(k, stamp, image)
-            yield from self._sets(sync.add(k, stamp, Frame(image, msg.header)), rec_ns)
+            yield from self._sets(intake.push(frame).sets, rec_ns)
         self.finished = True
         if self.window.flush_at_end:
             self.window.owning = True
-            yield from self._sets(sync.flush(), FLUSH_BIRTH)
+            yield from self._sets(intake.flush().sets, FLUSH_BIRTH)
 
-    def _sets(self, sync_sets, birth: int) -> Iterator:
-        from ..ros.feature_msgs import with_clips
-
-        for s in sync_sets:
-            c = s if self.clips is None else with_clips(self.clips, s)
+    def _sets(self, made, birth: int) -> Iterator:
+        for s in made:
             if not self.window.owning:
-                self.warmup_sets.append(_signature(birth, s, c))
+                self.warmup_sets.append(_signature(birth, s.synced, s.ready))
                 continue
             if self.window.tail_keep:
-                self.tail_sets.append(_signature(birth, s, c))
-            if c is not None:
-                yield birth, c
+                self.tail_sets.append(_signature(birth, s.synced, s.ready))
+            if s.admitted:
+                yield birth, s.ready
 
 
 FLUSH_BIRTH = (1 << 63) - 1  # birth of the sets flushed after the last frame
@@ -568,7 +576,7 @@ def custom_data(inputs: Sequence[str], topics: Sequence[str], names: Sequence[st
         "qvl_ros.camera_names": " ".join(names),
         "qvl_ros.model": model_name,
         "qvl_ros.prompt": cfg.prompt,
-        "qvl_ros.slop_ns": str(int(round(cfg.slop * 1e9))),
+        "qvl_ros.slop_ns": str(resolve_slop_ns(cfg.slop, cfg.expected_rates)),
         "qvl_ros.stamps": cfg.stamps,
     }
 
@@ -587,29 +595,48 @@ def _check_number(value, what: str, *, minimum: float = 0.0, strict: bool = Fals
                            f"and at most {maximum:g}, got {value!r}")
 
 
+# ExtractConfig field -> the node parameter of the same meaning (its range is the option's)
+PARAM_OF = {"slop": "sync.slop", "queue_size": "sync.queue_size", "policy": "sync.policy",
+            "reorder": "sync.reorder_tolerance", "reset_threshold": "sync.reset_threshold",
+            "clip_frames": "video.frames", "clip_stride": "video.stride", "batch": "batch.max_size",
+            "max_rate": "max_rate", "dtype": "model.dtype", "min_pixels": "model.min_pixels",
+            "max_pixels": "model.max_pixels", "prompt": "prompt", "features": "features", "frame_id": "frame_id",
+            "caption": "caption.enabled", "max_new_tokens": "caption.max_new_tokens",
+            "max_input_pixels": "max_input_pixels", "expected_rates": "diagnostics.expected_rates"}
+
+
+# and the node parameters a parameter file gives besides those
+_FROM_FILE = {**PARAM_OF, "model": "model.path", "device": "model.device", "stamps": "sync.stamp_source"}
+
+
+def _check_param_option(value, field_name: str) -> None:
+    """An option with a node parameter: that parameter's rule, in the option's words."""
+    param = P[PARAM_OF[field_name]]
+    what = field_name.replace("_", "-")
+    if value is None:
+        return
+    if param.type in ("integer", "double") and value not in param.special:
+        _check_number(value, what, minimum=param.low, strict=param.low_open, maximum=param.high,
+                      integer=param.type == "integer")
+    try:
+        param.check(list(value) if param.type in ("strings", "doubles") else value)
+    except ParamError as exc:
+        raise ExtractError(f"--{what}: {exc}") from None
+
+
 def _check_options(cfg: ExtractConfig) -> None:
     """Every numeric and choice option, so that nothing overflows or fails after the model loaded."""
+    for field_name in PARAM_OF:
+        _check_param_option(getattr(cfg, field_name), field_name)
     checks = [
-        (cfg.batch, "batch", dict(minimum=1, integer=True, maximum=1 << 20)),
-        (cfg.slop, "slop", dict(maximum=3600.0)),
-        (cfg.reorder, "reorder", dict(maximum=3600.0)),
-        (cfg.queue_size, "queue-size", dict(minimum=1, integer=True, maximum=1 << 20)),
-        (cfg.max_new_tokens, "max-new-tokens", dict(minimum=1, integer=True, maximum=1 << 20)),
         (cfg.shard_mb, "shard-mb", dict(strict=True, maximum=1 << 20)),
         (cfg.batch_window, "batch-window", dict(maximum=1e6)),
         (cfg.prefetch, "prefetch", dict(integer=True, maximum=1024)),
-        (cfg.min_pixels, "min-pixels", dict(integer=True, maximum=1 << 40)),
-        (cfg.max_pixels, "max-pixels", dict(integer=True, maximum=1 << 40)),
-        (cfg.max_input_pixels, "max-input-pixels", dict(integer=True, maximum=1 << 40)),
     ]
     for value, what, kw in checks:
         _check_number(value, what, **kw)
-    if cfg.stamps not in ("header", "bag"):
-        raise ExtractError("--stamps must be 'header' or 'bag'")
-    _check_number(cfg.clip_stride, "clip-stride", minimum=1, integer=True, maximum=1 << 20)
-    _check_number(cfg.clip_frames, "clip-frames", integer=True, maximum=1 << 10)
-    if cfg.clip_frames == 1:
-        raise ExtractError("--clip-frames must be 0 (still images) or at least 2")
+    if cfg.stamps not in ("header", "bag", "arrival", "auto"):
+        raise ExtractError("--stamps must be header, bag (= arrival: the recording time) or auto")
 
 
 def _plan(cfg: ExtractConfig, bags) -> _Plan:
@@ -745,7 +772,8 @@ class _Extraction:
         self.source = _SetSource(bags, cfg, model.device, plan.start_ns, plan.stop_ns, self.stopped, plan.window)
         self._window_ns = int(round(cfg.batch_window * 1e9))
         self.writer = self.exporter = self.guard = None
-        self._prompts: dict[int, list[str]] = {}
+        self._request = ModelRequest(cfg.prompt, features=True, texts=cfg.caption,
+                                     max_new_tokens=cfg.max_new_tokens)
         self._geometry: dict = {}  # (height, width, frames) -> the model's input geometry
         self._placeholder_ids = placeholder_token_ids(model)  # to index the hidden rows
 
@@ -796,14 +824,7 @@ class _Extraction:
 
     # ------------------------------------------------------------------------------ batches
     def _compute(self, batch):
-        cfg = self.cfg
-        images = [[f.image for f in s.items] for s in batch]
-        prompts = self._prompts.setdefault(len(batch), [cfg.prompt] * len(batch))
-        clip = {"fps": [list(s.fps) for s in batch]} if cfg.clip_frames else {}  # rates from clip stamps
-        if cfg.caption:
-            feats, texts = self.model.encode_generate(images, prompts, max_new_tokens=cfg.max_new_tokens, **clip)
-        else:
-            feats, texts = self.model.encode(images, prompts, **clip), None
+        feats, texts = call_model(self.model, batch, self._request)  # clip rates from the clip stamps
         return batch, feats, texts
 
     def _emit(self, batch, feats, texts) -> None:
@@ -932,6 +953,7 @@ def _fill_camera_stats(report: ExtractReport, source: _SetSource) -> None:
     for k, cam in enumerate(report.cameras):
         cam.frames = source.frames[k]
         cam.failed = source.failed[k]
+        cam.invalid = {r: v for r, v in sorted(source.intake.invalid[k].items()) if v}
         cam.dropped = {r: v for r, v in stats["dropped"][k].items() if v}
         cam.pending = stats["pending"][k]
         cam.used = stats["used"][k] - report.sets_unwritten - report.clips_incomplete
@@ -975,7 +997,8 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
     for cam in report.cameras:
         other = {r: v for r, v in cam.dropped.items() if r != "unmatched"}
         left = cam.pending + cam.in_unwritten_sets
-        rows.append((cam.name, cam.topic, cam.msgtype, str(cam.frames), str(cam.used), str(cam.failed),
+        failed = str(cam.failed) + (f" ({', '.join(f'{r} {v}' for r, v in cam.invalid.items())})" if cam.invalid else "")
+        rows.append((cam.name, cam.topic, cam.msgtype, str(cam.frames), str(cam.used), failed,
                      str(cam.dropped.get("unmatched", 0)),
                      ", ".join(f"{r} {v}" for r, v in other.items()) or "0", str(left)))
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
@@ -1010,47 +1033,60 @@ def format_summary(report: ExtractReport, max_failures: int = 10) -> str:
 
 
 # ------------------------------------------------------------------------------------------ CLI
+# (option, ExtractConfig field, argparse keywords): options whose default and rule are a node
+# parameter's (PARAM_OF) or that a parameter file can give (topics, names, model, device)
+_TABLE_OPTIONS = [
+    (("-t", "--topics"), "topics", dict(nargs="+", metavar="TOPIC", help="camera topics (sensor_msgs/Image or "
+                                "CompressedImage), in camera order; required unless --params-file names them")),
+    ("--names", "camera_names", dict(nargs="+", metavar="NAME",
+                                     help="camera names, one per topic (default: from the topic names)")),
+    ("--model", "model", dict(help="checkpoint directory, Hugging Face id in the local cache, or tiny / "
+                              "tiny-qwen2-vl (default: the bundled tiny Qwen2.5-VL; node parameter model.path)")),
+    ("--device", "device", dict(help="auto (cuda if available), cpu, cuda, cuda:1, ... (node parameter model.device)")),
+    ("--dtype", "dtype", dict(choices=["auto", "float32", "bfloat16", "float16"])),
+    ("--min-pixels", "min_pixels", dict(type=int)),
+    ("--max-pixels", "max_pixels", dict(type=int)),
+    ("--slop", "slop", dict(type=float)),
+    ("--policy", "policy", dict(choices=["approximate_time", "max_sets"])),
+    ("--queue-size", "queue_size", dict(type=int)),
+    ("--reorder", "reorder", dict(type=float)),
+    ("--reset-threshold", "reset_threshold", dict(type=float)),
+    ("--stamps", "stamps", dict(choices=["header", "bag", "arrival", "auto"], help="synchronize on header stamps "
+                                "(default), recording times (bag = arrival), or auto (recording time where a "
+                                "header stamp is zero); node parameter sync.stamp_source")),
+    ("--max-rate", "max_rate", dict(type=float)),
+    ("--batch", "batch", dict(type=int)),
+    ("--prompt", "prompt", dict()),
+    ("--features", "features", dict(nargs="+", choices=["vision", "hidden"])),
+    ("--caption", "caption", dict(action="store_true", help="also generate a caption per set (/qvl/caption)")),
+    ("--max-new-tokens", "max_new_tokens", dict(type=int)),
+    ("--frame-id", "frame_id", dict()),
+    ("--clip-frames", "clip_frames", dict(type=int, metavar="K")),
+    ("--clip-stride", "clip_stride", dict(type=int, metavar="S")),
+    ("--max-input-pixels", "max_input_pixels", dict(type=int, metavar="N")),
+]
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of `qvl-ros extract` (shared by `python -m qvl_ros.offline.extract`)."""
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="rosbag2 recording (directory, or .mcap/.db3 file); several are merged in time order")
     parser.add_argument("-o", "--out", required=True, metavar="OUTPUT",
                         help="output rosbag2 directory (mcap) with /qvl/features (and /qvl/caption)")
-    parser.add_argument("-t", "--topics", nargs="+", required=True, metavar="TOPIC",
-                        help="camera topics (sensor_msgs/Image or CompressedImage), in camera order")
-    parser.add_argument("--names", nargs="+", metavar="NAME",
-                        help="camera names, one per topic (default: from the topic names)")
-    parser.add_argument("--model", default=None,
-                        help="checkpoint directory, Hugging Face id in the local cache, or tiny / tiny-qwen2-vl "
-                             "(default: the bundled tiny Qwen2.5-VL)")
-    parser.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1, ...")
-    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                        help="model dtype (auto: float32 on CPU, the checkpoint's on GPU)")
-    parser.add_argument("--min-pixels", type=int, default=None, help="resize bound (default: the checkpoint's)")
-    parser.add_argument("--max-pixels", type=int, default=None, help="resize bound (default: the checkpoint's)")
-    parser.add_argument("--slop", type=float, default=0.02,
-                        help="largest stamp difference within a synchronized set, seconds (default 0.02)")
-    parser.add_argument("--batch", type=int, default=4, help="synchronized sets per model call (default 4)")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help=f"text prompt (default {DEFAULT_PROMPT!r})")
-    parser.add_argument("--features", nargs="+", default=["vision", "hidden"], choices=["vision", "hidden"],
-                        help="tensors per set: vision (per camera) and/or hidden (decoder); default both")
-    parser.add_argument("--caption", action="store_true", help="also generate a caption per set (/qvl/caption)")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="caption length limit (default 32)")
+    parser.add_argument("--params-file", default=None, metavar="YAML",
+                        help="the node's parameter file (config/multi_cam.yaml): its values for the options below "
+                             "(and camera_topics for --topics); an option given here wins")
+    for option, field_name, kw in _TABLE_OPTIONS:
+        param = P[PARAM_OF[field_name]] if field_name in PARAM_OF else None
+        text = kw.pop("help", None) or (param.description if param is not None else "")
+        default = param.default if param is not None else None
+        shown = f" (default {default!r}; node parameter {param.name})" if param is not None else ""
+        flags = option if isinstance(option, tuple) else (option,)
+        parser.add_argument(*flags, dest=field_name, default=None, help=text + shown, **kw)
     parser.add_argument("--start", default=None, metavar="SEC",
                         help="first recording time to read: bag time in seconds, or +SEC after the bag start")
     parser.add_argument("--end", default=None, metavar="SEC",
                         help="recording time to stop at (exclusive): bag time in seconds, or +SEC after the start")
-    parser.add_argument("--stamps", default="header", choices=["header", "bag"],
-                        help="synchronize on header stamps (default) or on recording times")
-    parser.add_argument("--queue-size", type=int, default=64, help="frames kept per camera waiting for a match")
-    parser.add_argument("--reorder", type=float, default=0.2,
-                        help="seconds of out-of-order stamps tolerated per camera (default 0.2)")
-    parser.add_argument("--frame-id", default="", help="header.frame_id of the output messages")
-    parser.add_argument("--clip-frames", type=int, default=0, metavar="K",
-                        help="0: still images (default); K >= 2: per camera a clip of its K frames ending at "
-                             "the matched one (as the node's video.frames)")
-    parser.add_argument("--clip-stride", type=int, default=1, metavar="S",
-                        help="clips take every S-th frame of a camera (default 1; the node's video.stride)")
     parser.add_argument("--export", default=None, metavar="DIR",
                         help="also write the features as safetensors shards + index.json to DIR")
     parser.add_argument("--shard-mb", type=float, default=512.0, help="approximate export shard size in MB")
@@ -1060,9 +1096,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "does; 0: no windows)")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="batches read and decoded ahead in a thread (default: 0 on a CPU, 2 on a GPU)")
-    parser.add_argument("--max-input-pixels", type=int, default=None, metavar="N",
-                        help="largest height x width a frame may declare; larger frames are counted as failed "
-                             "(default 16777216 = 4096x4096; 0 = no limit)")
     parser.add_argument("--allow-empty", action="store_true",
                         help="exit 0 even when no set is produced (empty topic, --start past the end, no match)")
     parser.add_argument("-f", "--force", action="store_true",
@@ -1076,15 +1109,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> ExtractConfig:
+    """The run's configuration: each option as given, else the parameter file's value of its
+    node parameter (--params-file), else the table's default (the node's)."""
+    try:
+        node = read_params_file(args.params_file) if args.params_file else {}
+    except (OSError, ParamError) as exc:
+        raise ExtractError(f"--params-file: {exc}") from None
+    values = {}
+    for _, field_name, _ in _TABLE_OPTIONS:
+        given = getattr(args, field_name)
+        name = _FROM_FILE.get(field_name)
+        if given is None and name is not None and name in node:
+            given = node[name]
+        values[field_name] = given
+    if "diagnostics.expected_rates" in node:
+        values["expected_rates"] = list(node["diagnostics.expected_rates"])
+    if values["topics"] is None and "camera_topics" in node:  # the node's names, resolved in the root namespace
+        values["topics"] = [t if t.startswith("/") else "/" + t for t in node["camera_topics"]]
+    if values["camera_names"] is None and node.get("camera_names"):
+        values["camera_names"] = node["camera_names"]
+    if not values["topics"]:
+        raise ExtractError("--topics (or camera_topics in --params-file) is required")
+    for field_name in ("min_pixels", "max_pixels"):
+        values[field_name] = values[field_name] or None  # 0: the checkpoint's
+    if values["model"] == "":
+        values["model"] = None
+    cfg = {k: v for k, v in values.items() if v is not None}
     return ExtractConfig(
-        inputs=args.inputs, output=args.out, topics=args.topics, camera_names=args.names, model=args.model,
-        device=args.device, dtype=args.dtype, min_pixels=args.min_pixels, max_pixels=args.max_pixels,
-        slop=args.slop, batch=args.batch, prompt=args.prompt, features=args.features, caption=args.caption,
-        max_new_tokens=args.max_new_tokens, start=args.start, end=args.end, stamps=args.stamps,
-        queue_size=args.queue_size, reorder=args.reorder, frame_id=args.frame_id, force=args.force,
-        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch, max_input_pixels=args.max_input_pixels,
-        allow_empty=args.allow_empty, announce_model_load=args.progress != "none",
-        clip_frames=args.clip_frames, clip_stride=args.clip_stride, batch_window=args.batch_window)
+        inputs=args.inputs, output=args.out, start=args.start, end=args.end, force=args.force,
+        export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch, allow_empty=args.allow_empty,
+        announce_model_load=args.progress != "none", batch_window=args.batch_window, **cfg)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:

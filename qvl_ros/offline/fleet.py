@@ -443,13 +443,27 @@ def _ray_is_up() -> bool:
     return ray.is_initialized()
 
 
+def _redo_failed_seams(root: Path, plan: ShardPlan, stream) -> list:
+    """Discard every done shard whose seam fails its check, to be redone with a wider overlap;
+    returns the failures."""
+    seams = seam_failures(root, plan)
+    for index, problem in seams:
+        wider = grow_overlap(root, plan, plan.shards[index])
+        stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
+                     f"{wider / 1e9:g} s of overlap\n")
+    return seams
+
+
 def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: bool, stop: threading.Event, stream,
                 progress: str, progress_interval) -> int:
     """The shards not done, in rounds until the seams hold; the summary; the exit status."""
     from .extract import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
 
     t0 = time.perf_counter()
+    # A run stopped between its last shard and the seam check left shards whose seams nobody checked.
+    _redo_failed_seams(root, plan, stream)
     todo = pending_shards(root, plan)
+    checked = not todo  # every shard done, and every seam just checked holds
     if resumed:
         stream.write(f"resuming {root}: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards done, "
                      f"{len(todo)} to run\n")
@@ -475,11 +489,8 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
                 ran += len(todo) - len(pending_shards(root, plan))
                 if failures or stop.is_set():
                     break
-                seams = seam_failures(root, plan)
-                for index, problem in seams:
-                    wider = grow_overlap(root, plan, plan.shards[index])
-                    stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
-                                 f"{wider / 1e9:g} s of overlap\n")
+                seams = _redo_failed_seams(root, plan, stream)
+                checked = not seams
         except KeyboardInterrupt:  # a second Ctrl-C
             stop.set()
             if signals.signum is None:
@@ -499,13 +510,16 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
     if left:
         stream.write(f"rerun the same command to finish the other {len(left)} shard"
                      f"{'s' if len(left) != 1 else ''}\n")
+    elif not checked:
+        stream.write("stopped before the seams between the shards were checked: rerun the same command "
+                     "to check them\n")
     else:
         export = f" (the export goes to {plan.export_dir})" if plan.export else ""
         stream.write(f"merge into one bag with: qvl-ros merge {root} --out OUTPUT{export}\n")
     stream.flush()
-    if signals.signum is not None and left:
+    if signals.signum is not None and (left or not checked):
         return EXIT_SIGNAL.get(signals.signum, EXIT_FAILED)
-    if left:
+    if left or not checked:
         return EXIT_FAILED
     if sets == 0 and not cfg.allow_empty:
         stream.write("no set was produced (pass --allow-empty if that is expected)\n")

@@ -39,19 +39,16 @@ are read-only; ``prompt``, ``features``, ``frame_id``, ``caption.*``, ``batch.ma
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 import threading
 import time
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Sequence
 
 import rclpy
-from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
-                                SetParametersResult)
+from rcl_interfaces.msg import SetParametersResult
 from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
 from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
 from rclpy.duration import Duration
-from rclpy.exceptions import InvalidParameterValueException
 from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
 from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
@@ -60,21 +57,20 @@ from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
 from ..core.batcher import Batcher
-from ..core.clips import ClipAssembler
-from ..core.conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
+from ..core.intake import Intake, IntakeSettings
+from ..core.params import slop_ns
 from ..core.input_loss import InputLossEstimator
+from ..core.model_call import ModelRequest, call_model
 from ..core.diagnostics import ERROR, LogThrottle, PipelineMonitor, expected_rates, reason_key
-from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
 from .ask import AskServer
 from .diagnostic_array import to_diagnostic_array
-from .feature_msgs import (Frame, MessageKit, caption_fields, check_kinds, features_fields, hidden_rows_of,
-                           placeholder_token_ids, sample_tensors, set_info, with_clips)
+from .params import declare_parameters, validate_changes
+from .feature_msgs import (MessageKit, caption_fields, features_fields, hidden_rows_of,
+                           placeholder_token_ids, sample_tensors, set_info)
 from .tensor_msg import from_tensor
 from ..model.checkpoint import resolve_checkpoint
-from ..model.model import DTYPES
-from ..model.processor import MIN_SIDE, image_size_problem
-from ..core.synchronizer import SyncSet, Synchronizer, default_slop_ns
+from ..core.synchronizer import SyncSet
 from ..core.topics import camera_names as default_camera_names
 from ..core.warmup import batch_sizes as warmup_batch_sizes
 from ..core.warmup import frame_sizes as warmup_frame_sizes
@@ -84,12 +80,7 @@ __all__ = ["QvlNode", "QvlLifecycleNode", "QvlPipeline", "main", "default_camera
 
 NODE_NAME = "qvl_node"
 LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
-AUTO_SLOP = -1.0         # sync.slop default: derived from the expected frame rates
-ASSUMED_RATE_HZ = 10.0   # the slowest camera rate assumed when no expected rate is set
 
-_STRING, _STRINGS = ParameterType.PARAMETER_STRING, ParameterType.PARAMETER_STRING_ARRAY
-_INT, _DOUBLE, _BOOL = ParameterType.PARAMETER_INTEGER, ParameterType.PARAMETER_DOUBLE, ParameterType.PARAMETER_BOOL
-_DOUBLES = ParameterType.PARAMETER_DOUBLE_ARRAY
 
 
 def _stamps_text(stamps_ns: Sequence[int]) -> str:
@@ -139,25 +130,11 @@ class QvlPipeline:
     # ------------------------------------------------------------------------- set-up steps
     def _read_config(self) -> None:
         """Declare the parameters and check the settings that are fixed for the node's life."""
-        self._declare_parameters()
+        declare_parameters(self)  # the table's rules (core/params.py), each checked once
         v = self._value
         self._topics = [str(t) for t in v("camera_topics")]
-        if not self._topics:
-            raise ValueError("camera_topics must name at least one topic")
         self._names = [str(n) for n in v("camera_names")]
-        if len(self._names) != len(self._topics):
-            raise ValueError(f"camera_names has {len(self._names)} entries for {len(self._topics)} camera_topics")
-        if len(set(self._names)) != len(self._names):
-            raise ValueError(f"camera_names must be unique, got {self._names}")
-        check_kinds(list(v("features")))
-        self._stamp_source = str(v("sync.stamp_source"))
-        if self._stamp_source not in ("header", "arrival", "auto"):
-            raise ValueError(f"sync.stamp_source must be header, arrival or auto, got {self._stamp_source!r}")
-        if str(v("sync.policy")) not in ("approximate_time", "max_sets"):
-            raise ValueError(f"sync.policy must be approximate_time or max_sets, got {v('sync.policy')!r}")
-        reliability = str(v("qos.reliability")).lower()
-        if reliability not in ("best_effort", "reliable"):
-            raise ValueError(f"qos.reliability must be best_effort or reliable, got {reliability!r}")
+        reliability = str(v("qos.reliability"))
         self._camera_qos = QoSProfile(
             history=qos_profile_sensor_data.history, depth=int(v("qos.depth")),
             reliability=(ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE),
@@ -180,31 +157,19 @@ class QvlPipeline:
         self._create_outputs()
         self._configured = True
 
-    def _slop_ns(self) -> int:
-        """sync.slop in ns; the default (-1) derives it from the cameras' expected rates."""
-        slop = float(self._value("sync.slop"))
-        if slop == AUTO_SLOP:
-            known = [r for r in self._expected_rates if r > 0]
-            return default_slop_ns([min(known)] if known else [ASSUMED_RATE_HZ])
-        return int(round(slop * 1e9))
-
     def _create_components(self) -> None:
         v = self._value
         self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
-        self._sync = Synchronizer(len(self._topics), self._slop_ns(), int(v("sync.queue_size")),
-                                  **self._sync_options())
-        # clips: per camera a ring of its recent frames; a set's frames become the clips ending at them
-        self._clips = (ClipAssembler(len(self._topics), int(v("video.frames")), int(v("video.stride")),
-                                     lag=int(v("sync.queue_size"))) if int(v("video.frames")) else None)
+        # conversion, input checks, stamps, synchronizer, clips, max_rate: core/intake.py
+        self._intake = Intake(len(self._topics), self._intake_settings(), self._device)
+        self._sync, self._clips = self._intake.sync, self._intake.clips
         self._batcher: Batcher[SyncSet] = Batcher(
             self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
             queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker",
             on_drop=lambda _set: self._monitor.sets_dropped("queue_full"),
             task_depth=int(v("ask.queue_depth")))
         self._log_throttle = LogThrottle(float(v("log_throttle")))
-        self._max_input_pixels = int(v("max_input_pixels"))
         self._loss = InputLossEstimator(self._names)
-        self._rate = RateLimiter(float(v("max_rate")))
         self._monitor = PipelineMonitor(self._names, self._resolved_topics, **self._monitor_options())
         self._monitor.set_paused(True)  # until the cameras are subscribed
         self._latest: Optional[SyncSet] = None  # newest set the synchronizer made (for ~/ask)
@@ -212,14 +177,14 @@ class QvlPipeline:
         self._stale_reported: set = set()
         self._batcher.start()
 
-    def _sync_options(self) -> dict:
-        """Keyword options of the Synchronizer; ``policy`` only where the class takes it."""
+    def _intake_settings(self) -> IntakeSettings:
         v = self._value
-        options = {"reset_threshold": int(round(float(v("sync.reset_threshold")) * 1e9)),
-                   "reorder_tolerance": int(round(float(v("sync.reorder_tolerance")) * 1e9))}
-        if "policy" in inspect.signature(Synchronizer).parameters:
-            options["policy"] = str(v("sync.policy"))
-        return options
+        return IntakeSettings(
+            slop_ns=slop_ns(float(v("sync.slop")), self._expected_rates), queue_size=int(v("sync.queue_size")), policy=str(v("sync.policy")),
+            reorder_ns=int(round(float(v("sync.reorder_tolerance")) * 1e9)),
+            reset_ns=int(round(float(v("sync.reset_threshold")) * 1e9)), stamp_source=str(v("sync.stamp_source")),
+            clip_frames=int(v("video.frames")), clip_stride=int(v("video.stride")), max_rate=float(v("max_rate")),
+            max_input_pixels=int(v("max_input_pixels")))
 
     def _monitor_options(self) -> dict:
         v = self._value
@@ -386,151 +351,11 @@ class QvlPipeline:
         return bool(self._subs)
 
     # ------------------------------------------------------------------------- parameters
-    def _declare(self, name: str, default: Any, ptype: int, description: str, *, read_only: bool = True,
-                 constraints: str = "", bounds: Optional[Tuple[float, float]] = None) -> None:
-        """Declare one parameter; ``bounds`` become its integer_range / floating_point_range
-        (rqt_reconfigure's sliders; rclpy refuses values outside them)."""
-        descriptor = ParameterDescriptor(
-            name=name, type=ptype, description=description, read_only=read_only,
-            additional_constraints=constraints, dynamic_typing=(ptype == _DOUBLE))
-        if bounds is not None and ptype == _INT:
-            descriptor.integer_range = [IntegerRange(from_value=int(bounds[0]), to_value=int(bounds[1]), step=1)]
-        elif bounds is not None and ptype == _DOUBLE:
-            descriptor.floating_point_range = [
-                FloatingPointRange(from_value=float(bounds[0]), to_value=float(bounds[1]), step=0.0)]
-        try:
-            self.declare_parameter(name, default, descriptor)
-        except InvalidParameterValueException as exc:
-            raise ValueError(f"parameter {name}: {exc}") from None
-
-    def _declare_parameters(self) -> None:
-        d = self._declare
-        d("camera_topics", ["camera_0/image_raw", "camera_1/image_raw", "camera_2/image_raw"], _STRINGS,
-          "Camera topics (sensor_msgs/Image; CompressedImage if the name ends in /compressed), in set order.")
-        topics = list(self.get_parameter("camera_topics").value)
-        d("camera_names", default_camera_names(topics), _STRINGS,
-          "Camera names used in messages and diagnostics, parallel to camera_topics (default: from the topics).")
-        d("compressed", False, _BOOL, "Subscribe to every camera as sensor_msgs/CompressedImage.")
-        d("sync.slop", AUTO_SLOP, _DOUBLE,
-          "Largest stamp spread within one synchronized set (s); -1 = a third of the slowest expected frame "
-          "period (diagnostics.expected_rates; 10 Hz where none is set).", constraints="-1 or >= 0",
-          bounds=(AUTO_SLOP, 10.0))
-        d("sync.queue_size", 10, _INT, "Frames kept per camera while waiting for a set.", constraints=">= 1",
-          bounds=(1, 1000))
-        d("sync.policy", "approximate_time", _STRING,
-          "Set choice: approximate_time (message_filters' ApproximateTime: tightest sets) or max_sets "
-          "(earliest in-slop set: the most sets).", constraints="approximate_time | max_sets")
-        d("sync.reorder_tolerance", 0.0, _DOUBLE,
-          "How far back (s) a camera's stamps may arrive out of order; 0 = in order.", constraints=">= 0",
-          bounds=(0.0, 10.0))
-        d("sync.stamp_source", "header", _STRING,
-          "Frame time: header stamp, arrival time, or auto (header stamp, arrival time when it is zero).",
-          constraints="header | arrival | auto")
-        d("sync.reset_threshold", 1.0, _DOUBLE,
-          "A camera stamp going back by more than this (s) resets the synchronizer (bag loop).", constraints="> 0",
-          bounds=(0.001, 3600.0))
-        d("video.frames", 0, _INT, "0: still images; K >= 2: each camera's clip of K frames ending at its "
-          "matched frame.", constraints="0 or >= 2", bounds=(0, 64))
-        d("video.stride", 1, _INT, "Clips take every s-th frame of their camera.", constraints=">= 1", bounds=(1, 100))
-        d("batch.max_size", 4, _INT, "Most synchronized sets per model call.", read_only=False, constraints=">= 1",
-          bounds=(1, 256))
-        d("batch.max_wait_ms", 10.0, _DOUBLE,
-          "How long the oldest waiting set may wait for a batch to fill (ms).", read_only=False, constraints=">= 0",
-          bounds=(0.0, 10000.0))
-        d("batch.queue_depth", 8, _INT,
-          "Sets waiting for the model; when full the oldest is dropped.", constraints=">= 1", bounds=(1, 1024))
-        d("max_rate", 0.0, _DOUBLE, "Most sets per second given to the model (node clock); the rest are dropped "
-          "and counted. 0 = no cap.", read_only=False, constraints=">= 0", bounds=(0.0, 1000.0))
-        d("lazy", False, _BOOL, "Subscribe to the cameras only while features or caption has a subscriber.")
-        d("ask.queue_depth", 4, _INT, "Questions (~/ask) that may wait for the model; more are refused.",
-          constraints=">= 1", bounds=(1, 64))
-        d("model.path", "", _STRING,
-          "Checkpoint directory or cached Hugging Face id; empty = the bundled tiny model (created on first use).")
-        d("model.device", "auto", _STRING, "auto | cpu | cuda | cuda:K")
-        d("model.dtype", "auto", _STRING, "auto | float32 | bfloat16 | float16 (auto: float32 on CPU)")
-        d("model.min_pixels", 0, _INT, "Resize lower bound in pixels per image; 0 = the checkpoint's.",
-          constraints=">= 0", bounds=(0, 1 << 30))
-        d("model.max_pixels", 0, _INT, "Resize upper bound in pixels per image; 0 = the checkpoint's.",
-          constraints=">= 0", bounds=(0, 1 << 30))
-        d("model.warmup", True, _BOOL, "Run the model on black frames when configuring (BatchedQwenVL.warmup: "
-          "on CUDA it captures the decode graphs and compiles the vision blocks for model.warmup_size).")
-        d("model.warmup_size", "224x224", _STRING,
-          "Frame sizes the cameras deliver, for the warm-up: HxW for all, HxW,HxW,... per camera, or empty: "
-          "the first set's frames (warmed up in the worker before that set).")
-        d("prompt", "Describe the scene.", _STRING, "Text given to the model with the images of each set.",
-          read_only=False)
-        d("features", ["vision", "hidden"], _STRINGS, "Tensors to publish: vision (per camera), hidden (decoder).",
-          read_only=False, constraints="non-empty subset of [vision, hidden]")
-        d("frame_id", "", _STRING, "header.frame_id of the output messages.", read_only=False)
-        d("caption.enabled", False, _BOOL, "Also generate and publish a caption per set.", read_only=False)
-        d("caption.max_new_tokens", 32, _INT, "Longest caption (and default ~/ask answer) in tokens.",
-          read_only=False, constraints=">= 1", bounds=(1, 4096))
-        d("qos.reliability", "best_effort", _STRING, "Reliability of the camera subscriptions.",
-          constraints="best_effort | reliable")
-        d("qos.depth", 5, _INT, "History depth of the camera subscriptions.", constraints=">= 1", bounds=(1, 1000))
-        d("diagnostics.period", 1.0, _DOUBLE, "Period of /diagnostics (s).", constraints="> 0",
-          bounds=(0.001, 3600.0))
-        d("diagnostics.stale_after", 2.0, _DOUBLE, "A camera without a valid frame for this long is stale (s).",
-          read_only=False, constraints="> 0", bounds=(0.001, 3600.0))
-        d("diagnostics.hardware_id", "", _STRING,
-          "hardware_id of the pipeline status; empty = the model device (e.g. cuda:0 NVIDIA H200).")
-        d("diagnostics.expected_rates", [0.0], _DOUBLES,
-          "Expected frame rate per camera (Hz), one value for all or one per camera; 0 = not checked.",
-          constraints="each >= 0")
-        d("diagnostics.rate_tolerance", 0.1, _DOUBLE,
-          "Relative tolerance of the expected rates (FrequencyStatus' tolerance).", constraints="0..1",
-          bounds=(0.0, 1.0))
-        d("diagnostics.window", 5.0, _DOUBLE, "Window of the rates and of the drop check (s).", constraints="> 0",
-          bounds=(0.1, 600.0))
-        d("diagnostics.no_set_after", 3.0, _DOUBLE,
-          "ERROR when every camera delivers but no set was made for this long (s).", constraints="> 0",
-          bounds=(0.001, 3600.0))
-        d("diagnostics.drop_warn_fraction", 0.2, _DOUBLE,
-          "WARN when more than this fraction of frames or sets was dropped over the window.",
-          constraints="0..1", bounds=(0.0, 1.0))
-        d("max_input_pixels", DEFAULT_MAX_INPUT_PIXELS, _INT,
-          "Largest height x width a frame may declare (checked from the header before decoding); "
-          "larger frames are dropped as too_large. 0 = no limit.", constraints=">= 0", bounds=(0, 1 << 40))
-        d("log_throttle", 5.0, _DOUBLE, "At most one log line per camera and error kind per this period (s).",
-          constraints=">= 0", bounds=(0.0, 3600.0))
-        if self.get_parameter("sync.slop").value != AUTO_SLOP:
-            self._check_number("sync.slop", self.get_parameter("sync.slop").value)
-        for name in ("sync.reset_threshold", "batch.max_wait_ms", "diagnostics.period",
-                     "diagnostics.stale_after", "log_throttle", "sync.reorder_tolerance", "max_rate",
-                     "diagnostics.window", "diagnostics.no_set_after"):
-            self._check_number(name, self.get_parameter(name).value)
-        for name in ("sync.queue_size", "batch.max_size", "batch.queue_depth", "caption.max_new_tokens",
-                     "qos.depth", "video.stride"):
-            if int(self.get_parameter(name).value) < 1:
-                raise ValueError(f"parameter {name} must be >= 1")
-        if int(self.get_parameter("video.frames").value) < 0 or int(self.get_parameter("video.frames").value) == 1:
-            raise ValueError("parameter video.frames must be 0 (still images) or >= 2")
-
     def _value(self, name: str) -> Any:
         return self.get_parameter(name).value
 
-    @staticmethod
-    def _check_number(name: str, value: Any) -> Optional[str]:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"parameter {name} must be a number, got {value!r}")
-        lower_open = name in ("sync.reset_threshold", "diagnostics.period", "diagnostics.stale_after",
-                              "diagnostics.window", "diagnostics.no_set_after")
-        if value < 0 or (lower_open and value == 0):
-            raise ValueError(f"parameter {name} must be {'> 0' if lower_open else '>= 0'}, got {value}")
-        return None
-
     def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
-        try:
-            for p in params:
-                if p.name in ("batch.max_wait_ms", "diagnostics.stale_after", "max_rate"):
-                    self._check_number(p.name, p.value)
-                elif p.name in ("batch.max_size", "caption.max_new_tokens") and int(p.value) < 1:
-                    raise ValueError(f"{p.name} must be >= 1")
-                elif p.name == "features":
-                    check_kinds(list(p.value))
-        except (ValueError, TypeError) as exc:
-            return SetParametersResult(successful=False, reason=str(exc))
-        return SetParametersResult(successful=True)
+        return validate_changes(params)
 
     def _add_parameter_callbacks(self) -> None:
         """Validation before a change, application after it. ``add_post_set_parameters_callback``
@@ -560,7 +385,7 @@ class QvlPipeline:
                 self._monitor.stale_after_s = float(p.value)
             elif p.name == "max_rate":
                 with self._lock:
-                    self._rate.configure(float(p.value))
+                    self._intake.set_max_rate(float(p.value))
 
     def _load_model(self):
         import torch
@@ -570,8 +395,6 @@ class QvlPipeline:
         v = self._value
         path = resolve_checkpoint(str(v("model.path")))
         dtype = str(v("model.dtype"))
-        if dtype != "auto" and dtype not in DTYPES:
-            raise ValueError(f"model.dtype must be auto, float32, bfloat16 or float16, got {dtype!r}")
         device = str(v("model.device")) or "auto"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model.device is {device!r} but CUDA is not available")
@@ -585,38 +408,29 @@ class QvlPipeline:
 
     # ------------------------------------------------------------------------- input side
     def _on_frame(self, index: int, msg: Any) -> None:
-        """Subscription callback: convert, then hand to the synchronizer. Never raises."""
+        """Subscription callback: the intake converts (outside the lock) and synchronizes; the sets
+        within max_rate go to the batcher. Never raises."""
         self._monitor.frame_received(index)
         arrival_ns = self.get_clock().now().nanoseconds
         self._loss.frame(index, stamp_ns(msg.header.stamp))
         try:
-            frame = msg_to_tensor(msg, self._device, min_size=MIN_SIDE, max_input_pixels=self._max_input_pixels)
-            h, w = int(frame.shape[1]), int(frame.shape[2])
-            problem = image_size_problem(h, w)  # frames the model cannot take are invalid input
-            if problem:
-                raise ValueError(problem)
-        except Exception as exc:  # ConversionError, and anything a decoder may raise
+            frame = self._intake.convert(index, msg, arrival_ns)
+        except Exception as exc:  # ConversionError, the model's size limits, anything a decoder may raise
             self._invalid_frame(index, exc)
             return
-        stamp = self._frame_stamp(msg, arrival_ns)
-        self._monitor.frame_valid(index, (h, w), frame_id=str(msg.header.frame_id))
+        self._monitor.frame_valid(index, frame.size, frame_id=str(msg.header.frame_id))
         with self._lock:
-            if self._clips is not None:
-                self._clips.push(index, stamp, frame)
-            resets = self._sync.resets
-            sets = self._sync.add(index, stamp, Frame(frame, msg.header))
+            out = self._intake.push(frame)
             self._monitor.frames_dropped(self._sync.drops)
-            if self._sync.resets != resets:
+            if out.reset:
                 self._log_sync_reset()
-            for sync_set in sets:
-                if self._clips is not None:
-                    sync_set = with_clips(self._clips, sync_set)  # None until every camera holds a clip
-                    if sync_set is None:
-                        continue
-                self._latest = sync_set
+            for made in out.sets:
+                if made.ready is None:  # a camera does not hold a full clip yet
+                    continue
+                self._latest = made.ready
                 self._monitor.set_made()
-                if self._rate.admit(arrival_ns):
-                    self._batcher.put(sync_set)
+                if made.admitted:
+                    self._batcher.put(made.ready)
                 else:
                     self._monitor.sets_dropped("rate_limit")
 
@@ -631,14 +445,6 @@ class QvlPipeline:
                 f"{_stamps_text([max(0, cause['to_ns'])])[1:-1]}" if k is not None else "reset requested")
         more = f" ({suppressed} more since the last report)" if suppressed else ""
         self.get_logger().warning(f"synchronizer reset: {what}; queued frames dropped{more}")
-
-    def _frame_stamp(self, msg: Any, arrival_ns: int) -> int:
-        if self._stamp_source == "arrival":
-            return arrival_ns
-        stamp = stamp_ns(msg.header.stamp)
-        if stamp == 0 and self._stamp_source == "auto":
-            return arrival_ns
-        return stamp
 
     def _invalid_frame(self, index: int, error: Any) -> None:
         """Count the frame under a bounded reason key; log at most once per camera, key and period."""
@@ -687,12 +493,9 @@ class QvlPipeline:
         }
 
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
-        images = [[f.image for f in s.items] for s in sets]
-        prompts = [settings["prompt"]] * len(sets)
-        clip = {"fps": [list(s.fps) for s in sets]} if self._clips is not None else {}
-        if settings["caption"]:
-            return self.model.encode_generate(images, prompts, max_new_tokens=settings["max_new_tokens"], **clip)
-        return self.model.encode(images, prompts, **clip), None
+        request = ModelRequest(settings["prompt"], features=True, texts=settings["caption"],
+                               max_new_tokens=settings["max_new_tokens"])
+        return call_model(self.model, sets, request)
 
     def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
         """One message (pair) per set. Sets of an older timeline (time went back while they ran)
@@ -752,13 +555,10 @@ class QvlPipeline:
         if not backwards and jump.clock_change == ClockChange.ROS_TIME_NO_CHANGE:
             return
         with self._lock:
-            self._sync.reset()
+            self._intake.reset()
             self._latest = None
             self._epoch += 1
-            self._rate.configure(self._rate.max_rate)
             dropped = self._batcher.clear("time_reset")
-            if self._clips is not None:
-                self._clips.reset()
         self._monitor.sets_dropped("time_reset", dropped)
         self._monitor.clear_latency()
         what = "went back" if backwards else "changed source"
@@ -859,8 +659,10 @@ class QvlPipeline:
     def destroy_node(self) -> None:
         """Stop the worker (the batch in flight finishes, queued sets are discarded), then the node."""
         self._active = False
-        self._cleanup()
-        super().destroy_node()
+        try:
+            self._cleanup()
+        finally:  # rclpy's part always runs: the node leaves its context, which can then shut down
+            super().destroy_node()
 
 
 class QvlNode(QvlPipeline, Node):
@@ -964,9 +766,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(msg, file=sys.stderr)
             code = 1
     finally:
-        if node is not None:
-            _destroy(node)
-        rclpy.try_shutdown()
+        try:
+            if node is not None:
+                _destroy(node)
+        except Exception as exc:  # the context is still shut down below, and the exit status says so
+            print(f"{NODE_NAME}: destroying the node failed: {type(exc).__name__}: {exc}", file=sys.stderr)
+            code = code or 1
+        finally:
+            rclpy.try_shutdown()
     return code
 
 
