@@ -20,11 +20,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .engine import check_target, looks_like_export, remove_output
+from .options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
+
 __all__ = ["merge", "add_arguments", "run_cli", "main"]
 
 
 def _check(root: Path, out: Path, export: Path | None, force: bool):
-    from .extract import ExtractError, _check_target, _looks_like_export
     from .output_guard import check_writable, looks_like_output
     from .shards import ShardsError, load_plan, pending_shards, read_marker, seam_failures
 
@@ -54,9 +56,9 @@ def _check(root: Path, out: Path, export: Path | None, force: bool):
             raise ExtractError(f"{target} is inside the shards directory")
     if export is not None and export.resolve() == out.resolve():
         raise ExtractError("--export must differ from --out")
-    _check_target(out, force, "output", looks_like_output)
+    check_target(out, force, "output", looks_like_output)
     if export is not None:
-        _check_target(export, force, "export directory", _looks_like_export)
+        check_target(export, force, "export directory", looks_like_export)
     for target, what in ((out, "--out"), (export, "--export")):
         if target is not None:
             try:
@@ -98,7 +100,6 @@ def merge(root, out, export=None, force: bool = False) -> dict:
     """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``, by default the
     run's --export); returns counts (with ``export``: the directory written, or None). Holds the
     shards directory's lock: no run works in it meanwhile."""
-    from .extract import ExtractError
     from .shards import DirectoryLock, ShardsError, load_plan
 
     try:
@@ -113,7 +114,6 @@ def merge(root, out, export=None, force: bool = False) -> dict:
 def _merge(root, out, export, force: bool) -> dict:
     from .bag_io import FeatureBagWriter
     from .export import FeatureExporter
-    from .extract import _remove
     from .output_guard import OutputGuard
     from .shards import custom_data, read_marker
 
@@ -131,9 +131,9 @@ def _merge(root, out, export, force: bool) -> dict:
     model_name = markers[0]["model"]
     cfg = plan.config()
     if force:
-        _remove(out)
+        remove_output(out)
         if export is not None:
-            _remove(export)
+            remove_output(export)
     writer = FeatureBagWriter(out, captions=cfg.caption, custom_data=custom_data(plan, model_name))
     guard = OutputGuard(out, "qvl-ros merge")
     guard.start()
@@ -180,8 +180,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros merge") -> int:
-    from .extract import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
-
     try:
         counts = merge(args.shards, args.out, args.export, args.force)
     except ExtractError as exc:
