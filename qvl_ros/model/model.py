@@ -18,14 +18,15 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import check_weights, read_tensors
-from .config import QwenVLConfig
-from .token_steps import StepRunner
+from .checkpoint import check_weights, read_tensors, resolve_checkpoint
+from .config import QwenVLConfig, check_pixel_bounds, load_checked_config
 from .inputs import check_fps, check_images  # noqa: F401  (check_images: part of this module's interface)
 from .processor import Batch, TensorProcessor
+from .token_steps import StepRunner
 from .quant import QuantConfig, attach_int4_linears, int4_tensor_names, split_checkpoint
 from .text import TextModel
 from .vision import VisionTower
+from .weights_check import check_checkpoint_files, check_finite as check_finite_weights
 
 
 @dataclass
@@ -80,29 +81,29 @@ class BatchedQwenVL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
                         video_min_pixels=None, video_max_pixels=None, dequantize=False,
-                        int4_dtype=torch.bfloat16):
-        """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
+                        int4_dtype=torch.bfloat16, check_finite=True):
+        """Load a Qwen2.5-VL or Qwen2-VL checkpoint (safetensors only, no remote code): a directory,
+        or a Hugging Face id ("Qwen/Qwen2.5-VL-3B-Instruct") already in the local cache, which is
+        never downloaded (as the node's `model.path`).
 
         Pixel bounds default to the checkpoint's processor config: min/max_pixels for still
         images, video_min/max_pixels for each frame of a clip. 4-bit AWQ / GPTQ checkpoints
         (quant.py) run their decoder linears on torch's int4 kernels, computing in `int4_dtype`
         (bfloat16: the CUDA kernel's only dtype and the CPU kernel's fast one; float32 on the CPU
         is exact to float32 rounding but slower than float weights); `dequantize=True` loads them
-        as float weights of `dtype` instead."""
-        from transformers import AutoConfig
-
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-        raw = json.loads((path / "config.json").read_text())
+        as float weights of `dtype` instead. Config sizes, pixel bounds and weight files are
+        checked before anything is allocated (config.py, weights_check.py); weights holding NaN
+        or Inf are refused unless `check_finite=False`."""
+        path = Path(path) if Path(path).is_dir() else resolve_checkpoint(path)
+        raw, cfg = load_checked_config(path)  # bounded and consistent, before transformers parses it
+        check_checkpoint_files(path)
         qcfg = QuantConfig.from_checkpoint(raw, path)  # None for float checkpoints; refuses unknown formats
-        hf = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        cfg = QwenVLConfig.from_hf(hf)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
         proc = TensorProcessor.from_pretrained(path, cfg, device=device, min_pixels=min_pixels,
                                                max_pixels=max_pixels, video_min_pixels=video_min_pixels,
                                                video_max_pixels=video_max_pixels)
+        check_pixel_bounds(cfg, proc, dtype, device)
         eos = []
         gen_path = path / "generation_config.json"
         if gen_path.exists():
@@ -111,6 +112,8 @@ class BatchedQwenVL(nn.Module):
         if not eos and proc.tokenizer.eos_token_id is not None:
             eos = [proc.tokenizer.eos_token_id]
         tensors, int4 = read_tensors(path), {}
+        if check_finite:
+            check_finite_weights(tensors, path)
         if qcfg is not None:
             tensors, int4 = split_checkpoint(tensors, qcfg, cfg, path, dequantize)
         weights = check_weights(tensors, cfg, path, absent=int4_tensor_names(int4))

@@ -20,7 +20,7 @@ from ..ros.tensor_msg import storage_array
 from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore
 from .console import Progress, StopOnSignal, fmt_stamp
 from .options import ExtractConfig, ExtractError, check_options, custom_data, parse_time
-from .output_guard import DiskFull, OutputGuard, check_writable, looks_like_output
+from .output_guard import DiskFull, OutputGuard, check_writable, looks_like_export, looks_like_output
 from .set_source import ReadAhead, SetSource, Window, batch_window_index
 
 __all__ = ["CameraReport", "ExtractReport", "RunPlan", "Extraction", "extract", "plan_run", "check_outputs",
@@ -64,16 +64,6 @@ class ExtractReport:
     @property
     def sets_per_s(self) -> float:
         return self.sets_written / self.elapsed_s if self.elapsed_s > 0 else 0.0
-
-
-def looks_like_export(path: Path) -> bool:
-    from .export import INDEX_NAME
-
-    if not path.is_dir():
-        return False
-    entries = list(path.iterdir())
-    return any(e.name == INDEX_NAME for e in entries) and all(
-        e.is_file() and (e.name.endswith((".safetensors", ".json", ".tmp"))) for e in entries)
 
 
 def check_target(path: Path, force: bool, what: str, looks_ok: Callable[[Path], bool]) -> None:

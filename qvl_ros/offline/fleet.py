@@ -34,7 +34,7 @@ from .console import Progress, StopOnSignal
 from .engine import load_interruptibly, load_model, plan_run, resolve_model_path
 from .options import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, ExtractError, check_number, check_options
 from .shards import (DirectoryLock, ShardPlan, ShardsError, check_resume, clear_shards_dir, grow_overlap,
-                     load_plan, looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard,
+                     load_plan, make_plan, shards_dir_problem, pending_shards, read_marker, run_shard,
                      save_plan, seam_failures)
 
 __all__ = ["FleetOptions", "ShardWorker", "ProgressBoard", "run_sharded", "add_arguments", "options_from_args"]
@@ -140,11 +140,13 @@ def _claim(root: Path, plan: ShardPlan, force: bool) -> tuple[ShardPlan, bool, D
     write the plan. Returns (the plan to run, resumed, the lock)."""
     from .output_guard import check_writable
 
-    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir()))
-    if found and not looks_like_shards_dir(root):
-        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
-                           f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
-                                                         else "pick another --out"))
+    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not root.is_symlink()
+                                                          and not any(root.iterdir()))
+    problem = shards_dir_problem(root) if found else None
+    if problem:
+        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run ({problem}); "
+                           + ("refusing to delete it, even with --force" if force
+                              else "refusing to resume it; pick another --out"))
     if not found:
         try:
             check_writable(root)
