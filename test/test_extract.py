@@ -26,7 +26,7 @@ pytest.importorskip("rosbags")
 
 from rosbags.highlevel import AnyReader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline.bag_io import CameraBags, camera_names_for  # noqa: E402
 from qvl_ros.offline.export import load_features  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, default_tiny_checkpoint  # noqa: E402

@@ -33,7 +33,7 @@ yaml = pytest.importorskip("yaml")
 
 from rosbags.rosbag2 import Reader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline import fleet  # noqa: E402
 from qvl_ros.offline.merge import merge  # noqa: E402
 from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402

@@ -451,8 +451,8 @@ def test_the_float_parts_load_in_float(awq_dir):
 # ------------------------------------------------------------------ extraction takes the path as is
 def test_extraction_runs_a_quantized_model_path(awq_dir, tmp_path):
     pytest.importorskip("rosbags")
-    from qvl_ros import extract as ex
-    from qvl_ros.export import load_features
+    from qvl_ros.offline import extract as ex
+    from qvl_ros.offline.export import load_features
     from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag
 
     rec = write_camera_bag(tmp_path / "rec", [CameraSpec("/cam0/image_raw", 64, 96, "rgb8")], ticks=3, seed=0)

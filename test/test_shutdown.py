@@ -94,7 +94,7 @@ def cleanup_fails(self):
     raise RuntimeError("destroy failed")
 
 qn.QvlNode.__init__ = init_then_fail_in_a_callback
-qn.QvlPipeline._cleanup = cleanup_fails
+qn.QvlNodeMixin._cleanup = cleanup_fails
 try:
     code = qn.main(["qvl_node", "--ros-args", "-p", "camera_topics:=[a/image_raw]", "-p", "model.warmup:=false"])
 except BaseException as exc:

@@ -20,6 +20,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 
+from .synchronizer import default_slop_ns
+
 __all__ = ["Param", "PARAMS", "BY_NAME", "AUTO_SLOP", "ASSUMED_RATE_HZ", "check_value", "check_values",
            "defaults", "read_params_file", "documented_yaml", "slop_ns", "ParamError"]
 
@@ -233,8 +235,6 @@ def check_values(values: Mapping[str, Any]) -> Dict[str, Any]:
 
 def slop_ns(slop_s: float, expected_rates: Iterable[float]) -> int:
     """sync.slop in ns; -1 (the default) derives it from the cameras' expected rates."""
-    from .synchronizer import default_slop_ns
-
     if float(slop_s) == AUTO_SLOP:
         known = [float(r) for r in expected_rates if float(r) > 0]
         return default_slop_ns([min(known)] if known else [ASSUMED_RATE_HZ])

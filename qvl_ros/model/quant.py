@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import expected_weights
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output channel (within its 8) held by each nibble of an AWQ word
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
 SUPPORTED = ("supported: AWQ (version gemm, 4-bit, zero point) and GPTQ (4-bit, symmetric or not, desc_act "
@@ -182,7 +184,6 @@ def split_checkpoint(tensors: dict, qcfg: QuantConfig, cfg, where, dequantize: b
     Fused decoder linears whose parts are all quantized run on int4 kernels (their biases travel
     with them); every other quantized linear (outside the decoder layers, in a partly quantized
     fused linear, or all of them with `dequantize`) comes back as a dequantized float `.weight`."""
-    from .checkpoint import expected_weights
     from .text import fused_linears
 
     shapes = expected_weights(cfg)
