@@ -1,5 +1,7 @@
 """Draw docs/dataflow.png: how camera frames (live topics or recorded bags) become features,
-captions and answers, named by the modules that do each step.
+captions and answers, named by the modules that do each step. The node and extraction share the
+intake (core/intake.py), the model call (core/model_call.py) and the parameter table
+(core/params.py); only the inputs and outputs differ.
 
     scripts/run.sh python docs/dataflow.py          # rewrites docs/dataflow.png
 
@@ -11,16 +13,19 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-# (column, row, module, what it does); columns: 0 inputs, 1 pipeline core, 2 model, 3 outputs
+# (column, row, module, what it does); columns: 0 inputs, 1 the shared intake, 2 the model call, 3 outputs
 BOXES = [
-    (0, 0, "qvl_ros.ros.node", "camera topics\nImage / CompressedImage\n(sensor-data QoS)"),
-    (0, 2, "qvl_ros.offline.bag_io", "rosbag2 recordings\n(sqlite3, mcap)"),
-    (1, 0, "qvl_ros.core.conversion", "bytes -> uint8 (3, H, W)\nchecks, colour, one H2D copy"),
-    (1, 1, "qvl_ros.core.synchronizer", "one frame per camera\nwithin slop; drops by reason"),
-    (1, 2, "qvl_ros.core.clips", "per-camera rings\n(video.frames >= 2)"),
-    (1, 3, "qvl_ros.core.batcher", "bounded queue of sets\nup to batch.max_size"),
+    (0, 0, "qvl_ros.ros.pipeline", "node: camera topics\nImage / CompressedImage\n(arrival = ROS clock)"),
+    (0, 1, "qvl_ros.offline.bag_io", "extract: rosbag2\nrecordings (sqlite3, mcap)"),
+    (0, 2, "qvl_ros.offline.set_source", "recording order\n(arrival = recording time)"),
+    (0, 3, "qvl_ros.core.params", "one parameter table:\nnode parameters and\nextract options"),
+    (1, 0, "qvl_ros.core.intake", "Intake: conversion, checks,\nstamp source, drop reasons"),
+    (1, 1, "qvl_ros.core.synchronizer", "one frame per camera within\nslop; clips; max_rate"),
+    (1, 2, "qvl_ros.core.batcher", "node: bounded queue\nup to batch.max_size"),
+    (1, 3, "qvl_ros.offline.engine", "extract: every set,\nbatches on the window grid"),
+    (2, 0, "qvl_ros.core.model_call", "call_model: prompt,\nclips + fps, token limit"),
     (2, 1, "qvl_ros.model.processor", "smart_resize, patchify,\nchat template, M-RoPE ids"),
-    (2, 2, "qvl_ros.model.model", "BatchedQwenVL: vision tower +\ndecoder over B x N at once"),
+    (2, 2, "qvl_ros.model.model", "BatchedQwenVL: vision tower +\ntext model over B x N at once"),
     (2, 3, "qvl_ros.model.grounding", "detect: boxes in\ncamera pixels"),
     (3, 0, "qvl_ros.ros.feature_msgs", "features, caption\n(VisionFeatures, Caption)"),
     (3, 1, "qvl_ros.ros.ask", "~/ask answers\n(between batches)"),
@@ -28,14 +33,16 @@ BOXES = [
     (3, 3, "qvl_ros.core.diagnostics", "/diagnostics\nrates, latency, drops"),
 ]
 ARROWS = [
-    ("qvl_ros.ros.node", "qvl_ros.core.conversion"), ("qvl_ros.offline.bag_io", "qvl_ros.core.conversion"),
-    ("qvl_ros.core.conversion", "qvl_ros.core.synchronizer"), ("qvl_ros.core.synchronizer", "qvl_ros.core.clips"),
-    ("qvl_ros.core.clips", "qvl_ros.core.batcher"), ("qvl_ros.core.batcher", "qvl_ros.model.processor"),
-    ("qvl_ros.model.processor", "qvl_ros.model.model"), ("qvl_ros.model.model", "qvl_ros.model.grounding"),
-    ("qvl_ros.model.model", "qvl_ros.ros.feature_msgs"), ("qvl_ros.model.model", "qvl_ros.ros.ask"),
-    ("qvl_ros.model.model", "qvl_ros.offline.extract"),
+    ("qvl_ros.ros.pipeline", "qvl_ros.core.intake"), ("qvl_ros.offline.bag_io", "qvl_ros.offline.set_source"),
+    ("qvl_ros.offline.set_source", "qvl_ros.core.intake"), ("qvl_ros.core.intake", "qvl_ros.core.synchronizer"),
+    ("qvl_ros.core.synchronizer", "qvl_ros.core.batcher"), ("qvl_ros.core.params", "qvl_ros.offline.engine"),
+    ("qvl_ros.offline.set_source", "qvl_ros.offline.engine"),
+    ("qvl_ros.core.batcher", "qvl_ros.core.model_call"), ("qvl_ros.offline.engine", "qvl_ros.core.model_call"),
+    ("qvl_ros.core.model_call", "qvl_ros.model.processor"), ("qvl_ros.model.processor", "qvl_ros.model.model"),
+    ("qvl_ros.model.model", "qvl_ros.model.grounding"), ("qvl_ros.core.model_call", "qvl_ros.ros.feature_msgs"),
+    ("qvl_ros.core.model_call", "qvl_ros.ros.ask"), ("qvl_ros.core.model_call", "qvl_ros.offline.extract"),
 ]
-COLUMNS = ["inputs", "pipeline core (no ROS)", "model (pure PyTorch)", "outputs"]
+COLUMNS = ["inputs (live / offline)", "one intake (core, no ROS)", "one model call -> model", "outputs"]
 
 
 def draw(path: Path) -> None:

@@ -28,7 +28,7 @@ pytest.importorskip("rosbags")
 
 from rosbags.rosbag2 import Reader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline import fleet  # noqa: E402
 from qvl_ros.offline.merge import merge  # noqa: E402
 from qvl_ros.offline.output_guard import INCOMPLETE_MARKER  # noqa: E402

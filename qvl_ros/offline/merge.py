@@ -29,11 +29,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .engine import check_target
+from .options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
+
 __all__ = ["merge", "add_arguments", "run_cli", "main"]
 
 
 def _check(root: Path, out: Path, export: Path | None, force: bool):
-    from .extract import ExtractError, _check_target
     from .output_guard import check_writable, looks_like_export, looks_like_output
     from .shards import ShardsError, load_plan, seam_failures, shard_problem, shards_dir_problem
 
@@ -66,9 +68,9 @@ def _check(root: Path, out: Path, export: Path | None, force: bool):
             raise ExtractError(f"{target} is inside the shards directory")
     if export is not None and export.resolve() == out.resolve():
         raise ExtractError("--export must differ from --out")
-    _check_target(out, force, "output", looks_like_output)
+    check_target(out, force, "output", looks_like_output)
     if export is not None:
-        _check_target(export, force, "export directory", looks_like_export)
+        check_target(export, force, "export directory", looks_like_export)
     for target, what in ((out, "--out"), (export, "--export")):
         if target is not None:
             try:
@@ -86,7 +88,6 @@ def _check(root: Path, out: Path, export: Path | None, force: bool):
 
 
 def _markers(root: Path, plan) -> list[dict]:
-    from .extract import ExtractError
     from .shards import ShardsError, load_shard_marker
 
     try:
@@ -98,7 +99,6 @@ def _markers(root: Path, plan) -> list[dict]:
 def _plan_export(root: Path) -> Path | None:
     """The run's --export from plan.json, as it was resolved when the run started: a path that
     resolves elsewhere now (a link put on the way) is refused, naming it."""
-    from .extract import ExtractError
     from .shards import ShardsError, load_plan
 
     try:
@@ -187,7 +187,6 @@ def merge(root, out, export=None, force: bool = False) -> dict:
     """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``, by default the
     run's --export); returns counts of what was written (with ``export``: the directory written,
     or None). Holds the shards directory's lock: no run works in it meanwhile."""
-    from .extract import ExtractError
     from .shards import DirectoryLock, ShardsError, load_plan, shards_dir_problem
 
     problem = shards_dir_problem(Path(root))
@@ -204,7 +203,6 @@ def merge(root, out, export=None, force: bool = False) -> dict:
 
 def _merge(root: Path, out: Path, export, force: bool) -> dict:
     from .bag_io import FEATURES_TOPIC
-    from .extract import ExtractError
     from .output_guard import looks_like_export, looks_like_output, remove_earlier_output
 
     export = Path(export) if export is not None else _plan_export(root)
@@ -285,7 +283,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros merge") -> int:
-    from .extract import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
 
     try:
         counts = merge(args.shards, args.out, args.export, args.force)

@@ -56,6 +56,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .engine import Extraction, plan_run
+from .options import ExtractConfig
+from .options import custom_data as one_pass_custom_data
+from .set_source import Window
 from .shard_check import sync_tree, write_new
 
 __all__ = ["PLAN_NAME", "PLAN_FORMAT", "Shard", "ShardPlan", "ShardsError", "make_plan", "load_plan",
@@ -106,8 +110,6 @@ class ShardPlan:
 
     def config(self, **overrides):
         """The ExtractConfig of this run (``overrides`` replace fields)."""
-        from .extract import ExtractConfig
-
         fields = dict(self.options)
         fields.pop("input_names", None)
         fields.update(inputs=list(self.inputs), model=self.model_path, output="")
@@ -132,7 +134,7 @@ class ShardPlan:
 _OUTPUT_OPTIONS = ("topics", "camera_names", "device", "dtype", "min_pixels", "max_pixels", "slop", "batch",
                    "prompt", "features", "caption", "max_new_tokens", "start", "end", "stamps", "queue_size",
                    "reorder", "frame_id", "clip_frames", "clip_stride", "shard_mb", "max_input_pixels",
-                   "batch_window")
+                   "batch_window", "policy", "reset_threshold", "max_rate", "expected_rates")
 
 
 def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
@@ -446,7 +448,6 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     ``.partial`` and are removed by the next attempt."""
     import threading
 
-    from . import extract as ex
     from .bag_io import BagInputError, CameraBags
 
     root = Path(root)
@@ -465,16 +466,16 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     except BagInputError as exc:
         raise ShardsError(str(exc)) from None
     try:
-        xplan = ex._plan(cfg, bags)
-        window = ex._Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
+        xplan = plan_run(cfg, bags)
+        window = Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
                             tail_keep=0 if last else TAIL_SETS, warmup_keep=TAIL_SETS + 1, flush_at_end=last)
         xplan = dataclasses.replace(xplan, start_ns=read_start, stop_ns=shard.stop_ns if not last else plan.stop_ns,
                                     window=window)
         xplan.input_names = list(plan.options["input_names"])
         with open(os.devnull, "w") as quiet:
-            run = ex._Extraction(xplan, bags, model, stop_event, quiet, None)
-            if on_progress is not None:
-                run.on_progress = lambda report: on_progress(run.source.frames_read, report.sets_written)
+            progress = (None if on_progress is None
+                        else lambda report: on_progress(run.source.frames_read, report.sets_written))
+            run = Extraction(xplan, bags, model, stop_event, quiet, progress)
             report = run.run("none", None)
     finally:
         bags.close()
@@ -566,8 +567,6 @@ def pending_shards(root: Path, plan: ShardPlan) -> list[Shard]:
 
 def custom_data(plan: ShardPlan, model_name: str) -> dict[str, str]:
     """The bag metadata one pass writes (:func:`qvl_ros.offline.extract.custom_data`)."""
-    from .extract import custom_data as one_pass
-
     cfg = plan.config()
-    return one_pass(plan.options["input_names"], cfg.topics, plan.options["camera_names"], model_name, cfg)
+    return one_pass_custom_data(plan.options["input_names"], cfg.topics, plan.options["camera_names"], model_name, cfg)
 
