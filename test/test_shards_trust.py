@@ -17,6 +17,7 @@ import io
 import json
 import os
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -158,6 +159,43 @@ def test_a_shard_changed_in_place_stops_the_merge_and_leaves_it_marked_incomplet
     assert "Traceback" not in run.stderr
     assert (out / INCOMPLETE_MARKER).is_file()
     assert (case["tmp"] / "out-export" / INCOMPLETE_MARKER).is_file()
+
+
+def _damage_last_chunk(bag: Path) -> None:
+    """Garble the length of the first record inside the bag file's last mcap chunk: rosbags then
+    yields none of that chunk's messages, and raises nothing."""
+    mcap = next(bag.glob("*.mcap"))
+    data = bytearray(mcap.read_bytes())
+    pos, chunks = 8, []  # after the magic: records of opcode (1 byte), length (8 bytes), content
+    while pos < len(data) and data[pos] != 0x0F:  # up to the footer
+        if data[pos] == 0x06:
+            chunks.append(pos)
+        pos += 9 + struct.unpack_from("<Q", data, pos + 1)[0]
+    at = chunks[-1] + 9 + 28  # after the chunk's times, uncompressed size and crc
+    at += 4 + struct.unpack_from("<I", data, at)[0] + 8  # its compression name and records length
+    data[at + 4] ^= 0x55  # inside the first record's length
+    mcap.write_bytes(bytes(data))
+
+
+def test_a_damaged_shard_bag_stops_the_merge_and_leaves_it_marked_incomplete(case):
+    """A chunk rosbags cannot read: it silently yields fewer messages (before: merged with exit 0
+    and the output looked finished); now the merge sees the messages differ from the marker."""
+    _damage_last_chunk(case["shards"] / "shard-00002")
+    out = case["tmp"] / "out"
+    run = _merge_cli(case["shards"], out, "--export", str(case["tmp"] / "out-export"))
+    assert run.returncode == 1, run.stderr
+    assert "shard-00002: the messages read differ from what its marker recorded" in run.stderr
+    assert "is left marked incomplete" in run.stderr and (out / INCOMPLETE_MARKER).is_file()
+    assert len(_messages(out)) < len(_messages(case["tmp"] / "merged"))  # what was written, readable
+
+
+def test_a_truncated_shard_bag_is_refused_before_anything_is_written(case):
+    mcap = next((case["shards"] / "shard-00002").glob("*.mcap"))
+    mcap.write_bytes(mcap.read_bytes()[: mcap.stat().st_size // 2])
+    run = _merge_cli(case["shards"], case["tmp"] / "out", "--export", str(case["tmp"] / "out-export"))
+    assert run.returncode == 2, run.stderr
+    assert "shard-00002 is not the shard its marker vouches for (its bag cannot be read" in run.stderr
+    assert not (case["tmp"] / "out").exists()
 
 
 def test_a_changed_export_file_stops_the_merge(case):

@@ -143,7 +143,7 @@ def _write_tokenizer(path: Path, model_max_length: int = 32768) -> None:
 
 def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", seed: int = 0,
                          config: QwenVLConfig | None = None, quantize: str | None = None,
-                         group_size: int = 128, sym: bool = True, desc_act: bool = False,
+                         group_size: int | None = None, sym: bool = True, desc_act: bool = False,
                          twin: str | os.PathLike | None = None, device="cpu", dtype=torch.float32) -> Path:
     """Write a deterministic random checkpoint as a real Hugging Face directory.
 
@@ -153,7 +153,9 @@ def save_tiny_checkpoint(path: str | os.PathLike, family: str = "qwen2_5_vl", se
     random stream), `dtype` is the stored weight type.
 
     `quantize="awq"` or `"gptq"` stores the decoder linears in that 4-bit format (round to
-    nearest, `group_size` input rows per group; GPTQ also `sym` and `desc_act`, act order) and
+    nearest, `group_size` input rows per group, by default the largest of 128, 64, 32 that the
+    decoder's widths allow, refused here when loading would refuse it; GPTQ also `sym` and
+    `desc_act`, act order) and
     writes at `twin` (default: "<path>-float") the float checkpoint holding exactly the
     dequantized weights, which any float implementation runs as the reference.
     """

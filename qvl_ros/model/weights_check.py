@@ -6,8 +6,8 @@ surfacing later as an unrelated error ("No such device" from a directory named l
 file, a chat template that "did not render" for a missing tokenizer).
 
 :func:`check_finite`: NaN or Inf in any floating-point weight (4-bit scales included), reported
-at load with the tensors' names and counts, instead of non-finite features later. It reads each
-tensor once in chunks (no copy of the weights); ``from_pretrained(check_finite=False)`` skips it.
+at load with the tensors' names and counts, instead of non-finite features later. One sum per
+tensor (no copy of the weights) decides; ``from_pretrained(check_finite=False)`` skips it.
 """
 from __future__ import annotations
 
@@ -51,17 +51,18 @@ def check_checkpoint_files(path) -> None:
 
 
 def nonfinite_counts(tensors: dict[str, torch.Tensor]) -> dict[str, int]:
-    """{name: number of NaN or Inf elements} of the floating-point tensors that hold any."""
+    """{name: number of NaN or Inf elements} of the floating-point tensors that hold any. A sum
+    is finite only when every element is (NaN and Inf propagate), so one sum per tensor settles
+    the usual case; a tensor whose sum is not finite (or overflows, as a float16 sum can) is
+    counted exactly, in chunks."""
     bad = {}
     for name, t in tensors.items():
         if not t.is_floating_point():
             continue
         flat = t.reshape(-1)  # (numel,) a view of a contiguous tensor
-        count = 0
-        for chunk in flat.split(_CHUNK):
-            finite = torch.isfinite(chunk)
-            if not bool(finite.all()):
-                count += int(finite.numel() - finite.sum())
+        if bool(torch.isfinite(flat.sum())):  # in the tensor's dtype: an overflow only sends it to the count
+            continue
+        count = sum(int(chunk.numel() - torch.isfinite(chunk).sum()) for chunk in flat.split(_CHUNK))
         if count:
             bad[name] = count
     return bad
