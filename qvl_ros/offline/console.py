@@ -13,6 +13,7 @@ from ..core.stamps import format_stamp as fmt_stamp
 
 __all__ = ["Progress", "StopOnSignal", "format_summary", "fmt_duration", "fmt_stamp", "DROP_TEXT"]
 
+
 def fmt_duration(seconds: float) -> str:
     if not math.isfinite(seconds) or seconds < 0:
         return "--:--"

@@ -27,6 +27,7 @@ __all__ = ["CameraReport", "ExtractReport", "RunPlan", "Extraction", "extract", 
            "check_target", "looks_like_export", "remove_output", "resolve_model_path", "load_model",
            "load_interruptibly", "host_storage", "fill_camera_stats"]
 
+
 @dataclass
 class CameraReport:
     topic: str

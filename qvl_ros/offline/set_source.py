@@ -17,6 +17,7 @@ from .options import ExtractConfig, intake_settings
 
 __all__ = ["SetSource", "Window", "ReadAhead", "FLUSH_BIRTH", "signature", "batch_window_index"]
 
+
 class SetSource:
     """Reads, converts and synchronizes the camera frames; iterating yields SyncSets in order."""
 
@@ -32,7 +33,7 @@ class SetSource:
         self.warmup_sets: collections.deque = collections.deque(maxlen=self.window.warmup_keep)
         # signatures of the last window.tail_keep sets yielded
         self.tail_sets: collections.deque = collections.deque(maxlen=self.window.tail_keep)
-        from ..core.intake import Intake
+        from ..core.intake import Intake  # torch: not imported by a Ray driver, which plans only
 
         n = len(bags.cameras)
         # the node's intake: conversion, input checks, stamps, synchronizer, clips, rate cap

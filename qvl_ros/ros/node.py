@@ -125,7 +125,6 @@ class QvlLifecycleNode(QvlNodeMixin, LifecycleNode):
         return TransitionCallbackReturn.SUCCESS
 
 
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``qvl_node`` / ``python -m qvl_ros.ros.node``; returns the exit code."""
     import faulthandler

@@ -43,7 +43,6 @@ def release_device_memory(device: Any) -> None:
         torch.cuda.empty_cache()
 
 
-
 class NodeResults:
     """Model calls, publishing and diagnostics of the node (attributes set up by the pipeline)."""
 
