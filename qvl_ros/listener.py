@@ -7,5 +7,6 @@ import importlib
 import sys
 
 if __name__ == "__main__":
+    importlib.import_module("qvl_ros.ros.spin").catch_signals()  # before the heavy imports
     sys.exit(importlib.import_module("qvl_ros.ros.listener").main())
 sys.modules[__name__] = importlib.import_module("qvl_ros.ros.listener")
