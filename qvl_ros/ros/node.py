@@ -574,6 +574,7 @@ class QvlPipeline:
         device = str(v("model.device")) or "auto"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model.device is {device!r} but CUDA is not available")
+        self.get_logger().info(f"loading {path} on {device}")
         t0 = time.perf_counter()
         model = BatchedQwenVL.from_pretrained(
             path, device=device, dtype=dtype,
