@@ -7,6 +7,7 @@ import importlib
 import sys
 
 if __name__ == "__main__":
-    importlib.import_module("qvl_ros.ros.spin").catch_signals()  # before the heavy imports
-    sys.exit(importlib.import_module("qvl_ros.sim.synthetic").main())
+    spin = importlib.import_module("qvl_ros.ros.spin")
+    spin.catch_signals()  # before the heavy imports
+    spin.exit_now(importlib.import_module("qvl_ros.sim.synthetic").main())
 sys.modules[__name__] = importlib.import_module("qvl_ros.sim.synthetic")

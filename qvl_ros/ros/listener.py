@@ -127,7 +127,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from .spin import catch_signals
+    from .spin import catch_signals, exit_now
 
     catch_signals()
-    sys.exit(main())
+    exit_now(main())

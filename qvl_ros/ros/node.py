@@ -67,6 +67,7 @@ from ..core.rate_limit import RateLimiter
 from ..core.stamps import stamp_ns
 from .ask import AskServer
 from .diagnostic_array import to_diagnostic_array
+from .spin import interruptible
 from .feature_msgs import (Frame, MessageKit, caption_fields, check_kinds, features_fields, hidden_rows_of,
                            placeholder_token_ids, sample_tensors, set_info, with_clips)
 from .tensor_msg import from_tensor
@@ -167,14 +168,16 @@ class QvlPipeline:
         self._add_parameter_callbacks()
 
     def _configure(self, model: Any = None) -> None:
-        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`."""
-        self.model = model if model is not None else self._load_model()
-        self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
-        self._device = self.model.device
-        self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
-        self._placeholder_ids = placeholder_token_ids(self.model)
-        if self._value("model.warmup"):
-            self._warm_up()
+        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`.
+        A signal abandons the model load and the warm-up at once (spin.interruptible)."""
+        with interruptible():
+            self.model = model if model is not None else self._load_model()
+            self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
+            self._device = self.model.device
+            self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
+            self._placeholder_ids = placeholder_token_ids(self.model)
+            if self._value("model.warmup"):
+                self._warm_up()
         self._create_components()
         self._create_outputs()
         self._configured = True
@@ -946,7 +949,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from .spin import catch_signals
+    from .spin import catch_signals, exit_now
 
     catch_signals()  # late (torch is imported), but before the model loads
-    sys.exit(main())
+    exit_now(main())

@@ -11,30 +11,67 @@ The rules here:
 
 * :func:`catch_signals` runs first, before the heavy imports (the console entry points below do
   it before importing their module): SIGINT and SIGTERM are recorded, never raised.
-* rclpy starts without its signal handlers; the node is constructed (a model load or warm-up
-  runs to its end), then rclpy's handlers are installed: a signal then shuts the context down
-  and wakes the executor (rclpy's handler chains to the recording one). A signal that came
-  before ends the run at once, without spinning.
+* rclpy's own handlers come next (``rclpy.init``): a signal shuts the context down and wakes
+  the executor; they chain to the recording handler. A signal that came before ``rclpy.init``
+  ends the run at once.
+* Steps that hold nothing to release in order (loading a model, warming it up: main thread, no
+  worker thread yet) run under :func:`interruptible`: there a signal raises
+  :class:`Interrupted` and abandons the step at once, instead of after the many seconds it can
+  take (``ros2 launch`` escalates to SIGTERM after 5 s and to SIGKILL after 15 s).
 * Spinning ends when the context goes down; what rclpy raises because it went down is the
   shutdown (:func:`qvl_ros.ros.shutdown.ended_by_shutdown`), anything else is a failure (exit 1).
 * The node is destroyed (the model worker joined: the batch in flight finishes) and rclpy is
-  shut down, whatever signal comes in the meantime.
+  shut down, whatever signal comes in the meantime; then both signals are ignored, so that
+  one arriving during the interpreter's finalization cannot end the process by signal.
+* The console entry points then end the process with :func:`exit_now`: the atexit handlers
+  run and the output is flushed, but the interpreter's teardown of torch, transformers and
+  DDS, which frees nothing the system would not and took 9-12 s here after a Ctrl-C (more
+  than the 5 s `ros2 launch` waits before escalating), is skipped.
 """
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import threading
-from typing import Any, Callable, List, Optional, Sequence
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, List, NoReturn, Optional, Sequence
 
-__all__ = ["catch_signals", "signals_received", "run", "qvl_node", "qvl_listener", "synthetic_cameras"]
+__all__ = ["Interrupted", "catch_signals", "exit_now", "interruptible", "signals_received", "run",
+           "qvl_node", "qvl_listener", "synthetic_cameras"]
 
 _received: List[int] = []
 _installed = False
+_interruptible_depth = 0
+
+
+class Interrupted(BaseException):
+    """A signal arrived during an :func:`interruptible` step (a BaseException, like
+    KeyboardInterrupt, so that ``except Exception`` on the way does not swallow it)."""
 
 
 def _record(signum: int, _frame: Any) -> None:
     _received.append(signum)
+    if _interruptible_depth:
+        raise Interrupted(signal.Signals(signum).name)
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """Run the block so that SIGINT/SIGTERM abandon it (raise :class:`Interrupted`); for steps
+    of the main thread that hold nothing needing an orderly release (a model load, a warm-up).
+    Elsewhere (another thread, :func:`catch_signals` not called) the block just runs."""
+    global _interruptible_depth
+    if not _installed or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    if _received:
+        raise Interrupted(signal.Signals(_received[0]).name)
+    _interruptible_depth += 1
+    try:
+        yield
+    finally:
+        _interruptible_depth -= 1
 
 
 def catch_signals() -> None:
@@ -67,17 +104,18 @@ def run(make_node: Callable[[], Any], *, args: Sequence[str],
     """
     import rclpy
     from rclpy.executors import SingleThreadedExecutor
-    from rclpy.signals import SignalHandlerOptions, install_signal_handlers
 
     from .shutdown import ended_by_shutdown
 
     catch_signals()
-    rclpy.init(args=list(args), signal_handler_options=SignalHandlerOptions.NO)
+    if _received:  # before rclpy was even up
+        return 0
+    rclpy.init(args=list(args))  # rclpy's signal handlers, chained to the recording one
     node = None
     code = 0
     try:
-        node = make_node()
-        install_signal_handlers(SignalHandlerOptions.ALL)
+        if not _received:
+            node = make_node()
         if not _received:
             executor = SingleThreadedExecutor()
             executor.add_node(node)
@@ -85,8 +123,10 @@ def run(make_node: Callable[[], Any], *, args: Sequence[str],
                 code = spin(executor, node) if spin is not None else _spin_forever(executor)
             finally:
                 _quietly(lambda: executor.shutdown(timeout_sec=1.0))
+    except Interrupted:
+        pass
     except Exception as exc:
-        if not ended_by_shutdown(exc, grace_s=0.0 if _received else 1.0) and not _received:
+        if not _received and not ended_by_shutdown(exc):
             _report(node, name, exc)
             code = 1
     finally:
@@ -100,7 +140,17 @@ def run(make_node: Callable[[], Any], *, args: Sequence[str],
                     _report(None, name, exc)
                     code = 1
         _quietly(rclpy.try_shutdown)
+        _ignore_signals()
     return code
+
+
+def _ignore_signals() -> None:
+    """From here on the process only exits: Python's finalization puts a handled signal back to
+    its default (a late SIGINT, e.g. the one ``ros2 launch`` forwards, would kill the process
+    with -2 on its way out), but it leaves an ignored one ignored."""
+    if _installed and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _spin_forever(executor: Any) -> int:
@@ -123,23 +173,38 @@ def _report(node: Any, name: str, exc: BaseException) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
+def exit_now(code: int) -> NoReturn:
+    """End the process with ``code`` after the atexit handlers and a flush of the output,
+    without the interpreter's module teardown (see the module doc)."""
+    import atexit
+    import logging
+
+    try:
+        atexit._run_exitfuncs()
+        logging.shutdown()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            _quietly(stream.flush)
+        os._exit(code)
+
+
 # --- console entry points: signals first, then the heavy imports ------------------------------
 def qvl_node() -> int:
     catch_signals()
     from .node import main
 
-    return main()
+    exit_now(main())
 
 
 def qvl_listener() -> int:
     catch_signals()
     from .listener import main
 
-    return main()
+    exit_now(main())
 
 
 def synthetic_cameras() -> int:
     catch_signals()
     from ..sim.synthetic import main
 
-    return main()
+    exit_now(main())
