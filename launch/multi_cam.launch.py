@@ -20,6 +20,15 @@ Arguments:
 
 Everything started here can be started without `launch` too: `qvl_node`,
 `qvl-synthetic-cameras` (``python -m qvl_ros.node`` / ``python -m qvl_ros.synthetic``).
+
+Signals. Ctrl-C in the terminal reaches every process of the group; each ends by itself with
+exit code 0 (qvl_ros/ros/spin.py) and launch reports it finished cleanly. SIGINT to `ros2
+launch` alone: launch sends SIGINT (SIGTERM after 5 s in an interactive terminal) to each
+process. SIGTERM to `ros2 launch` alone: this launch snapshot has no SIGTERM handler (nothing
+calls ``signal.signal`` for it; ``LaunchService._on_sigterm`` in launch/launch_service.py is only
+reached through the wakeup fd of a handled signal), so the process dies at once and never
+signals its processes. Hence every process started here gets ``QVL_EXIT_WITH_PARENT=1``: the
+kernel sends it SIGTERM when `ros2 launch` dies (PR_SET_PDEATHSIG), and it ends as on Ctrl-C.
 """
 from pathlib import Path
 
@@ -27,6 +36,9 @@ from launch import LaunchDescription
 from launch.actions import DeclareLaunchArgument, OpaqueFunction
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+# Each process ends when `ros2 launch` dies (SIGTERM to it: see the module doc).
+EXIT_WITH_LAUNCH = {"QVL_EXIT_WITH_PARENT": "1"}
 
 
 def _default_params_file() -> str:
@@ -76,14 +88,16 @@ def _actions(context):
     else:
         actions = [Node(
             package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
-            parameters=[params_file, node_overrides], output="screen", emulate_tty=True)]
+            parameters=[params_file, node_overrides], output="screen", emulate_tty=True,
+            additional_env=EXIT_WITH_LAUNCH)]
     if _parse_bool("synthetic", arg("synthetic")):
         camera_overrides = {"use_sim_time": sim_time}
         if topics:
             camera_overrides["topics"] = topics
         actions.append(Node(
             package="qvl_ros", executable="synthetic_cameras", name="synthetic_cameras", namespace=namespace,
-            parameters=[params_file, camera_overrides], output="screen", emulate_tty=True))
+            parameters=[params_file, camera_overrides], output="screen", emulate_tty=True,
+            additional_env=EXIT_WITH_LAUNCH))
     return actions
 
 
@@ -99,7 +113,8 @@ def _managed_node(namespace, parameters, autostart: bool) -> list:
 
     node = LifecycleNode(
         package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
-        parameters=parameters, arguments=["--managed"], output="screen", emulate_tty=True)
+        parameters=parameters, arguments=["--managed"], output="screen", emulate_tty=True,
+        additional_env=EXIT_WITH_LAUNCH)
     if not autostart:
         return [node]
     transition = lifecycle_msgs.msg.Transition

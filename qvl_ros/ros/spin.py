@@ -43,6 +43,7 @@ __all__ = ["Interrupted", "catch_signals", "exit_now", "interruptible", "signals
 _received: List[int] = []
 _installed = False
 _interruptible_depth = 0
+EXIT_WITH_PARENT = "QVL_EXIT_WITH_PARENT"  # "1": SIGTERM when the parent process dies (Linux)
 
 
 class Interrupted(BaseException):
@@ -80,9 +81,26 @@ def catch_signals() -> None:
     global _installed
     if _installed or threading.current_thread() is not threading.main_thread():
         return
+    parent = os.getppid()
     signal.signal(signal.SIGINT, _record)
     signal.signal(signal.SIGTERM, _record)
     _installed = True
+    if os.environ.get(EXIT_WITH_PARENT) == "1":
+        _exit_with_parent(parent)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel send SIGTERM when the parent dies (prctl PR_SET_PDEATHSIG). The launch
+    file asks for it: `ros2 launch` has no SIGTERM handler of its own, so a SIGTERM kills it at
+    once and its processes would run on without it."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the request took effect
+        _record(signal.SIGTERM, None)
 
 
 def signals_received() -> List[int]:
