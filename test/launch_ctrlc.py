@@ -153,7 +153,8 @@ def run_once(moment: str, *, launch_args: Sequence[str] = ("synthetic:=true", "c
         _wait_all([listener], time.monotonic(), exit_limit_s)
     left = _group_members(group)
     if left:
-        problems.append(f"still running after {exit_limit_s:.0f} s: {left}")
+        problems.append(f"still running after {exit_limit_s:.0f} s: {left} ({_states(left)})")
+        stacks = _native_stacks(left)
         _quiet(lambda: os.killpg(group, signal.SIGABRT))  # PYTHONFAULTHANDLER: each thread's stack in the log
         time.sleep(3.0)
         _quiet(lambda: os.killpg(group, signal.SIGKILL))
@@ -163,7 +164,13 @@ def run_once(moment: str, *, launch_args: Sequence[str] = ("synthetic:=true", "c
         os.close(tty_master)
     time.sleep(0.2)  # the reader threads take the last lines
     log, heard = streams["launch"].text(), streams["listener"].text()
-    problems += _check(log, heard, launch.returncode, listener.returncode)
+    if left:
+        log += "\n--- native stacks of the processes left\n" + stacks
+    if target == "launch" and signame == "TERM":  # launch dies at once (no handler): only "all gone" counts
+        problems += [p for p in _check(log, heard, 0, listener.returncode)
+                     if "finish cleanly" not in p and "process has died" not in p]
+    else:
+        problems += _check(log, heard, launch.returncode, listener.returncode)
     return Result(moment, f"{target} {'+'.join(sent)}", not problems, exit_s, problems, log, heard)
 
 
@@ -209,6 +216,37 @@ def _group_members(group: int) -> List[str]:
         except (OSError, ValueError, IndexError):
             continue
     return out
+
+
+def _states(members: List[str]) -> str:
+    """State, parent, caught and pending signals of each process, for the report of a hang."""
+    out = []
+    for member in members:
+        pid = member.split()[0]
+        try:
+            fields = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                          if ":\t" in line)
+            wchan = Path(f"/proc/{pid}/wchan").read_text()
+        except OSError:
+            continue
+        out.append(f"{pid}: {fields['State'].strip()} ppid {fields['PPid'].strip()} caught {fields['SigCgt'].strip()} "
+                   f"pending {fields['ShdPnd'].strip()} wchan {wchan}")
+    return "; ".join(out)
+
+
+def _native_stacks(members: List[str]) -> str:
+    """gdb's backtrace of every thread of each process (where gdb is installed)."""
+    import shutil
+
+    if shutil.which("gdb") is None:
+        return "(no gdb)"
+    out = []
+    for member in members:
+        pid = member.split()[0]
+        res = subprocess.run(["gdb", "-p", pid, "-batch", "-ex", "thread apply all bt 12"],
+                             capture_output=True, text=True, timeout=120)
+        out.append(f"== {member}\n{res.stdout[-20000:]}")
+    return "\n".join(out)
 
 
 def _quiet(step) -> None:
