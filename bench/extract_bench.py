@@ -35,7 +35,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.memory import peak_mb  # noqa: E402
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline.bag_io import CameraBags  # noqa: E402
 from qvl_ros.core.conversion import msg_to_tensor  # noqa: E402
 from qvl_ros.model import PRESETS, BatchedQwenVL, default_tiny_checkpoint, save_tiny_checkpoint  # noqa: E402
@@ -66,7 +66,7 @@ def _time_read_only(bag: Path, device) -> float:
     cfg = ex.ExtractConfig(inputs=[bag], output="unused", topics=TOPICS, device=str(device))
     t0 = time.perf_counter()
     with CameraBags([bag], TOPICS) as bags:
-        source = ex._SetSource(bags, cfg, device)
+        source = ex.SetSource(bags, cfg, device)
         n = sum(1 for _ in source)
     assert n > 0
     return time.perf_counter() - t0

@@ -35,7 +35,31 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+
+
+def _require_python() -> None:
+    """Stop with one line naming what is missing when this Python cannot run the benchmark."""
+    if sys.version_info < (3, 10):
+        sys.exit(f"bench/gpu.py needs Python >= 3.10 with torch, transformers, safetensors and numpy; "
+                 f"{sys.executable} is {platform.python_version()}")
+    import importlib.util
+
+    missing = []
+    for mod in ("torch", "transformers", "safetensors", "numpy"):
+        try:
+            found = importlib.util.find_spec(mod) is not None
+        except (ImportError, ValueError):  # ValueError: blocked in sys.modules
+            found = False
+        if not found:
+            missing.append(mod)
+    if missing:
+        sys.exit(f"bench/gpu.py needs torch, transformers, safetensors and numpy in {sys.executable}; "
+                 f"missing: {', '.join(missing)}")
+
+
+_require_python()
+
+import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python3 bench/gpu.py` from a checkout
 

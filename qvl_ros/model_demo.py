@@ -1,11 +1,13 @@
 """`python -m qvl_ros.model_demo` and `import qvl_ros.model_demo`: the module lives in :mod:`qvl_ros.sim.model_demo`.
 
-Importing this name gives that module itself (one module object, so attributes set on it are seen
-by its own code); running it with ``-m`` runs its ``main()``.
+Running it with ``-m`` runs that module's ``main()`` (a documented command). Importing this name
+is an old path: it warns (DeprecationWarning) and gives ``qvl_ros.sim.model_demo`` itself.
 """
 import importlib
 import sys
+import warnings
 
 if __name__ == "__main__":
     sys.exit(importlib.import_module("qvl_ros.sim.model_demo").main())
+warnings.warn("qvl_ros.model_demo is an old import path: import qvl_ros.sim.model_demo", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = importlib.import_module("qvl_ros.sim.model_demo")

@@ -32,6 +32,14 @@ cd "$ROOT"
 OUT=${OUT:-$ROOT/bench/results/gpu-check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python3}
+if ! "$PY" -c 'import sys; sys.exit(sys.version_info < (3, 10))' 2>/dev/null; then
+  echo "gpu_check.sh needs Python >= 3.10 with torch (set PYTHON=...); $PY is $("$PY" --version 2>&1 | head -n 1)" >&2
+  exit 2
+fi
+if ! "$PY" -c 'import torch' 2>/dev/null; then
+  echo "gpu_check.sh needs torch in $PY (set PYTHON=... to a Python that has it)" >&2
+  exit 2
+fi
 BUDGET=${GPU_CHECK_BUDGET:-570}
 LIMIT_ENV=${LIMIT_ENV:-60}
 LIMIT_TESTS=${LIMIT_TESTS:-150}

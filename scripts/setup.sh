@@ -13,8 +13,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$(pwd)
+QVL_ROOT=$ROOT
 # shellcheck source=scripts/distro.sh
 . "$ROOT/scripts/distro.sh"
+VENV=$QVL_VENV
 PY=${PYTHON:-python3.11}
 command -v "$PY" >/dev/null || PY=python3
 

@@ -285,3 +285,70 @@ def test_extraction_clips_equal_encode_and_are_deterministic(tiny_model, tmp_pat
     with pytest.raises(ex.ExtractError, match="clip-frames"):
         ex.extract(ex.ExtractConfig(output=tmp_path / "bad", **{**cfg, "clip_frames": 1}), progress="none",
                    model=tiny_model)
+
+
+def test_ask_about_a_clip_set_uses_the_clips_frame_rate(tiny_model):
+    """~/ask on a node with clips answers with the same model call as the feature stream: the
+    clips ending at the newest set's frames, with their frame rate (10 Hz here). Qwen2.5-VL's
+    time positions depend on that rate; the answer without it (the processor's default rate)
+    differs, so the check can fail."""
+    rclpy = pytest.importorskip("rclpy")
+    pytest.importorskip("qvl_ros.msg")
+    from rclpy.executors import SingleThreadedExecutor
+    from rclpy.node import Node
+    from rclpy.parameter import Parameter
+    from rclpy.qos import QoSProfile, ReliabilityPolicy
+    from sensor_msgs.msg import Image
+
+    from qvl_ros.ros.feature_msgs import stamp_ns
+    from qvl_ros.ros.node import QvlNode
+    from qvl_ros.srv import Ask
+
+    K, ticks, prompt, tokens = 4, 6, "What moves?", 12
+    ctx = rclpy.Context()
+    rclpy.init(context=ctx, args=[])
+    ex = SingleThreadedExecutor(context=ctx)
+    spin = threading.Thread(target=ex.spin, daemon=True)
+    spin.start()
+    ns = f"/askclips{os.getpid()}"
+    topics = ["a/image_raw", "b/image_raw"]
+    node = QvlNode(model=tiny_model, context=ctx, namespace=ns, parameter_overrides=[
+        Parameter("camera_topics", value=topics), Parameter("video.frames", value=K),
+        Parameter("sync.slop", value=0.004), Parameter("qos.reliability", value="reliable"),
+        Parameter("qos.depth", value=100), Parameter("model.warmup", value=False)])
+    io = Node("ask_io", context=ctx, namespace=ns)
+    reliable = QoSProfile(depth=100, reliability=ReliabilityPolicy.RELIABLE)
+    pubs = [io.create_publisher(Image, t, reliable) for t in topics]
+    client = io.create_client(Ask, f"{ns}/qvl_node/ask")
+    for n in (node, io):
+        ex.add_node(n)
+    try:
+        assert _wait(lambda: all(io.count_subscribers(p.topic_name) >= 1 for p in pubs))
+        assert client.wait_for_service(timeout_sec=20)
+        rng = np.random.default_rng(2)
+        frames = [{}, {}]
+        for tick in range(ticks):
+            for k in (0, 1):
+                stamp = 7_000 * MS + tick * 100 * MS + k * MS
+                frames[k][stamp] = rng.integers(0, 256, (56, 84, 3), dtype=np.uint8)
+                pubs[k].publish(_fill(Image(), frames[k][stamp], stamp))
+        assert _wait(lambda: node.pipeline_stats()["sync"]["sets"] >= ticks - 1)
+        future = client.call_async(Ask.Request(prompt=prompt, max_new_tokens=tokens))
+        assert _wait(future.done, 60)
+        res = future.result()
+        assert res.success, res.message
+        stamps = [stamp_ns(h.stamp) for h in res.camera_headers]
+        assert stamps[1] - stamps[0] == MS and stamps[0] in frames[0]  # one tick's frames
+        clips = [torch.stack([torch.from_numpy(frames[k][s]).permute(2, 0, 1)
+                              for s in expected_clip(sorted(frames[k]), stamps[k], K, 1)]) for k in (0, 1)]
+        rates = [fps_of(expected_clip(sorted(frames[k]), stamps[k], K, 1)) for k in (0, 1)]
+        assert rates == pytest.approx([10.0, 10.0])
+        want = tiny_model.generate([clips], [prompt], max_new_tokens=tokens, fps=[rates])[0]
+        assert tiny_model.generate([clips], [prompt], max_new_tokens=tokens)[0] != want  # the rate matters
+        assert res.text == want.replace("\x00", "")
+    finally:
+        ex.shutdown(timeout_sec=2.0)
+        for n in (node, io):
+            n.destroy_node()
+        rclpy.try_shutdown(context=ctx)
+        spin.join(5)

@@ -16,7 +16,7 @@ if not torch.cuda.is_available():
 
 from bench.precision import low_precision_errors, reference_class, reference_inputs, rel_err  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
-from qvl_ros.model.decoding import StepRunner  # noqa: E402
+from qvl_ros.model.token_steps import StepRunner  # noqa: E402
 
 from transformers import AutoProcessor  # noqa: E402
 
@@ -176,7 +176,7 @@ def test_padded_prefill_takes_the_efficient_kernel(setup):
 def test_warmup_captures_every_bucket_and_none_later(setup):
     """thread_local capture at warm-up for batch sizes 1..4 of these camera sizes: later calls
     capture nothing (late_captures stays 0) and give the eager step's tokens."""
-    from qvl_ros.model.decoding import warmup_batch_sizes
+    from qvl_ros.model.token_steps import warmup_batch_sizes
 
     path, _, _, ours = setup
     sizes = [(224, 252), (280, 280)]

@@ -8,7 +8,7 @@ import torch
 
 from bench.precision import low_precision_errors, reference_class, reference_inputs
 from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
-from qvl_ros.model.decoding import CACHE_QUANTUM, DecodeState, StepRunner
+from qvl_ros.model.token_steps import CACHE_QUANTUM, DecodeState, StepRunner
 
 pytest.importorskip("transformers")
 from transformers import AutoProcessor  # noqa: E402

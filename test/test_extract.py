@@ -26,7 +26,7 @@ pytest.importorskip("rosbags")
 
 from rosbags.highlevel import AnyReader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline.bag_io import CameraBags, camera_names_for  # noqa: E402
 from qvl_ros.offline.export import load_features  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, default_tiny_checkpoint  # noqa: E402
@@ -489,3 +489,33 @@ def test_export_pads_rows_of_different_length_and_records_lengths(tmp_path, shar
         assert torch.equal(feats["hidden"][i, : r.shape[0]], r) and not feats["hidden"][i, r.shape[0]:].any()
     assert "vision/a:length" not in feats and feats["vision/a"].shape == (3, 4, 2)
     assert feats["stamp_ns"].tolist() == [100, 101, 102] and feats["captions"] == ["c0", "c1", "c2"]
+
+
+def test_a_camera_with_frames_the_model_cannot_take_drops_them_as_invalid_and_the_run_goes_on(model, tmp_path,
+                                                                                               capsys):
+    """Camera c sends 28x6000 frames (aspect ratio over 200) for ticks 8-11, normal frames
+    otherwise. Extraction drops those four frames as invalid under the node's reason key
+    (``aspect_ratio``), writes every other tick's set and exits 0."""
+    topics = ["/a/image_raw", "/b/image_raw", "/c/image_raw"]
+    wide = range(8, 12)
+    specs = [CameraSpec(topics[0], 56, 84), CameraSpec(topics[1], 56, 84, "bgr8"), CameraSpec(topics[2], 56, 84)]
+    normal = write_camera_bag(tmp_path / "normal", specs, ticks=12 + 4, period=PERIOD, t0=T0, jitter=0,
+                              drop=[(2, t) for t in wide], storage="mcap", seed=2)
+    write_camera_bag(tmp_path / "wide", [CameraSpec(topics[2], 28, 6000)], ticks=16, period=PERIOD, t0=T0,
+                     jitter=0, drop=[(0, t) for t in range(16) if t not in wide], storage="mcap", seed=3)
+    out = tmp_path / "out"
+    code = ex.main([str(tmp_path / "normal"), str(tmp_path / "wide"), "--out", str(out), "--topics", *topics,
+                    "--device", "cpu", "--progress", "none", "--batch", "3"])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    with AnyReader([out]) as reader:
+        stamps = [tuple(t.sec * 1_000_000_000 + t.nanosec for t in reader.deserialize(raw, c.msgtype).camera_stamps)
+                  for c, _, raw in reader.messages()]
+    a_stamps = [f.stamp_ns for f in normal[0]]
+    assert stamps == [(a_stamps[t],) * 3 for t in range(16) if t not in wide]  # every other tick's set
+    assert "aspect_ratio 4" in err and "has an aspect ratio over 200" in err
+    report = ex.extract(ex.ExtractConfig(inputs=[tmp_path / "normal", tmp_path / "wide"], output=tmp_path / "o2",
+                                         topics=topics, device="cpu", batch=3), progress="none", model=model)
+    assert report.error is None and report.sets_written == 12
+    assert [c.invalid for c in report.cameras] == [{}, {}, {"aspect_ratio": 4}]
+    assert [c.failed for c in report.cameras] == [0, 0, 4]

@@ -22,7 +22,7 @@ pytest.importorskip("rosbags")
 
 from rosbags.highlevel import AnyReader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline.output_guard import INCOMPLETE_MARKER  # noqa: E402
 from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
 

@@ -33,7 +33,7 @@ yaml = pytest.importorskip("yaml")
 
 from rosbags.rosbag2 import Reader  # noqa: E402
 
-from qvl_ros import extract as ex  # noqa: E402
+from qvl_ros.offline import extract as ex  # noqa: E402
 from qvl_ros.offline import fleet  # noqa: E402
 from qvl_ros.offline.merge import merge  # noqa: E402
 from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag  # noqa: E402
@@ -398,6 +398,38 @@ def test_a_seam_without_sets_in_the_overlap_is_redone_with_a_wider_one(tmp_path)
     assert code == 0, out
     assert "seam before shard-00002: no synchronized set was completed in the overlap; redoing it with 1.2 s" in out
     assert _markers(tmp_path / "shards")["shard-00002.json"]["overlap_ns"] == 1_200_000_000
+    _assert_merged_is_one_pass(tmp_path, sets)
+
+
+def test_a_run_stopped_between_its_last_shard_and_the_seam_check_finishes_it_when_rerun(tmp_path, monkeypatch):
+    """A Ctrl-C that lands after the last shard's marker and before the seam check (the recording
+    of the test above, whose seam before shard-00002 fails): the rerun runs the seam check, redoes
+    that shard, and the merge gives one pass's bag."""
+    real_check = fleet.seam_failures
+
+    def interrupted_once(root, plan):
+        if not fleet.pending_shards(root, plan) and not interrupted_once.done:
+            interrupted_once.done = True
+            raise KeyboardInterrupt  # the second Ctrl-C of a user, right there
+        return real_check(root, plan)
+
+    interrupted_once.done = False
+    monkeypatch.setattr(fleet, "seam_failures", interrupted_once)
+    out, code, sets = _silent_camera_run(tmp_path, 40, range(17, 24), seed=5)
+    assert interrupted_once.done, out
+    assert code == 130 and "4 of 4 shards done" in out and "redoing" not in out
+    assert "rerun the same command to check them" in out and "merge into one bag" not in out
+    monkeypatch.setattr(fleet, "seam_failures", real_check)
+    common = dict(inputs=[tmp_path / "rec"], topics=TOPICS[:2], device="cpu", handle_signals=False, batch=3,
+                  slop=0.02, batch_window=1.0, features=["vision"])
+    stream = io.StringIO()
+    again = fleet.run_sharded(ex.ExtractConfig(output=tmp_path / "shards", **common),
+                              fleet.FleetOptions(workers=1, shard_seconds=1, overlap=0.3), stream=stream,
+                              progress="none")
+    assert again == 0, stream.getvalue()
+    assert "seam before shard-00002: no synchronized set was completed in the overlap; redoing it with 1.2 s" \
+        in stream.getvalue()
+    assert "4 of 4 shards done (" in stream.getvalue()
     _assert_merged_is_one_pass(tmp_path, sets)
 
 

@@ -133,3 +133,27 @@ def test_gpu_check_dry_run_without_cuda(tmp_path):
     assert f"transformers {transformers.__version__} {transformers.__file__}" in env_report  # the installed one
     assert "no CUDA device" in env_report
     assert "1-env          ok" in (out / "summary.txt").read_text()
+
+
+@pytest.mark.parametrize("hidden", ["transformers", "torch"])
+def test_gpu_bench_names_a_missing_package_in_one_line(hidden):
+    """A Python without one of the benchmark's packages gets one line naming it, and exit 1,
+    before anything runs (the package is made unimportable in a child interpreter)."""
+    code = (f"import sys, runpy; sys.modules[{hidden!r}] = None; sys.argv = ['bench/gpu.py', '--help']; "
+            "runpy.run_path('bench/gpu.py', run_name='__main__')")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "missing: " + hidden in lines[0] and sys.executable in lines[0], r.stderr
+
+
+def test_gpu_check_refuses_a_python_without_torch(tmp_path):
+    """scripts/gpu_check.sh stops with one line and exit 2 when its Python cannot import torch."""
+    fake = tmp_path / "python3"
+    fake.write_text(f"#!/bin/sh\nexec {sys.executable} -c 'import sys; sys.modules[\"torch\"] = None; "
+                    "exec(sys.argv[1])' \"$2\"\n")
+    fake.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(fake), "OUT": str(tmp_path / "out")}
+    r = subprocess.run(["bash", "scripts/gpu_check.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [
+        f"gpu_check.sh needs torch in {fake} (set PYTHON=... to a Python that has it)"], r.stderr

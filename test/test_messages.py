@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from qvl_ros import tensor_msg
+from qvl_ros.ros import tensor_msg
 from qvl_ros.ros.tensor_msg import features_to_numpy, from_tensor, to_numpy, to_torch
 
 DTYPES = ["float32", "float16", "bfloat16"]

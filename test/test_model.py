@@ -284,3 +284,39 @@ def test_no_pickle_weights(tmp_path, family_setup):
     (d / "model.safetensors").rename(d / "pytorch_model.bin")
     with pytest.raises(FileNotFoundError, match="safetensors"):
         BatchedQwenVL.from_pretrained(d)
+
+
+def test_from_pretrained_takes_a_cached_hub_id_and_never_downloads(tmp_path):
+    """An id in the local Hugging Face cache loads like its directory; an id that is not there is a
+    FileNotFoundError that says nothing was downloaded. The cache layout is huggingface_hub's own
+    (refs/main -> snapshots/<commit>), and transformers' resolver must find the same snapshot."""
+    import os
+    import subprocess
+    import sys
+
+    cache, commit = tmp_path / "hub", "0" * 40
+    snap = cache / "models--acme--tiny-vl" / "snapshots" / commit
+    save_tiny_checkpoint(snap)
+    (cache / "models--acme--tiny-vl" / "refs").mkdir()
+    (cache / "models--acme--tiny-vl" / "refs" / "main").write_text(commit)
+    code = """
+import sys, torch
+from pathlib import Path
+from transformers.utils import cached_file
+from qvl_ros.model import BatchedQwenVL
+ref = Path(cached_file("acme/tiny-vl", "config.json", local_files_only=True)).parent
+frames = torch.randint(0, 256, (1, 2, 3, 56, 84), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+a = BatchedQwenVL.from_pretrained("acme/tiny-vl").encode(frames, ["hi"]).hidden
+b = BatchedQwenVL.from_pretrained(ref).encode(frames, ["hi"]).hidden
+assert torch.equal(a, b), "the id and its snapshot directory gave different models"
+try:
+    BatchedQwenVL.from_pretrained("acme/not-cached")
+except FileNotFoundError as e:
+    assert "nothing is downloaded" in str(e), e
+else:
+    raise AssertionError("an id that is not cached loaded")
+print("ok", ref)
+"""
+    env = {**os.environ, "HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.startswith("ok " + str(snap)), r.stdout + r.stderr

@@ -432,6 +432,7 @@ def test_bad_frames_are_logged_dropped_counted_and_the_node_keeps_serving(rigs):
         (_image(0, 0), "empty image"),
         (_image(1, 1), "too small"),
         (_image(20, 20), "too small"),  # same reason again: counted, log throttled
+        (_image(28, 6000), "aspect ratio over 200"),  # converts, but the model cannot take it
     ]
     jpg_bad = [
         (jpeg(b"\xff\xd8\xff\xe0" + rng.integers(0, 256, 600, dtype=np.uint8).tobytes()), "cannot decode"),
@@ -452,6 +453,7 @@ def test_bad_frames_are_logged_dropped_counted_and_the_node_keeps_serving(rigs):
     cams = stats["monitor"]["cameras"]
     assert cams[0]["invalid"] == len(raw_bad) and cams[1]["invalid"] == len(jpg_bad)
     assert sum(cams[0]["invalid_by_reason"].values()) == len(raw_bad)
+    assert cams[0]["invalid_by_reason"]["aspect_ratio"] == 1  # the key extraction counts it under
     # Good frames kept flowing: every tick became a set and a features message.
     msgs = rig.collector.feature_msgs()
     assert len(msgs) == stats["sync"]["sets"] >= ticks - 3
@@ -525,7 +527,7 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypa
     stays bounded (it does not creep up over the run)."""
     import weakref
 
-    import qvl_ros.ros.node as node_module
+    import qvl_ros.core.intake as intake_module  # the node's intake converts the frames
 
     depth, max_size, model_s, queue_size, n_cams = 3, 2, 0.15, 5, 3
     frames_alive = weakref.WeakSet()  # every frame tensor the node has made and still holds
@@ -535,8 +537,8 @@ def test_under_load_memory_queues_and_latency_stay_bounded(rigs, model, monkeypa
         frames_alive.add(frame)
         return frame
 
-    node_module_conversion = node_module.msg_to_tensor
-    monkeypatch.setattr(node_module, "msg_to_tensor", tracked_conversion)
+    node_module_conversion = intake_module.msg_to_tensor
+    monkeypatch.setattr(intake_module, "msg_to_tensor", tracked_conversion)
     rig = rigs(topics=[f"l{k}/image_raw" for k in range(n_cams)], sizes=["448x336"], jitter_ms=2.0,
                node_model=SlowModel(model, model_s), keep_frames=False,
                node_params=[("batch.max_size", max_size), ("batch.queue_depth", depth),
@@ -1062,7 +1064,7 @@ def test_humble_fallback_without_post_set_parameters_callback(rigs, monkeypatch)
     assert node.set_parameters([Parameter("batch.max_size", value=2)])[0].successful
     assert node.pipeline_stats()["batch"]["max_size"] == 2
     assert node.set_parameters([Parameter("max_rate", value=3.0)])[0].successful
-    assert node._rate.max_rate == pytest.approx(3.0)
+    assert node._intake.rate.max_rate == pytest.approx(3.0)
     rig.drive(4)
     rig.settle()
     assert len(rig.collector.feature_msgs()) >= 2

@@ -451,8 +451,8 @@ def test_the_float_parts_load_in_float(awq_dir):
 # ------------------------------------------------------------------ extraction takes the path as is
 def test_extraction_runs_a_quantized_model_path(awq_dir, tmp_path):
     pytest.importorskip("rosbags")
-    from qvl_ros import extract as ex
-    from qvl_ros.export import load_features
+    from qvl_ros.offline import extract as ex
+    from qvl_ros.offline.export import load_features
     from qvl_ros.sim.synthetic_bags import CameraSpec, write_camera_bag
 
     rec = write_camera_bag(tmp_path / "rec", [CameraSpec("/cam0/image_raw", 64, 96, "rgb8")], ticks=3, seed=0)
@@ -466,3 +466,20 @@ def test_extraction_runs_a_quantized_model_path(awq_dir, tmp_path):
     want = model.encode(imgs, ["What is ahead?"] * 3)
     assert torch.equal(feats["hidden"], want.hidden)
     assert torch.equal(feats["vision/cam0"], torch.stack([v[0] for v in want.vision]))
+
+
+def test_tiny_quantized_checkpoint_picks_a_group_size_the_loader_takes(tmp_path):
+    """save_tiny_checkpoint(quantize=...) without a group size stores one that loading accepts (the
+    tiny decoder's widths are 64 and 128: 128 would not load for AWQ); a group size the loader would
+    refuse is refused when saving, before anything is written."""
+    for method in ("awq", "gptq"):
+        path = save_tiny_checkpoint(tmp_path / method, quantize=method)
+        assert json.loads((path / "config.json").read_text())["quantization_config"]["group_size"] == 64
+        model = BatchedQwenVL.from_pretrained(path, int4_dtype=torch.float32)
+        assert any(isinstance(m, Int4Linear) for m in model.decoder.modules())
+        assert model.generate(torch.zeros(1, 1, 3, 56, 56, dtype=torch.uint8), ["hi"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="multiple of it"):
+        save_tiny_checkpoint(tmp_path / "bad", quantize="awq", group_size=128)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        save_tiny_checkpoint(tmp_path / "bad2", quantize="gptq", group_size=48)
+    assert not (tmp_path / "bad").exists() and not (tmp_path / "bad2").exists()

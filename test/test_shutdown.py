@@ -75,3 +75,42 @@ def test_an_error_just_before_the_context_goes_down_is_the_shutdown():
         returned.set()
         closer.join()
         rclpy.try_shutdown()
+
+
+DESTROY_FAILS = r"""
+import sys
+import rclpy
+from qvl_ros.ros import node as qn
+
+original_init = qn.QvlNode.__init__
+
+def init_then_fail_in_a_callback(self, *args, **kwargs):
+    original_init(self, *args, **kwargs)
+    def boom():
+        raise RuntimeError("a callback failed")
+    self.create_timer(0.05, boom)
+
+def cleanup_fails(self):
+    raise RuntimeError("destroy failed")
+
+qn.QvlNode.__init__ = init_then_fail_in_a_callback
+qn.QvlNodeMixin._cleanup = cleanup_fails
+try:
+    code = qn.main(["qvl_node", "--ros-args", "-p", "camera_topics:=[a/image_raw]", "-p", "model.warmup:=false"])
+except BaseException as exc:
+    code = f"raised {type(exc).__name__}: {exc}"
+print("main:", code)
+print("context up after main:", rclpy.ok())
+"""
+
+
+def test_a_failing_destroy_node_still_shuts_the_context_down():
+    """qvl_node's main: a callback fails (exit status 1), then destroy_node() fails too (its
+    pipeline clean-up raises). The context is still shut down, main returns 1 and says what failed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, "-c", DESTROY_FAILS], capture_output=True, text=True, timeout=120)
+    assert "main: 1\n" in proc.stdout, proc.stdout + proc.stderr
+    assert "context up after main: False" in proc.stdout
+    assert "destroying the node failed: RuntimeError: destroy failed" in proc.stderr

@@ -168,7 +168,7 @@ def test_greedy_generate_with_clips_matches_reference(setup):
     prompts = ["Describe.", "What is moving to the left of the road?", "Hi"]
     feats, texts = ours.encode_generate(cams_all, prompts, max_new_tokens=12, fps=fps)
     ids = ours.generate_ids(cams_all, prompts, max_new_tokens=12, fps=fps)
-    assert texts == ours.decode(ids)
+    assert texts == ours.detokenize(ids)
     for b, cams in enumerate(cams_all):
         rates = fps[b] if isinstance(fps[b], list) else [fps[b]] * len(cams)
         inp = ref_inputs(proc, cams, prompts[b], rates)

@@ -16,7 +16,7 @@ import torch
 
 from qvl_ros.core.warmup import batch_sizes, frame_sizes, parse_sizes
 from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
-from qvl_ros.model.decoding import StepRunner, batch_bucket
+from qvl_ros.model.token_steps import StepRunner, batch_bucket
 
 
 @pytest.fixture(scope="module")

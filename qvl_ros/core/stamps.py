@@ -5,7 +5,7 @@ Works on any object with ``sec`` and ``nanosec`` fields (rclpy's and rosbags'
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+from typing import Any, Sequence, Tuple
 
 NS_PER_S = 1_000_000_000
 
@@ -18,3 +18,14 @@ def stamp_ns(t: Any) -> int:
 def sec_nanosec(ns: int) -> Tuple[int, int]:
     """Integer nanoseconds -> (sec, nanosec) with 0 <= nanosec < 1e9, as a Time message holds them."""
     return int(ns // NS_PER_S), int(ns % NS_PER_S)
+
+
+def format_stamp(ns: int) -> str:
+    """Integer nanoseconds as ``sec.nanosec`` with nine digits (logs, summaries)."""
+    sec, nanosec = sec_nanosec(ns)
+    return f"{sec}.{nanosec:09d}"
+
+
+def format_stamps(stamps_ns: Sequence[int]) -> str:
+    """``[s.nnnnnnnnn, ...]``: a set's stamps in a log line."""
+    return "[" + ", ".join(format_stamp(s) for s in stamps_ns) + "]"

@@ -8,7 +8,7 @@ will use is captured before it takes frames, and no capture happens while it run
 """
 from __future__ import annotations
 
-from ..model.decoding import warmup_batch_sizes
+from ..model.token_steps import warmup_batch_sizes
 from ..model.processor import image_size_problem
 
 

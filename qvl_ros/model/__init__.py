@@ -2,7 +2,7 @@
 
     from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
 """
-from .checkpoint import default_tiny_checkpoint, save_tiny_checkpoint
+from .tiny import default_tiny_checkpoint, save_tiny_checkpoint
 from .config import PRESETS, QwenVLConfig
 from .model import BatchedQwenVL, Features
 from .processor import TensorProcessor, smart_resize

@@ -3,10 +3,21 @@
 `QwenVLConfig.from_hf(hf_config)` reads a transformers config (old flat release layout or the
 nested 5.x layout, both normalized by transformers' AutoConfig); presets cover the tiny test
 model, the CPU benchmark model and the released sizes.
+
+Checked before anything is allocated (:func:`load_checked_config`): config.json's sizes are
+integers within :data:`LIMITS` (far above the released models, far below what would hang the
+config parser or exhaust memory: 10^9 layers took transformers over 90 s to parse), its dtype a
+torch dtype; then the parsed config is consistent (:func:`validate`: heads divide the hidden
+sizes, rotary sections fit the head size, token ids inside the vocabulary). Pixel bounds are
+checked against the decoder's positions and an estimate of the memory one image takes
+(:func:`check_pixel_bounds`). Errors are :class:`ConfigError`, naming the file and the field.
 """
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 
 @dataclass
@@ -43,6 +54,7 @@ class QwenVLConfig:
     video_token_id: int = 151656
     vision_start_token_id: int = 151652
     vision_end_token_id: int = 151653
+    max_positions: int = 128000  # the decoder's max_position_embeddings
     extra: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -102,6 +114,7 @@ class QwenVLConfig:
             video_token_id=hf.video_token_id,
             vision_start_token_id=hf.vision_start_token_id,
             vision_end_token_id=getattr(hf, "vision_end_token_id", 151653),
+            max_positions=int(getattr(t, "max_position_embeddings", None) or 128000),
         )
         if family == "qwen2_5_vl":
             return cls(vision_hidden=v.hidden_size, vision_intermediate=v.intermediate_size,
@@ -141,3 +154,185 @@ PRESETS: dict[str, QwenVLConfig] = {
                                 fullatt_blocks=tuple(range(32)), hidden=1536, intermediate=8960,
                                 layers=28, heads=12, kv_heads=2),
 }
+
+
+# ------------------------------------------------------------------------------------ checks
+class ConfigError(ValueError):
+    """A checkpoint configuration that cannot be loaded: the text names the file and the field."""
+
+
+CONFIG_BYTES = 1 << 20  # a config.json is a few KiB
+# (lowest, highest) of config.json's integer sizes: the released models use at most a tenth of each
+LIMITS = {
+    "vocab_size": (1, 1 << 22), "hidden_size": (1, 1 << 16), "intermediate_size": (1, 1 << 18),
+    "num_hidden_layers": (1, 1024), "num_attention_heads": (1, 1024), "num_key_value_heads": (1, 1024),
+    "max_position_embeddings": (1, 1 << 24),
+    "vision_config.depth": (1, 1024), "vision_config.hidden_size": (1, 1 << 16),
+    "vision_config.embed_dim": (1, 1 << 16), "vision_config.intermediate_size": (1, 1 << 18),
+    "vision_config.num_heads": (1, 1024), "vision_config.out_hidden_size": (1, 1 << 16),
+    "vision_config.patch_size": (1, 64), "vision_config.spatial_merge_size": (1, 8),
+    "vision_config.temporal_patch_size": (1, 16), "vision_config.in_chans": (1, 4),
+    "vision_config.in_channels": (1, 4), "vision_config.window_size": (0, 1 << 14),
+    "vision_config.mlp_ratio": (1, 64),
+}
+
+
+def _field_problem(value, name: str, lo: int, hi: int) -> str | None:
+    if name.endswith("mlp_ratio") and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        return f"{name} is {value!r}: not an integer"
+    if not lo <= value <= hi:
+        return f"{name} is {value}: outside [{lo}, {hi}]"
+    return None
+
+
+def check_config_dict(raw, source) -> None:
+    """ConfigError unless config.json's values (``raw``, either layout) are of the right types and
+    within :data:`LIMITS`; run before transformers parses the file."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: holds a JSON {type(raw).__name__}, not an object")
+    if raw.get("model_type") not in ("qwen2_5_vl", "qwen2_vl"):
+        raise ConfigError(f"{source}: model_type is {raw.get('model_type')!r}, not qwen2_5_vl or qwen2_vl")
+    text = raw.get("text_config", {})
+    vision = raw.get("vision_config")
+    for name, part in (("text_config", text), ("vision_config", vision)):
+        if not isinstance(part, dict):
+            raise ConfigError(f"{source}: {name} is {type(part).__name__}, not an object")
+    places = {"": {**raw, **text}, "vision_config.": vision}
+    for key, (lo, hi) in LIMITS.items():
+        prefix, _, name = key.rpartition(".")
+        where = places[prefix + "." if prefix else ""]
+        if name in where and where[name] is not None:
+            problem = _field_problem(where[name], key, lo, hi)
+            if problem:
+                raise ConfigError(f"{source}: {problem}")
+    _check_dtypes(places[""], source)
+
+
+def _check_dtypes(text: dict, source) -> None:
+    import torch
+
+    for name in ("torch_dtype", "dtype"):
+        value = text.get(name)
+        if value is not None and not (isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype)):
+            raise ConfigError(f"{source}: {name} is {value!r}, not a torch dtype (float32, bfloat16, float16)")
+
+
+def validate(cfg: QwenVLConfig, source) -> QwenVLConfig:
+    """``cfg`` when its sizes fit together as the model's layers need them; ConfigError naming
+    the field otherwise."""
+    checks = [
+        (cfg.hidden % cfg.heads == 0, f"hidden_size {cfg.hidden} is not a multiple of num_attention_heads {cfg.heads}"),
+        (cfg.heads % cfg.kv_heads == 0,
+         f"num_attention_heads {cfg.heads} is not a multiple of num_key_value_heads {cfg.kv_heads}"),
+        (len(cfg.mrope_section) == 3 and all(isinstance(n, int) and n > 0 for n in cfg.mrope_section)
+         and 2 * sum(cfg.mrope_section) == cfg.head_dim,
+         f"rope mrope_section {list(cfg.mrope_section)} must be three positive integers summing to head size / 2 "
+         f"= {cfg.head_dim // 2}"),
+        (cfg.vision_hidden % cfg.vision_heads == 0 and cfg.vision_head_dim % 4 == 0,
+         f"vision_config: hidden size {cfg.vision_hidden} / num_heads {cfg.vision_heads} is not a multiple of 4"),
+        (cfg.vision_out == cfg.hidden,
+         f"vision_config: output size {cfg.vision_out} differs from the decoder's hidden_size {cfg.hidden}"),
+        (cfg.vision_act == ("silu" if cfg.is_v25 else "quick_gelu"),
+         f"vision_config.hidden_act is {cfg.vision_act!r}; {cfg.family} computes "
+         f"{'silu' if cfg.is_v25 else 'quick_gelu'}"),
+        (all(0 <= b < cfg.vision_depth for b in cfg.fullatt_blocks),
+         f"vision_config.fullatt_block_indexes {list(cfg.fullatt_blocks)} are not all below depth {cfg.vision_depth}"),
+        (not cfg.is_v25 or (cfg.window_size % (cfg.patch_size * cfg.merge_size) == 0 and cfg.window_units > 0),
+         f"vision_config.window_size {cfg.window_size} is not a positive multiple of patch_size x "
+         f"spatial_merge_size = {cfg.patch_size * cfg.merge_size}"),
+        (cfg.vision_intermediate > 0, f"vision_config: intermediate size {cfg.vision_intermediate} is not positive"),
+        (0 < cfg.rms_eps < 1, f"rms_norm_eps {cfg.rms_eps} is not in (0, 1)"),
+        (math.isfinite(cfg.rope_theta) and cfg.rope_theta > 0, f"rope_theta {cfg.rope_theta} is not positive"),
+    ]
+    ids = ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
+    checks += [(isinstance(getattr(cfg, n), int) and 0 <= getattr(cfg, n) < cfg.vocab_size,
+                f"{n} {getattr(cfg, n)!r} is not inside the vocabulary (vocab_size {cfg.vocab_size})") for n in ids]
+    for ok, problem in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {problem}")
+    return cfg
+
+
+def load_checked_config(path) -> tuple[dict, QwenVLConfig]:
+    """(config.json as read, the checked QwenVLConfig) of a checkpoint directory: the file's
+    values are bounded before transformers parses them, the parsed sizes checked to fit."""
+    from transformers import AutoConfig
+
+    source = Path(path) / "config.json"
+    if not source.is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json file)")
+    if source.stat().st_size > CONFIG_BYTES:
+        raise ConfigError(f"{source}: {source.stat().st_size} bytes, more than a config ({CONFIG_BYTES})")
+    try:
+        raw = json.loads(source.read_text())
+    except ValueError as exc:
+        raise ConfigError(f"{source}: not JSON ({exc})") from None
+    check_config_dict(raw, source)
+    hf = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
+    return raw, validate(QwenVLConfig.from_hf(hf), source)
+
+
+# ------------------------------------------------------------------------------ pixel bounds
+def image_bytes(cfg: QwenVLConfig, pixels: int, itemsize: int) -> int:
+    """Estimated activation memory of one image of ``pixels`` (a lower estimate of the peak: the
+    pixel patches in float32, the widest vision layer's activations, the decoder's key/value
+    cache and widest activations for its tokens)."""
+    patches = pixels // (cfg.patch_size ** 2)
+    tokens = patches // (cfg.merge_size ** 2)
+    patch_floats = cfg.in_channels * cfg.temporal_patch_size * cfg.patch_size ** 2
+    vision = patches * (4 * patch_floats + itemsize * (7 * cfg.vision_hidden + 2 * cfg.vision_intermediate))
+    kv = cfg.layers * 2 * cfg.kv_heads * cfg.head_dim
+    decoder = tokens * itemsize * (kv + 5 * cfg.hidden + 2 * cfg.intermediate)
+    return vision + decoder
+
+
+def available_bytes(device) -> int | None:
+    """Memory free for activations on ``device`` now (None: unknown)."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    if device.type == "cpu":
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            return None
+    return None
+
+
+def pixel_bounds_problem(cfg: QwenVLConfig, what: str, lo: int, hi: int, itemsize: int,
+                         free: int | None) -> str | None:
+    """Why a (min, max) pixel range cannot be used (None: it can): not 1 <= min <= max, more
+    tokens per image (or per frame pair of a clip) than the decoder has positions, or an image
+    at the bound that would need more memory than is free."""
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (lo, hi)) or not 1 <= lo <= hi:
+        return f"{what} range [{lo}, {hi}] is not 1 <= min <= max"
+    limit = cfg.max_positions * (cfg.patch_size * cfg.merge_size) ** 2
+    for name, value in ((f"{what} min_pixels", lo), (f"{what} max_pixels", hi)):
+        if value > limit:
+            return (f"{name} {value} gives more tokens than the decoder's {cfg.max_positions} positions "
+                    f"(at most {limit} pixels)")
+        need = image_bytes(cfg, value, itemsize)
+        if free is not None and need > free:
+            return (f"{name} {value}: one image that size needs about {need / 2**30:.1f} GiB of activations, "
+                    f"{free / 2**30:.1f} GiB are free")
+    return None
+
+
+def check_pixel_bounds(cfg: QwenVLConfig, proc, dtype, device) -> None:
+    """ConfigError unless the processor's image and clip pixel bounds fit (:func:`pixel_bounds_problem`)."""
+    import torch
+
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    free = available_bytes(device)
+    for what, lo, hi in (("image", proc.min_pixels, proc.max_pixels),
+                         ("clip frame", proc.video_min_pixels, proc.video_max_pixels)):
+        problem = pixel_bounds_problem(cfg, what, lo, hi, itemsize, free)
+        if problem:
+            raise ConfigError(f"model pixel bounds: {problem}")

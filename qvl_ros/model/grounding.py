@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .constrained import GrammarGuide, TokenScores, require_llguidance
+from .inputs import check_images
 
 KINDS = ("box", "point")
 MAX_DETECTIONS = 100  # per camera: bounds the grammar, hence the answer's length and the KV cache
@@ -332,8 +333,6 @@ def answer_text(ids: list[int], pieces: list[bytes], drop: set) -> tuple[str, li
 
 # ----------------------------------------------------------------------------- detect
 def _frames(images) -> list[list[torch.Tensor]]:
-    from .model import check_images
-
     batch = check_images(images, [""] * len(images))
     return [[x[-1] if x.dim() == 4 else x for x in cams] for cams in batch]  # a clip: its last frame
 

@@ -11,20 +11,22 @@ host work is index math known from image sizes and the tokenizer.
 from __future__ import annotations
 
 import json
-import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from .checkpoint import check_weights, read_tensors
-from .config import QwenVLConfig
-from .decoding import StepRunner
-from .processor import DEFAULT_FPS, Batch, TensorProcessor, image_size_problem
+from .checkpoint import check_weights, read_tensors, resolve_checkpoint
+from .config import QwenVLConfig, check_pixel_bounds, load_checked_config
+from .inputs import check_fps, check_images  # noqa: F401  (check_images: part of this module's interface)
+from .processor import Batch, TensorProcessor
+from .token_steps import StepRunner
 from .quant import QuantConfig, attach_int4_linears, int4_tensor_names, split_checkpoint
-from .text import Decoder
+from .text import TextModel
 from .vision import VisionTower
+from .weights_check import check_checkpoint_files, check_finite as check_finite_weights
 
 
 @dataclass
@@ -56,97 +58,13 @@ def _resolve_dtype(dtype, device: torch.device, config_dtype: str | None) -> tor
     return DTYPES[dtype]
 
 
-def _check_entry(x, b: int, n: int) -> torch.Tensor:
-    """One camera entry: a uint8 (3, H, W) image, or a clip as (T, 3, H, W) or a list of T frames."""
-    if isinstance(x, (list, tuple)):  # a clip as a list of frames
-        if len(x) == 0:
-            raise ValueError(f"clip [{b}][{n}] has no frames (T = 0); a clip needs T >= 1")
-        for k, f in enumerate(x):
-            if not isinstance(f, torch.Tensor) or f.dim() != 3:
-                raise ValueError(f"clip [{b}][{n}] frame {k} must be a (3, H, W) tensor")
-            if f.shape != x[0].shape:
-                raise ValueError(f"clip [{b}][{n}] mixes frame sizes: frame {k} is {tuple(f.shape)}, frame 0 is "
-                                 f"{tuple(x[0].shape)}; all frames of a clip must have one size")
-        x = torch.stack(list(x))
-    if not isinstance(x, torch.Tensor):
-        raise ValueError(f"image [{b}][{n}] must be a torch tensor, got {type(x).__name__}")
-    if x.dtype != torch.uint8:
-        raise ValueError(f"image [{b}][{n}] must be uint8, got {x.dtype}")
-    if x.dim() == 4:
-        if x.shape[0] < 1:
-            raise ValueError(f"clip [{b}][{n}] has no frames (T = 0); a clip needs T >= 1")
-        if x.shape[1] != 3:
-            raise ValueError(f"clip [{b}][{n}] must have shape (T, 3, H, W), got {tuple(x.shape)}")
-    elif x.dim() != 3 or x.shape[0] != 3:
-        raise ValueError(f"image [{b}][{n}] must have shape (3, H, W) (or a clip (T, 3, H, W)), got {tuple(x.shape)}")
-    problem = image_size_problem(*x.shape[-2:])
-    if problem:
-        raise ValueError(f"{'clip' if x.dim() == 4 else 'image'} [{b}][{n}]: {problem}")
-    return x
-
-
-def check_images(images, prompts) -> list[list[torch.Tensor]]:
-    """Validate and normalize input to a list (B) of lists (N) of uint8 (3, H, W) images or
-    (T, 3, H, W) clips."""
-    if isinstance(prompts, str) or not isinstance(prompts, (list, tuple)):
-        raise ValueError("prompts must be a list of strings, one per sample")
-    if isinstance(images, torch.Tensor):
-        if images.dim() not in (5, 6):
-            raise ValueError(f"images must have shape (B, N, 3, H, W) or clips (B, N, T, 3, H, W), got rank "
-                             f"{images.dim()} {tuple(images.shape)}")
-        batch = [list(s.unbind(0)) for s in images.unbind(0)]
-    elif isinstance(images, (list, tuple)):
-        batch = []
-        for b, cams in enumerate(images):
-            if isinstance(cams, torch.Tensor) and cams.dim() in (4, 5):
-                cams = list(cams.unbind(0))
-            if not isinstance(cams, (list, tuple)):
-                raise ValueError(f"images[{b}] must be a list of (3, H, W) tensors, got {type(cams).__name__}")
-            batch.append(list(cams))
-    else:
-        raise ValueError(f"images must be a uint8 tensor (B, N, 3, H, W) or nested lists, got {type(images).__name__}")
-    if len(batch) == 0:
-        raise ValueError("empty batch: no samples")
-    if len(batch) != len(prompts):
-        raise ValueError(f"got {len(batch)} samples but {len(prompts)} prompts")
-    for b, cams in enumerate(batch):
-        if not isinstance(prompts[b], str):
-            raise ValueError(f"prompts[{b}] must be a string")
-        if len(cams) == 0:
-            raise ValueError(f"sample {b} has no camera images")
-        batch[b] = [_check_entry(x, b, n) for n, x in enumerate(cams)]
-    return batch
-
-
-def check_fps(fps, batch: list) -> list[list[float]] | None:
-    """Frame rate of every clip: one number for all, one per sample, or a list per camera of a
-    sample; None -> 2 fps (DEFAULT_FPS). Entries for still images are ignored."""
-    if not any(x.dim() == 4 for cams in batch for x in cams):
-        return None
-    fps = DEFAULT_FPS if fps is None else fps
-    if not isinstance(fps, (list, tuple)):
-        fps = [fps] * len(batch)
-    if len(fps) != len(batch):
-        raise ValueError(f"fps: got {len(fps)} values for {len(batch)} samples")
-    out = []
-    for b, (f, cams) in enumerate(zip(fps, batch)):
-        f = list(f) if isinstance(f, (list, tuple)) else [f] * len(cams)
-        if len(f) != len(cams):
-            raise ValueError(f"fps[{b}]: got {len(f)} values for {len(cams)} cameras")
-        for n, (r, x) in enumerate(zip(f, cams)):
-            if x.dim() == 4 and not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
-                raise ValueError(f"fps of clip [{b}][{n}] must be a positive number, got {r!r}")
-        out.append([float(r) if x.dim() == 4 else 0.0 for r, x in zip(f, cams)])
-    return out
-
-
 class BatchedQwenVL(nn.Module):
     def __init__(self, cfg: QwenVLConfig, processor: TensorProcessor, eos_ids=(), pad_id: int = 0):
         super().__init__()
         self.cfg = cfg
         self.processor = processor
         self.visual = VisionTower(cfg)
-        self.decoder = Decoder(cfg)
+        self.decoder = TextModel(cfg)
         self.eos_ids = list(eos_ids)
         self.pad_id = pad_id
         self.name = ""
@@ -163,29 +81,29 @@ class BatchedQwenVL(nn.Module):
     @classmethod
     def from_pretrained(cls, path, device="cpu", dtype=torch.float32, min_pixels=None, max_pixels=None,
                         video_min_pixels=None, video_max_pixels=None, dequantize=False,
-                        int4_dtype=torch.bfloat16):
-        """Load a Qwen2.5-VL or Qwen2-VL checkpoint directory (safetensors only, no remote code).
+                        int4_dtype=torch.bfloat16, check_finite=True):
+        """Load a Qwen2.5-VL or Qwen2-VL checkpoint (safetensors only, no remote code): a directory,
+        or a Hugging Face id ("Qwen/Qwen2.5-VL-3B-Instruct") already in the local cache, which is
+        never downloaded (as the node's `model.path`).
 
         Pixel bounds default to the checkpoint's processor config: min/max_pixels for still
         images, video_min/max_pixels for each frame of a clip. 4-bit AWQ / GPTQ checkpoints
         (quant.py) run their decoder linears on torch's int4 kernels, computing in `int4_dtype`
         (bfloat16: the CUDA kernel's only dtype and the CPU kernel's fast one; float32 on the CPU
         is exact to float32 rounding but slower than float weights); `dequantize=True` loads them
-        as float weights of `dtype` instead."""
-        from transformers import AutoConfig
-
-        path = Path(path)
-        if not (path / "config.json").exists():
-            raise FileNotFoundError(f"{path} is not a checkpoint directory (no config.json)")
-        raw = json.loads((path / "config.json").read_text())
+        as float weights of `dtype` instead. Config sizes, pixel bounds and weight files are
+        checked before anything is allocated (config.py, weights_check.py); weights holding NaN
+        or Inf are refused unless `check_finite=False`."""
+        path = Path(path) if Path(path).is_dir() else resolve_checkpoint(path)
+        raw, cfg = load_checked_config(path)  # bounded and consistent, before transformers parses it
+        check_checkpoint_files(path)
         qcfg = QuantConfig.from_checkpoint(raw, path)  # None for float checkpoints; refuses unknown formats
-        hf = AutoConfig.from_pretrained(str(path), trust_remote_code=False)
-        cfg = QwenVLConfig.from_hf(hf)
         device = _resolve_device(device)
         dtype = _resolve_dtype(dtype, device, raw.get("torch_dtype") or raw.get("dtype"))
         proc = TensorProcessor.from_pretrained(path, cfg, device=device, min_pixels=min_pixels,
                                                max_pixels=max_pixels, video_min_pixels=video_min_pixels,
                                                video_max_pixels=video_max_pixels)
+        check_pixel_bounds(cfg, proc, dtype, device)
         eos = []
         gen_path = path / "generation_config.json"
         if gen_path.exists():
@@ -194,6 +112,8 @@ class BatchedQwenVL(nn.Module):
         if not eos and proc.tokenizer.eos_token_id is not None:
             eos = [proc.tokenizer.eos_token_id]
         tensors, int4 = read_tensors(path), {}
+        if check_finite:
+            check_finite_weights(tensors, path)
         if qcfg is not None:
             tensors, int4 = split_checkpoint(tensors, qcfg, cfg, path, dequantize)
         weights = check_weights(tensors, cfg, path, absent=int4_tensor_names(int4))
@@ -219,7 +139,7 @@ class BatchedQwenVL(nn.Module):
         """Pay one-time costs before the first frame; returns the seconds it took.
 
         `sizes`: one (H, W) per camera, as the frames will arrive; `batch_sizes`: the batch sizes
-        that will run (`decoding.warmup_batch_sizes(max_size)` covers every decode bucket up to a largest
+        that will run (`token_steps.warmup_batch_sizes(max_size)` covers every decode bucket up to a largest
         batch). For each, one encode + caption on blank frames builds the vision layout cache and,
         on CUDA, captures the decode step's CUDA graph for its (batch, cache length) bucket and
         (with `compile_vision`, default: on CUDA) compiles the vision blocks for that layout. A
@@ -290,7 +210,7 @@ class BatchedQwenVL(nn.Module):
                  generator: torch.Generator | None = None, fps=None) -> list[str]:
         """Batched generation with a KV cache; each row stops at its own end token."""
         ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator, fps)
-        return self.decode(ids)
+        return self.detokenize(ids)
 
     @torch.inference_mode()
     def encode_generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
@@ -300,7 +220,7 @@ class BatchedQwenVL(nn.Module):
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
         feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)
-        return feats, self.decode(ids)
+        return feats, self.detokenize(ids)
 
     def detect(self, images, classes_or_query, **options) -> list:
         """Open-vocabulary detections per sample and camera, in each camera's own pixels.
@@ -311,8 +231,14 @@ class BatchedQwenVL(nn.Module):
 
         return detect(self, images, classes_or_query, **options)
 
-    def decode(self, ids: torch.Tensor) -> list[str]:
+    def detokenize(self, ids: torch.Tensor) -> list[str]:
+        """Generated token ids (B, T) -> one text per row, special tokens dropped."""
         return self.processor.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)
+
+    def decode(self, ids: torch.Tensor) -> list[str]:
+        """The old name of :meth:`detokenize`."""
+        warnings.warn("BatchedQwenVL.decode is now detokenize", DeprecationWarning, stacklevel=2)
+        return self.detokenize(ids)
 
     def _run(self, images, prompts, size, max_new_tokens: int, do_sample: bool = False,
              temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None, hook=None):
@@ -340,10 +266,10 @@ class BatchedQwenVL(nn.Module):
             return feats, None
         state.begin(inputs.attention_mask, inputs.next_position)
         logits = self.decoder.logits(hidden[:, -1])  # (B, V)
-        return feats, self._decode(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator,
+        return feats, self._generate_tokens(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator,
                                    hook)
 
-    def _decode(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator, hook=None):
+    def _generate_tokens(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator, hook=None):
         """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?).
 
         `hook` (constrained.GrammarGuide / TokenScores): `before(logits, done)` returns the logits

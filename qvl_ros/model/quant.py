@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .weights import expected_weights
+
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # output channel (within its 8) held by each nibble of an AWQ word
 KERNEL_GROUPS = (256, 128, 64, 32)  # group sizes torch's int4 kernels take
 SUPPORTED = ("supported: AWQ (version gemm, 4-bit, zero point) and GPTQ (4-bit, symmetric or not, desc_act "
@@ -182,7 +184,6 @@ def split_checkpoint(tensors: dict, qcfg: QuantConfig, cfg, where, dequantize: b
     Fused decoder linears whose parts are all quantized run on int4 kernels (their biases travel
     with them); every other quantized linear (outside the decoder layers, in a partly quantized
     fused linear, or all of them with `dequantize`) comes back as a dequantized float `.weight`."""
-    from .checkpoint import expected_weights
     from .text import fused_linears
 
     shapes = expected_weights(cfg)
@@ -459,16 +460,41 @@ def pack_linear(method: str, q, zeros, scales, g_idx, zero_offset: int = 1) -> d
     return {"qweight": qweight, "qzeros": qzeros, "scales": scales, "g_idx": g_idx.to(torch.int32)}
 
 
-def quantize_weights(weights: dict, cfg, method: str, group_size: int = 128, sym: bool = True,
+def storable_group_size(method: str, in_features: list[int], group_size: int | None) -> int:
+    """The group size to store: `group_size` when the loader will take it for these decoder input
+    widths (a multiple of 32, as torch's int4 kernels need, or -1 for GPTQ; AWQ also needs every
+    width a multiple of it), else a ValueError saying why; None picks the largest of 128, 64, 32
+    that every width is a multiple of."""
+    if group_size is None:
+        fits = [g for g in (128, 64, 32) if all(k % g == 0 for k in in_features)]
+        if not fits:
+            raise ValueError(f"no group size of 128, 64 or 32 divides the decoder's input widths {sorted(set(in_features))}")
+        return fits[0]
+    if method == "gptq" and group_size == -1:
+        return group_size
+    if group_size <= 0 or group_size % 32:
+        raise ValueError(f"group size {group_size} is not a multiple of 32, which torch's int4 kernels need"
+                         + (" (or -1 for GPTQ)" if method == "gptq" else ""))
+    bad = sorted({k for k in in_features if k % group_size})
+    if method == "awq" and bad:
+        raise ValueError(f"AWQ with group size {group_size} needs every decoder input width a multiple of it; "
+                         f"{bad} are not (leave group_size unset to pick one that fits)")
+    return group_size
+
+
+def quantize_weights(weights: dict, cfg, method: str, group_size: int | None = None, sym: bool = True,
                      desc_act: bool = False, seed: int = 0) -> tuple[dict, dict, dict]:
     """4-bit round-to-nearest quantization of a float checkpoint's decoder linears
     -> (tensors in `method`'s stored format, float twin holding exactly the dequantized weights,
     the config.json quantization_config). GPTQ act order uses one seeded random input order per
-    input (q/k/v share theirs, as do gate/up: GPTQ derives it from the inputs)."""
+    input (q/k/v share theirs, as do gate/up: GPTQ derives it from the inputs). `group_size`:
+    see :func:`storable_group_size` (refused here, at save time, when loading would refuse it)."""
     from .text import fused_linears
 
     if method not in ("awq", "gptq"):
         raise ValueError(f"quantize must be 'awq' or 'gptq', got {method!r}")
+    widths = [weights[f"model.layers.0.{parts[0][0]}.weight"].shape[1] for parts in fused_linears(cfg).values()]
+    group_size = storable_group_size(method, widths, group_size)
     gen = torch.Generator().manual_seed(seed + 1)
     stored, twin = dict(weights), dict(weights)
     for i in range(cfg.layers):

@@ -2,7 +2,7 @@
 
 Rows are left padded. Rotary embedding uses three position streams (t, h, w) chosen per
 frequency by `mrope_section`; q/k rows are permuted at load time so it is one complex multiply.
-The prefill writes the cache's first L columns; each decode step (`step`, state in decoding.py)
+The prefill writes the cache's first L columns; each decode step (`step`, state in token_steps.py)
 writes one column at a position held in a device tensor and attends over the whole fixed-length
 cache under a boolean key mask, so all steps have the same shapes and no host value.
 """
@@ -95,7 +95,7 @@ class DecoderLayer(nn.Module):
         return self.mlp(x, o.reshape(B, 1, H * hd))  # (B, Hkv, H/Hkv, hd) -> (B, 1, H*hd)
 
 
-class Decoder(nn.Module):
+class TextModel(nn.Module):
     def __init__(self, cfg: QwenVLConfig):
         super().__init__()
         self.cfg = cfg
@@ -215,3 +215,12 @@ def fused_linears(cfg: QwenVLConfig) -> dict[str, list[tuple[str, torch.Tensor |
 def take_rows(t: torch.Tensor, rows: torch.Tensor | None) -> torch.Tensor:
     """t's rows in the order `rows` gives (all of them when None)."""
     return t if rows is None else t[rows]
+
+
+def __getattr__(name: str):
+    if name == "Decoder":  # the old name of TextModel
+        import warnings
+
+        warnings.warn("qvl_ros.model.text.Decoder is now TextModel", DeprecationWarning, stacklevel=2)
+        return TextModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -30,8 +30,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from .console import Progress, StopOnSignal
+from .engine import load_interruptibly, load_model, plan_run, resolve_model_path
+from .options import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, ExtractError, check_number, check_options
 from .shards import (DirectoryLock, ShardPlan, ShardsError, check_resume, clear_shards_dir, grow_overlap,
-                     load_plan, looks_like_shards_dir, make_plan, pending_shards, read_marker, run_shard,
+                     load_plan, make_plan, shards_dir_problem, pending_shards, read_marker, run_shard,
                      save_plan, seam_failures)
 
 __all__ = ["FleetOptions", "ShardWorker", "ProgressBoard", "run_sharded", "add_arguments", "options_from_args"]
@@ -69,8 +72,6 @@ def add_arguments(parser) -> None:
 
 def options_from_args(args) -> FleetOptions | None:
     """The sharded-run options, or None when the run is a plain one-process extraction."""
-    from .extract import ExtractError
-
     given = {flag: value for flag, value in (("--gpus-per-worker", args.gpus_per_worker),
                                              ("--cpus-per-worker", args.cpus_per_worker),
                                              ("--shard-seconds", args.shard_seconds), ("--overlap", args.overlap))
@@ -88,13 +89,11 @@ def options_from_args(args) -> FleetOptions | None:
 
 
 def _check(opts: FleetOptions) -> None:
-    from .extract import ExtractError, _check_number
-
-    _check_number(opts.workers, "workers", minimum=1, integer=True, maximum=1 << 16)
-    _check_number(opts.gpus_per_worker, "gpus-per-worker", maximum=1024)
-    _check_number(opts.cpus_per_worker, "cpus-per-worker", strict=True, maximum=1 << 16)
-    _check_number(opts.shard_seconds, "shard-seconds", strict=True, maximum=1e9)
-    _check_number(opts.overlap, "overlap", maximum=1e9)
+    check_number(opts.workers, "workers", minimum=1, integer=True, maximum=1 << 16)
+    check_number(opts.gpus_per_worker, "gpus-per-worker", maximum=1024)
+    check_number(opts.cpus_per_worker, "cpus-per-worker", strict=True, maximum=1 << 16)
+    check_number(opts.shard_seconds, "shard-seconds", strict=True, maximum=1e9)
+    check_number(opts.overlap, "overlap", maximum=1e9)
     if opts.ray is None and opts.workers != 1:
         raise ExtractError("--workers above 1 needs --ray (without Ray one worker runs in this process)")
     if opts.ray is None and opts.gpus_per_worker:
@@ -111,9 +110,7 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, Di
     """Check the run, then write its plan or check it against the one in the shards directory.
     Returns (shards directory, plan, resumed, the directory's lock, held)."""
     from .bag_io import BagInputError, CameraBags, qvl_typestore
-    from .extract import ExtractError, _check_options, _plan, _resolve_model_path
-
-    _check_options(cfg)
+    check_options(cfg)
     _check(opts)
     if not cfg.batch_window:
         raise ExtractError("--batch-window 0 cannot be sharded: shards are cut on the batch-window grid so that "
@@ -130,8 +127,8 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, Di
     except BagInputError as exc:
         raise ExtractError(str(exc)) from None
     with bags:
-        xplan = _plan(cfg, bags)
-        plan = make_plan(cfg, bags, xplan, _resolve_model_path(cfg.model), opts.shard_seconds, opts.overlap)
+        xplan = plan_run(cfg, bags)
+        plan = make_plan(cfg, bags, xplan, resolve_model_path(cfg.model), opts.shard_seconds, opts.overlap)
     try:
         return (root, *_claim(root, plan, cfg.force))
     except ShardsError as exc:
@@ -141,14 +138,15 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, Di
 def _claim(root: Path, plan: ShardPlan, force: bool) -> tuple[ShardPlan, bool, DirectoryLock]:
     """Lock the shards directory, then resume the run in it, clear it (``force``) or create it and
     write the plan. Returns (the plan to run, resumed, the lock)."""
-    from .extract import ExtractError
     from .output_guard import check_writable
 
-    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not any(root.iterdir()))
-    if found and not looks_like_shards_dir(root):
-        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run (no "
-                           f"{root / 'plan.json'}); " + ("refusing to delete it, even with --force" if force
-                                                         else "pick another --out"))
+    found = (root.exists() or root.is_symlink()) and not (root.is_dir() and not root.is_symlink()
+                                                          and not any(root.iterdir()))
+    problem = shards_dir_problem(root) if found else None
+    if problem:
+        raise ExtractError(f"{root} exists and is not a shards directory of a sharded run ({problem}); "
+                           + ("refusing to delete it, even with --force" if force
+                              else "refusing to resume it; pick another --out"))
     if not found:
         try:
             check_writable(root)
@@ -174,8 +172,6 @@ class ShardWorker:
     """Loads the model once and runs shards (the body of a Ray actor, or used in this process)."""
 
     def __init__(self, root: str, threads: int | None = None, model=None, own_process: bool = False) -> None:
-        from .extract import _load_model
-
         if own_process:  # a Ray worker process: tune malloc as `qvl-ros extract` does, before torch allocates
             from ..model.kernels import tune_cpu_allocator
 
@@ -187,7 +183,7 @@ class ShardWorker:
         self.root = Path(root)
         self.plan = load_plan(self.root)
         t0 = time.perf_counter()
-        self.model = model if model is not None else _load_model(self.plan.config(output=self.root / "unused"),
+        self.model = model if model is not None else load_model(self.plan.config(output=self.root / "unused"),
                                                                  Path(self.plan.model_path))
         self.load_s = time.perf_counter() - t0
         self.stop = threading.Event()
@@ -230,8 +226,6 @@ class _Board:
     """Progress of the whole run: shards done, frames and sets over every worker, ETA."""
 
     def __init__(self, plan: ShardPlan, todo, mode: str, interval, stream) -> None:
-        from .extract import Progress
-
         self.total_shards = len(plan.shards)
         self.done = self.total_shards - len(todo)
         self.frames_done = 0
@@ -263,14 +257,12 @@ class _Board:
 
 def _run_here(root: Path, plan: ShardPlan, todo, stop, board: _Board, cfg, stream, worker_box: list) -> list:
     """Shards one after another in this process, with one model (loaded on first need)."""
-    from .extract import _load_interruptibly
-
     failures = []
     for shard in todo:
         if stop.is_set():
             break
         if not worker_box:
-            model = _load_interruptibly(cfg, Path(plan.model_path), stream if cfg.announce_model_load else None)
+            model = load_interruptibly(cfg, Path(plan.model_path), stream if cfg.announce_model_load else None)
             worker_box.append(ShardWorker(str(root), model=model))
         worker = worker_box[0]
         worker.stop = stop
@@ -311,8 +303,6 @@ def _probe(address: str, timeout_s: float = 10.0) -> None:
     deaf to Ctrl-C."""
     import socket
 
-    from .extract import ExtractError
-
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit() or "://" in address:
         return  # "local", "auto", a ray:// client address: Ray's own errors are prompt
@@ -326,8 +316,6 @@ def _probe(address: str, timeout_s: float = 10.0) -> None:
 def _connect(opts: FleetOptions, stream) -> None:
     """Join (or start) the cluster and check that a worker fits on it; ExtractError otherwise.
     Called before the run's signal handlers are installed: ray.init installs its own for SIGTERM."""
-    from .extract import ExtractError
-
     _probe(opts.ray)
     try:
         ray = _ray_init(opts, stream)
@@ -441,13 +429,25 @@ def _ray_is_up() -> bool:
     return ray.is_initialized()
 
 
+def _redo_failed_seams(root: Path, plan: ShardPlan, stream) -> list:
+    """Discard every done shard whose seam fails its check, to be redone with a wider overlap;
+    returns the failures."""
+    seams = seam_failures(root, plan)
+    for index, problem in seams:
+        wider = grow_overlap(root, plan, plan.shards[index])
+        stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
+                     f"{wider / 1e9:g} s of overlap\n")
+    return seams
+
+
 def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: bool, stop: threading.Event, stream,
                 progress: str, progress_interval) -> int:
     """The shards not done, in rounds until the seams hold; the summary; the exit status."""
-    from .extract import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, _StopOnSignal
-
     t0 = time.perf_counter()
+    # A run stopped between its last shard and the seam check left shards whose seams nobody checked.
+    _redo_failed_seams(root, plan, stream)
     todo = pending_shards(root, plan)
+    checked = not todo  # every shard done, and every seam just checked holds
     if resumed:
         stream.write(f"resuming {root}: {len(plan.shards) - len(todo)} of {len(plan.shards)} shards done, "
                      f"{len(todo)} to run\n")
@@ -458,7 +458,7 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
     failures, ran, local, seams = [], 0, [], []
     if opts.ray is not None and todo:
         _connect(opts, stream)
-    with _StopOnSignal(stop, cfg.handle_signals, stream) as signals:
+    with StopOnSignal(stop, cfg.handle_signals, stream) as signals:
         try:
             for _ in range(MAX_SEAM_ROUNDS):
                 todo = pending_shards(root, plan)
@@ -473,11 +473,8 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
                 ran += len(todo) - len(pending_shards(root, plan))
                 if failures or stop.is_set():
                     break
-                seams = seam_failures(root, plan)
-                for index, problem in seams:
-                    wider = grow_overlap(root, plan, plan.shards[index])
-                    stream.write(f"seam before {plan.shards[index].name}: {problem}; redoing it with "
-                                 f"{wider / 1e9:g} s of overlap\n")
+                seams = _redo_failed_seams(root, plan, stream)
+                checked = not seams
         except KeyboardInterrupt:  # a second Ctrl-C
             stop.set()
             if signals.signum is None:
@@ -497,13 +494,16 @@ def _run_rounds(cfg, opts: FleetOptions, root: Path, plan: ShardPlan, resumed: b
     if left:
         stream.write(f"rerun the same command to finish the other {len(left)} shard"
                      f"{'s' if len(left) != 1 else ''}\n")
+    elif not checked:
+        stream.write("stopped before the seams between the shards were checked: rerun the same command "
+                     "to check them\n")
     else:
         export = f" (the export goes to {plan.export_dir})" if plan.export else ""
         stream.write(f"merge into one bag with: qvl-ros merge {root} --out OUTPUT{export}\n")
     stream.flush()
-    if signals.signum is not None and left:
+    if signals.signum is not None and (left or not checked):
         return EXIT_SIGNAL.get(signals.signum, EXIT_FAILED)
-    if left:
+    if left or not checked:
         return EXIT_FAILED
     if sets == 0 and not cfg.allow_empty:
         stream.write("no set was produced (pass --allow-empty if that is expected)\n")

@@ -11,6 +11,15 @@ seam between two shards fails its check (rerunning the extraction redoes that sh
 OUTPUT is written as extraction writes its output: an ``EXTRACTION_INCOMPLETE`` marker until it
 is closed, ``--force`` to replace an earlier output. Exit status: 0 merged; 1 failed while
 writing; 2 a problem found before starting.
+
+Nothing read is trusted: the shards directory must hold only what a run writes (no link, see
+:func:`qvl_ros.offline.shard_check.tree_problem`); each shard's bag must hold the message and
+set counts and the stamp range its marker recorded at the shard's close (checked before writing)
+and, message by message, the content whose sha256 the marker holds (checked while copying), and
+each export file its recorded sha256. A shard that differs, or a read that fails, stops the merge
+with exit status 1 and leaves OUTPUT (and the export) marked incomplete. The counts reported are
+those written. ``--force`` deletes only what looks like an earlier output of this tool and is no
+link (an export directory needs an ``index.json`` of the export format).
 """
 from __future__ import annotations
 
@@ -20,29 +29,34 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from .engine import check_target
+from .options import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
+
 __all__ = ["merge", "add_arguments", "run_cli", "main"]
 
 
 def _check(root: Path, out: Path, export: Path | None, force: bool):
-    from .extract import ExtractError, _check_target, _looks_like_export
-    from .output_guard import check_writable, looks_like_output
-    from .shards import ShardsError, load_plan, pending_shards, read_marker, seam_failures
+    from .output_guard import check_writable, looks_like_export, looks_like_output
+    from .shards import ShardsError, load_plan, seam_failures, shard_problem, shards_dir_problem
 
+    problem = shards_dir_problem(root)
+    if problem:
+        raise ExtractError(f"{root} is not a shards directory that can be merged: {problem}")
     try:
         plan = load_plan(root)
     except ShardsError as exc:
         raise ExtractError(str(exc)) from None
-    missing = pending_shards(root, plan)
+    missing = [(s, why) for s in plan.shards if (why := shard_problem(root, plan, s))]
     if missing:
-        names = ", ".join(s.name for s in missing[:5]) + (" ..." if len(missing) > 5 else "")
-        raise ExtractError(f"{len(missing)} of {len(plan.shards)} shards are not done ({names}); rerun the "
+        shown = "; ".join(f"{s.name}: {why}" for s, why in missing[:3]) + ("; ..." if len(missing) > 3 else "")
+        raise ExtractError(f"{len(missing)} of {len(plan.shards)} shards are not done ({shown}); rerun the "
                            f"extraction command to finish them")
     bad = seam_failures(root, plan)
     if bad:
         index, problem = bad[0]
         raise ExtractError(f"the seam before {plan.shards[index].name} fails its check ({problem}); rerun the "
                            f"extraction command to redo it")
-    markers = [read_marker(root, s) for s in plan.shards]
+    markers = _markers(root, plan)
     kinds = sorted({f"{m['device'].split(':')[0]} {m.get('dtype', '?')}" for m in markers})
     if len(kinds) > 1:
         raise ExtractError(f"the shards were computed on different devices or dtypes ({', '.join(kinds)}): no "
@@ -54,16 +68,86 @@ def _check(root: Path, out: Path, export: Path | None, force: bool):
             raise ExtractError(f"{target} is inside the shards directory")
     if export is not None and export.resolve() == out.resolve():
         raise ExtractError("--export must differ from --out")
-    _check_target(out, force, "output", looks_like_output)
+    check_target(out, force, "output", looks_like_output)
     if export is not None:
-        _check_target(export, force, "export directory", _looks_like_export)
+        check_target(export, force, "export directory", looks_like_export)
     for target, what in ((out, "--out"), (export, "--export")):
         if target is not None:
             try:
                 check_writable(target)
             except OSError as exc:
                 raise ExtractError(f"{what} {target} cannot be created: {exc.strerror or exc}") from None
-    return plan
+    for shard, marker in zip(plan.shards, markers):
+        problem = _bag_matches_marker(root / shard.name, marker["bag"])
+        if problem is None and export is not None:
+            problem = _export_matches_marker(root / f"{shard.name}.export", marker["export"], check_bytes=False)
+        if problem:
+            raise ExtractError(f"{shard.name} is not the shard its marker vouches for ({problem}); rerun the "
+                               f"extraction with --force to compute it again")
+    return plan, markers
+
+
+def _markers(root: Path, plan) -> list[dict]:
+    from .shards import ShardsError, load_shard_marker
+
+    try:
+        return [load_shard_marker(root, s, plan.export) for s in plan.shards]
+    except ShardsError as exc:
+        raise ExtractError(str(exc)) from None
+
+
+def _plan_export(root: Path) -> Path | None:
+    """The run's --export from plan.json, as it was resolved when the run started: a path that
+    resolves elsewhere now (a link put on the way) is refused, naming it."""
+    from .shards import ShardsError, load_plan
+
+    try:
+        named = load_plan(root).export_dir
+    except ShardsError:
+        return None
+    if named is None:
+        return None
+    path = Path(str(named))
+    if not path.is_absolute() or path.resolve() != path:
+        raise ExtractError(f"{root / 'plan.json'} names the export directory {named}, which resolves to "
+                           f"{path.resolve()} (not the absolute path it was when the run started); refusing "
+                           f"to write there: pass --export DIR")
+    return path
+
+
+def _bag_matches_marker(path: Path, recorded: dict) -> str | None:
+    """Counts and stamp range of a shard bag's metadata against its marker (None: they agree)."""
+    from rosbags.rosbag2 import Reader
+
+    from .bag_io import FEATURES_TOPIC
+
+    try:
+        with Reader(path) as reader:
+            sets = sum(c.msgcount for c in reader.connections if c.topic == FEATURES_TOPIC)
+            got = (reader.message_count, sets)
+            span = (reader.start_time, reader.end_time - 1) if reader.message_count else (None, None)
+    except Exception as exc:
+        return f"its bag cannot be read: {type(exc).__name__}: {exc}"
+    if got != (recorded["messages"], recorded["sets"]):
+        return (f"its bag holds {got[0]} messages, {got[1]} sets; the marker records {recorded['messages']} "
+                f"messages, {recorded['sets']} sets")
+    want = (recorded.get("first_ns"), recorded.get("last_ns"))
+    if recorded["sets"] and span != want:
+        return f"its bag's stamps span {span[0]}..{span[1]} ns; the marker records {want[0]}..{want[1]} ns"
+    return None
+
+
+def _export_matches_marker(path: Path, recorded: dict, check_bytes: bool) -> str | None:
+    """The export's files against the marker: their names, and (``check_bytes``) their sha256."""
+    from .shard_check import file_sha256
+
+    names = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+    if names != sorted(recorded):
+        return f"its export holds {names}, the marker records {sorted(recorded)}"
+    for name in names if check_bytes else ():
+        if file_sha256(path / name) != recorded[name]:
+            return f"{path / name} differs from what the marker records (sha256)"
+    return None
 
 
 def _bag_messages(path: Path):
@@ -94,52 +178,63 @@ def _export_rows(path: Path):
             yield camera_stamps, row, (texts[i] if texts is not None else None)
 
 
+class MergeError(Exception):
+    """Merging stopped while writing (a shard that differs from its marker, a read error): the
+    output keeps its incomplete marker."""
+
+
 def merge(root, out, export=None, force: bool = False) -> dict:
     """Merge the shards in ``root`` into the bag ``out`` (and the export ``export``, by default the
-    run's --export); returns counts (with ``export``: the directory written, or None). Holds the
-    shards directory's lock: no run works in it meanwhile."""
-    from .extract import ExtractError
-    from .shards import DirectoryLock, ShardsError, load_plan
+    run's --export); returns counts of what was written (with ``export``: the directory written,
+    or None). Holds the shards directory's lock: no run works in it meanwhile."""
+    from .shards import DirectoryLock, ShardsError, load_plan, shards_dir_problem
 
+    problem = shards_dir_problem(Path(root))
+    if problem:  # before a lock file is made in it
+        raise ExtractError(f"{root} is not a shards directory that can be merged: {problem}")
     try:
-        load_plan(root)  # a shards directory, before a lock file is made in it
+        load_plan(root)
         lock = DirectoryLock(root).acquire()
     except ShardsError as exc:
         raise ExtractError(str(exc)) from None
     with lock:
-        return _merge(root, out, export, force)
+        return _merge(Path(root), Path(out), export, force)
 
 
-def _merge(root, out, export, force: bool) -> dict:
+def _merge(root: Path, out: Path, export, force: bool) -> dict:
+    from .bag_io import FEATURES_TOPIC
+    from .output_guard import looks_like_export, looks_like_output, remove_earlier_output
+
+    export = Path(export) if export is not None else _plan_export(root)
+    plan, markers = _check(root, out, export, force)
+    if force:
+        try:
+            remove_earlier_output(out, looks_like_output, "output")
+            if export is not None:
+                remove_earlier_output(export, looks_like_export, "export directory")
+        except OSError as exc:
+            raise ExtractError(str(exc.strerror or exc)) from None
+    written = _write(root, out, export, plan, markers)
+    return {"shards": len(plan.shards), "messages": sum(written.values()), "sets": written[FEATURES_TOPIC],
+            "export": export, "devices": sorted({m.get("device_name", "?") for m in markers})}
+
+
+def _write(root: Path, out: Path, export: Path | None, plan, markers: list[dict]) -> dict:
+    """Copy every shard's messages (and export rows), verifying each shard against its marker as
+    it is read; the output is marked complete only when all of it was written and verified.
+    Returns the messages written per topic."""
     from .bag_io import FeatureBagWriter
     from .export import FeatureExporter
-    from .extract import _remove
-    from .output_guard import OutputGuard
-    from .shards import custom_data, read_marker
+    from .output_guard import INCOMPLETE_MARKER, OutputGuard
+    from .shard_check import BagDigest
+    from .shards import custom_data
 
-    from .shards import ShardsError, load_plan
-
-    root, out = Path(root), Path(out)
-    if export is None:
-        try:
-            export = load_plan(root).export_dir  # the run's --export
-        except ShardsError:
-            pass
-    export = Path(export) if export is not None else None
-    plan = _check(root, out, export, force)
-    markers = [read_marker(root, s) for s in plan.shards]
     model_name = markers[0]["model"]
     cfg = plan.config()
-    if force:
-        _remove(out)
-        if export is not None:
-            _remove(export)
     writer = FeatureBagWriter(out, captions=cfg.caption, custom_data=custom_data(plan, model_name))
     guard = OutputGuard(out, "qvl-ros merge")
     guard.start()
-    exporter = None
-    counts = {"shards": len(plan.shards), "messages": 0, "sets": 0}
-    closed = False
+    exporter, verified, closed = None, False, False
     try:
         if export is not None:
             from ..ros.feature_msgs import check_kinds
@@ -147,14 +242,22 @@ def _merge(root, out, export, force: bool) -> dict:
             exporter = FeatureExporter(export, plan.options["camera_names"], list(cfg.topics), model_name,
                                        cfg.prompt, check_kinds(list(cfg.features)), cfg.caption,
                                        shard_bytes=int(cfg.shard_mb * (1 << 20)))
-        for shard in plan.shards:
+            (export / INCOMPLETE_MARKER).write_text(guard.marker_text())
+        for shard, marker in zip(plan.shards, markers):
+            digest = BagDigest()
             for topic, t, raw in _bag_messages(root / shard.name):
+                digest.add(topic, t, raw)
                 writer.write_raw(topic, t, raw)
-                counts["messages"] += 1
+            if digest.summary() != {k: marker["bag"].get(k) for k in digest.summary()}:
+                raise MergeError(f"{shard.name}: the messages read differ from what its marker recorded at the "
+                                 f"shard's close ({digest.summary()} read, {marker['bag']} recorded)")
             if exporter is not None:
+                problem = _export_matches_marker(root / f"{shard.name}.export", marker["export"], check_bytes=True)
+                if problem:
+                    raise MergeError(f"{shard.name}: {problem}")
                 for camera_stamps, row, text in _export_rows(root / f"{shard.name}.export"):
                     exporter.add(camera_stamps, row, text)
-            counts["sets"] += markers[shard.index]["sets"]
+        verified = True
     finally:
         guard.release()
         try:
@@ -163,11 +266,11 @@ def _merge(root, out, export, force: bool) -> dict:
                 exporter.close()
             closed = True
         finally:
-            if closed:
+            if closed and verified:
                 guard.finish()
-    counts["export"] = export
-    counts["devices"] = sorted({m.get("device_name", "?") for m in markers})
-    return counts
+                if export is not None:
+                    (export / INCOMPLETE_MARKER).unlink(missing_ok=True)
+    return dict(writer.counts)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -180,13 +283,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros merge") -> int:
-    from .extract import EXIT_FAILED, EXIT_OK, EXIT_USAGE, ExtractError
 
     try:
         counts = merge(args.shards, args.out, args.export, args.force)
     except ExtractError as exc:
         sys.stderr.write(f"{prog}: error: {exc}\n")
         return EXIT_USAGE
+    except MergeError as exc:
+        sys.stderr.write(f"{prog}: failed: {exc}; {args.out} is left marked incomplete\n")
+        return EXIT_FAILED
     except Exception as exc:
         sys.stderr.write(f"{prog}: failed: {type(exc).__name__}: {exc}\n")
         return EXIT_FAILED

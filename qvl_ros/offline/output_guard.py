@@ -19,14 +19,16 @@ too, the output keeps its marker and the run says so.)
 from __future__ import annotations
 
 import errno
+import json
 import os
+import re
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 __all__ = ["INCOMPLETE_MARKER", "RESERVE_NAME", "DiskFull", "OutputGuard", "looks_like_output",
-           "check_writable"]
+           "looks_like_export", "remove_earlier_output", "check_writable"]
 
 INCOMPLETE_MARKER = "EXTRACTION_INCOMPLETE"
 RESERVE_NAME = ".qvl_space_reserve"
@@ -53,19 +55,60 @@ def check_writable(path: Path) -> None:
     os.unlink(probe)
 
 
+def _regular_files(path: Path) -> list[Path] | None:
+    """The entries of a real directory (not a link) when all are regular files (no link either)."""
+    if path.is_symlink() or not path.is_dir():
+        return None
+    entries = list(path.iterdir())
+    return entries if all(e.is_file() and not e.is_symlink() for e in entries) else None
+
+
 def looks_like_output(path: Path) -> bool:
     """Whether ``path`` is an output of this tool that ``--force`` may delete: a directory of
     bag files only, with metadata.yaml (finished), or with the incomplete marker (and maybe
-    the reserve), or holding nothing but the bag file its run had just created."""
-    if not path.is_dir() or path.is_symlink():
+    the reserve), or holding nothing but the bag file its run had just created. No entry may be
+    a symbolic link, nor the directory itself."""
+    entries = _regular_files(path)
+    if entries is None:
         return False
-    entries = list(path.iterdir())
     names = {e.name for e in entries}
     ours = {INCOMPLETE_MARKER, RESERVE_NAME}
-    if not all(e.is_file() and (e.name in ours or e.name.endswith(_BAG_SUFFIXES)) for e in entries):
+    if not all(e.name in ours or e.name.endswith(_BAG_SUFFIXES) for e in entries):
         return False
     return ("metadata.yaml" in names or INCOMPLETE_MARKER in names
             or names == {f"{path.name}.mcap"})
+
+
+_EXPORT_FILE = re.compile(r"features-\d{5}\.safetensors|\.features-\d{5}\.safetensors\.tmp|\.?index\.json(\.tmp)?")
+
+
+def looks_like_export(path: Path) -> bool:
+    """Whether ``path`` is a feature export of this tool that ``--force`` may delete: an
+    ``index.json`` of the export format and nothing but the files an export writes (its
+    safetensors shards, their temporary files, the incomplete marker), none a link."""
+    from .export import FORMAT, INDEX_NAME
+
+    entries = _regular_files(path)
+    if entries is None or not all(_EXPORT_FILE.fullmatch(e.name) or e.name == INCOMPLETE_MARKER for e in entries):
+        return False
+    try:
+        index = json.loads((path / INDEX_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and index.get("format") == FORMAT
+
+
+def remove_earlier_output(path: Path, looks_ok, what: str) -> None:
+    """Delete an earlier output that ``--force`` replaces, after checking again that it is one
+    (``looks_ok``: :func:`looks_like_output` or :func:`looks_like_export`), so that nothing a
+    link points to, and nothing that is not this tool's, is deleted. OSError names the path."""
+    path = Path(path)
+    if not path.exists() and not path.is_symlink():
+        return
+    if not looks_ok(path):
+        raise OSError(errno.EPERM, f"{what} {path} does not look like an earlier output (or is a link); "
+                                   f"refusing to delete it", str(path))
+    shutil.rmtree(path)  # no link inside (checked); rmtree never follows one anyway
 
 
 class OutputGuard:
@@ -79,13 +122,15 @@ class OutputGuard:
         self.largest = 0
         self._what = what
 
+    def marker_text(self) -> str:
+        return (f"This directory is the output of a {self._what} run started at "
+                f"{time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) that has not finished.\n"
+                f"If no run is writing it, the run was killed or failed: the bag in it may not be readable\n"
+                f"or may miss messages. Run it again with --force to replace it.\n")
+
     def start(self) -> None:
         """Mark the (just created) directory incomplete and take the base reserve."""
-        self.marker.write_text(
-            f"This directory is the output of a {self._what} run started at "
-            f"{time.strftime('%Y-%m-%d %H:%M:%S')} (pid {os.getpid()}) that has not finished.\n"
-            f"If no run is writing it, the run was killed: the bag in it may not be readable.\n"
-            f"Run the extraction again with --force to replace it.\n")
+        self.marker.write_text(self.marker_text())
         self.ensure(0)
 
     def before_write(self, batch_bytes: int, largest_message: int) -> None:

@@ -34,6 +34,14 @@ Resume
     A shard is done when its marker exists (it is written after the bag and the export were
     renamed into place). A rerun of the same command skips done shards and redoes the others;
     options or a model that differ from ``plan.json`` are refused (``--force`` starts over).
+
+Nothing outside the directory
+    Resume, ``--force`` and merge refuse a shards directory holding anything a run does not
+    write: a symbolic link anywhere, a marker that is not a regular file, a shard that is not a
+    directory (:func:`qvl_ros.offline.shard_check.tree_problem`, naming the path). Every delete
+    checks again that its path is no link, and files are written without following one.
+    A marker records what its shard's bag and export hold (counts, stamp range, sha256), which
+    `qvl-ros merge` verifies (:mod:`qvl_ros.offline.shard_check`).
 """
 from __future__ import annotations
 
@@ -48,9 +56,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from .engine import Extraction, plan_run
+from .options import ExtractConfig
+from .options import custom_data as one_pass_custom_data
+from .set_source import Window
+from .shard_check import sync_tree, write_new
+
 __all__ = ["PLAN_NAME", "PLAN_FORMAT", "Shard", "ShardPlan", "ShardsError", "make_plan", "load_plan",
            "check_resume", "shard_cuts", "run_shard", "shard_done", "seam_problem", "tail_before", "read_marker",
-           "default_overlap_ns", "looks_like_shards_dir"]
+           "default_overlap_ns", "looks_like_shards_dir", "shards_dir_problem", "shard_problem", "load_shard_marker"]
 
 PLAN_NAME = "plan.json"
 PLAN_FORMAT = "qvl_ros.shards/1"
@@ -96,8 +110,6 @@ class ShardPlan:
 
     def config(self, **overrides):
         """The ExtractConfig of this run (``overrides`` replace fields)."""
-        from .extract import ExtractConfig
-
         fields = dict(self.options)
         fields.pop("input_names", None)
         fields.update(inputs=list(self.inputs), model=self.model_path, output="")
@@ -122,7 +134,7 @@ class ShardPlan:
 _OUTPUT_OPTIONS = ("topics", "camera_names", "device", "dtype", "min_pixels", "max_pixels", "slop", "batch",
                    "prompt", "features", "caption", "max_new_tokens", "start", "end", "stamps", "queue_size",
                    "reorder", "frame_id", "clip_frames", "clip_stride", "shard_mb", "max_input_pixels",
-                   "batch_window")
+                   "batch_window", "policy", "reset_threshold", "max_rate", "expected_rates")
 
 
 def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
@@ -249,14 +261,17 @@ def check_resume(old: ShardPlan, new: ShardPlan, root: Path) -> None:
 
 def looks_like_shards_dir(path: Path) -> bool:
     """A directory ``--force`` may delete: a plan and nothing but shard files."""
-    if not path.is_dir() or path.is_symlink() or not (path / PLAN_NAME).is_file():
-        return False
-    for entry in path.iterdir():
-        name = entry.name
-        if name in (PLAN_NAME, PARTIAL, LOCK_NAME) or name.startswith("shard-") or name.endswith(".tmp"):
-            continue
-        return False
-    return True
+    return shards_dir_problem(path) is None
+
+
+def shards_dir_problem(path: Path) -> str | None:
+    """Why ``path`` is no shards directory that may be resumed, deleted or merged (None: it is one)."""
+    from .shard_check import tree_problem
+
+    path = Path(path)
+    if not path.is_symlink() and path.is_dir() and not (path / PLAN_NAME).is_file():
+        return f"no {path / PLAN_NAME}"
+    return tree_problem(path)
 
 
 class DirectoryLock:
@@ -268,7 +283,10 @@ class DirectoryLock:
         self.fd: int | None = None
 
     def acquire(self) -> "DirectoryLock":
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:  # ELOOP: a link, which would make the lock file elsewhere
+            raise ShardsError(f"{self.path} cannot be the lock file: {exc.strerror}") from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -291,7 +309,8 @@ class DirectoryLock:
 
 
 def clear_shards_dir(root: Path) -> None:
-    """Delete a run's files (``--force``), keeping the lock file that the caller holds."""
+    """Delete a run's files (``--force``), keeping the lock file that the caller holds. The
+    directory has passed :func:`shards_dir_problem`; a link found now is only unlinked."""
     for entry in Path(root).iterdir():
         if entry.name == LOCK_NAME:
             continue
@@ -301,32 +320,25 @@ def clear_shards_dir(root: Path) -> None:
             entry.unlink()
 
 
-def _sync_tree(path: Path, files: bool = True) -> None:
-    """fsync a directory's files (``files``) and the directory itself."""
-    if files:
-        for p in Path(path).rglob("*"):
-            if p.is_file():
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _write_json(path: Path, data: dict, indent: int | None = None) -> None:
     """Whole or not at all: a temporary file, fsync, rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     text = json.dumps(data, indent=indent) if indent else json.dumps(data, separators=(",", ":"))
-    with open(tmp, "w") as f:
-        f.write(text + "\n")
-        f.flush()
-        os.fsync(f.fileno())
+    write_new(tmp, text + "\n")
     os.replace(tmp, path)
+
+
+def _remove_owned(root: Path, path: Path) -> None:
+    """Delete a shard's file or directory in ``root`` (or in its .partial): ShardsError, naming the
+    path, when it or the directory holding it is a link (the delete would reach outside)."""
+    for place in (path.parent, path):
+        if place.is_symlink():
+            raise ShardsError(f"{place} is a symbolic link (to {place.readlink()}); refusing to delete "
+                              f"through it: remove it, or pass --force to start over in {root}")
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
 
 
 # ----------------------------------------------------------------------------------- shards
@@ -334,32 +346,50 @@ def marker_path(root: Path, shard: Shard) -> Path:
     return Path(root) / f"{shard.name}.json"
 
 
-def read_marker(root: Path, shard: Shard) -> dict | None:
+def read_marker(root: Path, shard: Shard, export: bool = False) -> dict | None:
+    """The shard's marker, checked (:func:`qvl_ros.offline.shard_check.load_marker`); None when it
+    is absent or cannot vouch for its shard."""
     try:
-        return json.loads(marker_path(root, shard).read_text())
-    except (FileNotFoundError, ValueError):
+        return load_shard_marker(root, shard, export)
+    except ShardsError:
         return None
+
+
+def load_shard_marker(root: Path, shard: Shard, export: bool = False) -> dict:
+    """The shard's marker, checked; ShardsError naming the file and why it cannot vouch."""
+    from .shard_check import MarkerError, load_marker
+
+    try:
+        return load_marker(marker_path(root, shard), shard.index, export)
+    except MarkerError as exc:
+        raise ShardsError(str(exc)) from None
 
 
 def shard_done(root: Path, plan: ShardPlan, shard: Shard) -> bool:
     """The marker is there and the outputs it vouches for too."""
+    return shard_problem(root, plan, shard) is None
+
+
+def shard_problem(root: Path, plan: ShardPlan, shard: Shard) -> str | None:
+    """Why the shard is not done (None: it is)."""
     root = Path(root)
-    marker = read_marker(root, shard)
-    if marker is None or marker.get("index") != shard.index:
-        return False
+    try:
+        load_shard_marker(root, shard, plan.export)
+    except ShardsError as exc:
+        return str(exc)
     if not (root / shard.name / "metadata.yaml").is_file():
-        return False
-    return not plan.export or (root / f"{shard.name}.export" / "index.json").is_file()
+        return f"{root / shard.name / 'metadata.yaml'} does not exist"
+    if plan.export and not (root / f"{shard.name}.export" / "index.json").is_file():
+        return f"{root / f'{shard.name}.export' / 'index.json'} does not exist"
+    return None
 
 
 def discard_shard(root: Path, shard: Shard) -> None:
     """Remove a shard's outputs (marker first: without it nothing else counts)."""
     root = Path(root)
-    marker_path(root, shard).unlink(missing_ok=True)
-    for path in (root / shard.name, root / f"{shard.name}.export", root / PARTIAL / shard.name,
-                 root / PARTIAL / f"{shard.name}.export"):
-        if path.exists():
-            shutil.rmtree(path)
+    for path in (marker_path(root, shard), root / shard.name, root / f"{shard.name}.export",
+                 root / PARTIAL / shard.name, root / PARTIAL / f"{shard.name}.export"):
+        _remove_owned(root, path)
 
 
 def overlap_for(root: Path, plan: ShardPlan, shard: Shard) -> int:
@@ -377,9 +407,18 @@ def grow_overlap(root: Path, plan: ShardPlan, shard: Shard) -> int:
     current = max(overlap_for(root, plan, shard), int(marker.get("overlap_ns") or 0))
     wider = min(current * OVERLAP_GROWTH, max(current, shard.start_ns - plan.start_ns))
     discard_shard(root, shard)
-    (Path(root) / PARTIAL).mkdir(exist_ok=True)
-    (Path(root) / PARTIAL / f"{shard.name}.overlap").write_text(str(wider))
+    _partial_dir(Path(root))
+    write_new(Path(root) / PARTIAL / f"{shard.name}.overlap", str(wider))
     return wider
+
+
+def _partial_dir(root: Path) -> Path:
+    """``root/.partial``, made if needed; ShardsError when it is a link or not a directory."""
+    partial = root / PARTIAL
+    if partial.is_symlink() or (partial.exists() and not partial.is_dir()):
+        raise ShardsError(f"{partial} is a symbolic link or not a directory; refusing to write through it")
+    partial.mkdir(exist_ok=True)
+    return partial
 
 
 def seam_problem(plan: ShardPlan, tail: list, after: dict) -> str | None:
@@ -409,18 +448,13 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     ``.partial`` and are removed by the next attempt."""
     import threading
 
-    from . import extract as ex
     from .bag_io import BagInputError, CameraBags
 
     root = Path(root)
     shard = plan.shards[index]
-    partial = root / PARTIAL
-    partial.mkdir(exist_ok=True)
+    partial = _partial_dir(root)
     out, export = partial / shard.name, partial / f"{shard.name}.export"
-    for path in (out, export, root / shard.name, root / f"{shard.name}.export"):
-        if path.exists():
-            shutil.rmtree(path)
-    marker_path(root, shard).unlink(missing_ok=True)
+    discard_shard(root, shard)
     cfg = plan.config(output=out, export=export if plan.export else None, force=False, handle_signals=False,
                       allow_empty=True, announce_model_load=False)
     last = shard.index == len(plan.shards) - 1
@@ -432,16 +466,16 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
     except BagInputError as exc:
         raise ShardsError(str(exc)) from None
     try:
-        xplan = ex._plan(cfg, bags)
-        window = ex._Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
+        xplan = plan_run(cfg, bags)
+        window = Window(own_from_ns=shard.start_ns if shard.index else -(1 << 63),
                             tail_keep=0 if last else TAIL_SETS, warmup_keep=TAIL_SETS + 1, flush_at_end=last)
         xplan = dataclasses.replace(xplan, start_ns=read_start, stop_ns=shard.stop_ns if not last else plan.stop_ns,
                                     window=window)
         xplan.input_names = list(plan.options["input_names"])
         with open(os.devnull, "w") as quiet:
-            run = ex._Extraction(xplan, bags, model, stop_event, quiet, None)
-            if on_progress is not None:
-                run.on_progress = lambda report: on_progress(run.source.frames_read, report.sets_written)
+            progress = (None if on_progress is None
+                        else lambda report: on_progress(run.source.frames_read, report.sets_written))
+            run = Extraction(xplan, bags, model, stop_event, quiet, progress)
             report = run.run("none", None)
     finally:
         bags.close()
@@ -459,15 +493,29 @@ def run_shard(root: Path, plan: ShardPlan, index: int, model, stop=None,
         "host": os.uname().nodename, "pid": os.getpid(),
         "warmup_sets": list(source.warmup_sets), "tail_sets": list(source.tail_sets),
     }
+    marker.update(_outputs_summary(out, export if plan.export else None))
+    if marker["bag"]["sets"] != marker["sets"]:
+        raise ShardsError(f"{shard.name} failed: its bag holds {marker['bag']['sets']} sets, the run wrote "
+                          f"{marker['sets']}")
     for path in (out, export) if plan.export else (out,):
-        _sync_tree(path)  # on disk before the marker vouches for it (a power loss, not only a kill)
+        sync_tree(path)  # on disk before the marker vouches for it (a power loss, not only a kill)
     os.replace(out, root / shard.name)
     if plan.export:
         os.replace(export, root / f"{shard.name}.export")
-    _sync_tree(root, files=False)
+    sync_tree(root, files=False)
     _write_json(marker_path(root, shard), marker)
     (partial / f"{shard.name}.overlap").unlink(missing_ok=True)
     return marker
+
+
+def _outputs_summary(bag: Path, export: Path | None) -> dict:
+    """What the marker records of a closed shard's outputs (read back, as merge reads them)."""
+    from .shard_check import bag_summary, export_summary
+
+    summary = {"bag": bag_summary(bag)}
+    if export is not None:
+        summary["export"] = export_summary(export)
+    return summary
 
 
 def tail_before(markers: list, index: int) -> list | None:
@@ -519,8 +567,6 @@ def pending_shards(root: Path, plan: ShardPlan) -> list[Shard]:
 
 def custom_data(plan: ShardPlan, model_name: str) -> dict[str, str]:
     """The bag metadata one pass writes (:func:`qvl_ros.offline.extract.custom_data`)."""
-    from .extract import custom_data as one_pass
-
     cfg = plan.config()
-    return one_pass(plan.options["input_names"], cfg.topics, plan.options["camera_names"], model_name, cfg)
+    return one_pass_custom_data(plan.options["input_names"], cfg.topics, plan.options["camera_names"], model_name, cfg)
 

@@ -3,7 +3,8 @@ batch worker between two batches.
 
 The request names a prompt, optionally a subset of the cameras (by name) and the longest answer.
 The handler is a coroutine: it takes the newest set the synchronizer made, hands one
-``generate`` call to the worker (:meth:`qvl_ros.core.batcher.Batcher.submit`, a bounded queue of
+model call (:func:`qvl_ros.core.model_call.call_model`, the node's own: a clip set's frame rates
+included) to the worker (:meth:`qvl_ros.core.batcher.Batcher.submit`, a bounded queue of
 ``ask.queue_depth``) and awaits its result, so the executor keeps serving camera frames and the
 feature stream meanwhile. The worker triggers a guard condition when the answer is ready, which
 wakes the executor to send the response. Errors come back as ``success: false`` with a message:
@@ -16,6 +17,7 @@ from typing import Callable, List, Optional, Sequence
 from rclpy.callback_groups import ReentrantCallbackGroup
 from rclpy.task import Future
 
+from ..core.model_call import ModelRequest, call_model
 from .feature_msgs import ros_string, time_msg
 
 __all__ = ["AskServer"]
@@ -79,12 +81,12 @@ class AskServer:
             return self._fail(response, f"no synchronized set available: {self._why_no_set()}")
         sync_set, headers = newest
         tokens = int(request.max_new_tokens) or int(self._default_tokens())
-        images = [sync_set.items[k].image for k in chosen]
+        question = ModelRequest(request.prompt, features=False, texts=True, max_new_tokens=tokens)
         done: Future = Future()
 
         def answer(model) -> None:  # on the worker thread
             try:
-                done.set_result(model.generate([images], [request.prompt], max_new_tokens=tokens)[0])
+                done.set_result(call_model(model, [sync_set], question, cameras=chosen)[1][0])
             except Exception as exc:  # reported to the caller, the worker goes on
                 done.set_result(exc)
             self._wake.trigger()

@@ -11,19 +11,11 @@ sample's input ids (image placeholder tokens, in camera order).
 """
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Collection, List, NamedTuple, Sequence, Tuple
 
 from ..core.stamps import sec_nanosec, stamp_ns  # noqa: F401  (stamp_ns re-exported)
 
 FEATURE_KINDS = ("vision", "hidden")
-
-
-class Frame(NamedTuple):
-    """One camera frame in a synchronized set: the uint8 (3, H, W) tensor and the input header."""
-
-    image: Any
-    header: Any
 
 
 class Geometry(NamedTuple):
@@ -194,20 +186,9 @@ def frame_geometry(model, image, cache: dict) -> Geometry:
 
 def set_info(s: Any, camera_names: Sequence[str], model, model_name: str, prompt: str, frame_id: str,
              geometry_cache: dict) -> SetInfo:
-    """The :class:`SetInfo` of a synchronized set whose items are :class:`Frame` s (image or clip,
+    """The :class:`SetInfo` of a synchronized set whose items are :class:`~qvl_ros.core.intake.CameraFrame` s (image or clip,
     and the input header of either message library)."""
     return SetInfo(list(camera_names), list(s.stamps), model_name, prompt, frame_id,
                    [(stamp_ns(f.header.stamp), str(f.header.frame_id)) for f in s.items],
                    [frame_geometry(model, f.image, geometry_cache) for f in s.items],
                    getattr(s, "clip_stamps", ()))
-
-
-def with_clips(assembler, sync_set: Any) -> Any:
-    """The set with each camera's :class:`Frame` holding the clip that ends at its matched frame
-    (frames oldest first, the matched frame's header kept), or None while a camera's ring
-    (:class:`qvl_ros.core.clips.ClipAssembler`) lacks the history."""
-    clip_set = assembler.assemble(sync_set)
-    if clip_set is None:
-        return None
-    frames = tuple(Frame(clip, f.header) for clip, f in zip(clip_set.items, sync_set.items))
-    return dataclasses.replace(clip_set, items=frames)

@@ -20,6 +20,7 @@ from typing import Any, Callable, List, Optional, Sequence
 from rclpy.node import Node
 
 from ..core.diagnostics import percentile
+from ..core.stamps import format_stamp
 from .feature_msgs import stamp_ns
 from .tensor_msg import to_numpy
 
@@ -33,10 +34,6 @@ def describe_features(msg: Any) -> str:
         arr = to_numpy(t)
         parts.append(f"{t.name} {tuple(arr.shape)} {t.dtype}")
     return ", ".join(parts)
-
-
-def _sec(ns: int) -> str:
-    return f"{ns // 1_000_000_000}.{ns % 1_000_000_000:09d}"
 
 
 class FeatureListener(Node):
@@ -72,13 +69,13 @@ class FeatureListener(Node):
             n = len(self.received)
         cams = " ".join(f"{name}{(stamp_ns(s) - t) * 1e-6:+.1f}ms"
                         for name, s in zip(msg.camera_names, msg.camera_stamps))
-        self._emit(f"features #{n} stamp {_sec(t)} [{cams}] latency {latency * 1e3:.1f} ms: "
+        self._emit(f"features #{n} stamp {format_stamp(t)} [{cams}] latency {latency * 1e3:.1f} ms: "
                    f"{describe_features(msg)}")
 
     def _on_caption(self, msg: Any) -> None:
         with self._lock:
             self.captions.append(msg)
-        self._emit(f"caption  stamp {_sec(stamp_ns(msg.header.stamp))} {msg.prompt!r} -> {msg.text!r}")
+        self._emit(f"caption  stamp {format_stamp(stamp_ns(msg.header.stamp))} {msg.prompt!r} -> {msg.text!r}")
 
     @property
     def count(self) -> int:

@@ -155,7 +155,8 @@ def run(make_node: Callable[[], Any], *, args: Sequence[str],
                 node.destroy_node()  # joins the model worker before the interpreter finalizes
             except Exception as exc:  # a context already shut down is not news at the end
                 if not ended_by_shutdown(exc, grace_s=0.0):
-                    _report(None, name, exc)
+                    print(f"{name}: destroying the node failed: {type(exc).__name__}: {exc}",
+                          file=sys.stderr, flush=True)
                     code = 1
         _quietly(rclpy.try_shutdown)
         _ignore_signals()

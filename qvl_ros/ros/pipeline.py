@@ -1,0 +1,460 @@
+"""The pipeline of ``qvl_node`` as a mixin of rclpy node classes (:class:`QvlNodeMixin`): set-up,
+camera subscriptions, parameters, the input side (the intake, :mod:`qvl_ros.core.intake`), time
+jumps, ``~/ask`` and introspection. The model side and the outputs: :mod:`qvl_ros.ros.node_results`;
+the node classes and ``main``: :mod:`qvl_ros.ros.node`.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any, List, Optional
+
+from rcl_interfaces.msg import SetParametersResult
+from rclpy.callback_groups import MutuallyExclusiveCallbackGroup
+from rclpy.clock import Clock, ClockChange, ClockType, JumpThreshold
+from rclpy.duration import Duration
+from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventTypeError
+from rclpy.parameter import Parameter
+from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
+
+from ..core.batcher import Batcher
+from ..core.diagnostics import LogThrottle, PipelineMonitor, expected_rates, reason_key
+from ..core.input_loss import InputLossEstimator
+from ..core.intake import Intake, IntakeSettings
+from ..core.params import slop_ns
+from ..core.stamps import format_stamp, stamp_ns
+from ..core.synchronizer import SyncSet
+from ..core.warmup import batch_sizes as warmup_batch_sizes
+from ..core.warmup import parse_sizes as parse_warmup_sizes
+from ..model.checkpoint import resolve_checkpoint
+from .ask import AskServer
+from .feature_msgs import MessageKit, placeholder_token_ids
+from .node_results import NodeResults, describe_device, release_device_memory
+from .params import declare_parameters, validate_changes
+from .spin import interruptible
+
+__all__ = ["QvlNodeMixin", "LAZY_CHECK_PERIOD"]
+
+LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
+
+
+class QvlNodeMixin(NodeResults):
+    """What ``qvl_node`` does, shared by :class:`~qvl_ros.ros.node.QvlNode` (plain) and
+    :class:`~qvl_ros.ros.node.QvlLifecycleNode` (managed): a mixin of an rclpy node class (the
+    model side, publishing and diagnostics: :class:`~qvl_ros.ros.node_results.NodeResults`). Its steps:
+
+    * :meth:`_read_config` (construction): declare and check the parameters;
+    * :meth:`_configure`: load the model and warm it up, make the synchronizer, batcher and
+      monitor, the publishers, ``~/ask`` and the diagnostics timer;
+    * :meth:`_activate`: subscribe to the cameras (with ``lazy``: whenever someone listens);
+    * :meth:`_deactivate`: unsubscribe, drop the queued sets, let the batch in flight finish;
+    * :meth:`_cleanup`: stop the worker, destroy the interfaces and free the model.
+    """
+
+    _configured = False
+    _active = False
+    model: Any = None
+
+    # ------------------------------------------------------------------------- set-up steps
+    def _read_config(self) -> None:
+        """Declare the parameters and check the settings that are fixed for the node's life."""
+        declare_parameters(self)  # the table's rules (core/params.py), each checked once
+        v = self._value
+        self._topics = [str(t) for t in v("camera_topics")]
+        self._names = [str(n) for n in v("camera_names")]
+        reliability = str(v("qos.reliability"))
+        self._camera_qos = QoSProfile(
+            history=qos_profile_sensor_data.history, depth=int(v("qos.depth")),
+            reliability=(ReliabilityPolicy.BEST_EFFORT if reliability == "best_effort" else ReliabilityPolicy.RELIABLE),
+            durability=qos_profile_sensor_data.durability)
+        self._expected_rates = expected_rates(list(v("diagnostics.expected_rates")), len(self._topics))
+        self._resolved_topics = [self.resolve_topic_name(t) for t in self._topics]
+        self._subs: List[Any] = []
+        self._add_parameter_callbacks()
+
+    def _configure(self, model: Any = None) -> None:
+        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`.
+        A signal abandons the model load and the warm-up at once (spin.interruptible)."""
+        with interruptible():
+            self.model = model if model is not None else self._load_model()
+            self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
+            self._device = self.model.device
+            self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
+            self._placeholder_ids = placeholder_token_ids(self.model)
+            if self._value("model.warmup"):
+                self._warm_up()
+        self._create_components()
+        self._create_outputs()
+        self._configured = True
+
+    def _create_components(self) -> None:
+        v = self._value
+        self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
+        # conversion, input checks, stamps, synchronizer, clips, max_rate: core/intake.py
+        self._intake = Intake(len(self._topics), self._intake_settings(), self._device)
+        self._sync, self._clips = self._intake.sync, self._intake.clips
+        self._batcher: Batcher[SyncSet] = Batcher(
+            self._run_batch, max_size=int(v("batch.max_size")), max_wait_ms=float(v("batch.max_wait_ms")),
+            queue_depth=int(v("batch.queue_depth")), on_error=self._on_model_error, name="qvl_batch_worker",
+            on_drop=lambda _set: self._monitor.sets_dropped("queue_full"),
+            task_depth=int(v("ask.queue_depth")))
+        self._log_throttle = LogThrottle(float(v("log_throttle")))
+        self._loss = InputLossEstimator(self._names)
+        self._monitor = PipelineMonitor(self._names, self._resolved_topics, **self._monitor_options())
+        self._monitor.set_paused(True)  # until the cameras are subscribed
+        self._latest: Optional[SyncSet] = None  # newest set the synchronizer made (for ~/ask)
+        self._epoch = 0  # bumped when time jumps back: results of older sets are not published
+        self._stale_reported: set = set()
+        self._batcher.start()
+
+    def _intake_settings(self) -> IntakeSettings:
+        v = self._value
+        return IntakeSettings(
+            slop_ns=slop_ns(float(v("sync.slop")), self._expected_rates), queue_size=int(v("sync.queue_size")), policy=str(v("sync.policy")),
+            reorder_ns=int(round(float(v("sync.reorder_tolerance")) * 1e9)),
+            reset_ns=int(round(float(v("sync.reset_threshold")) * 1e9)), stamp_source=str(v("sync.stamp_source")),
+            clip_frames=int(v("video.frames")), clip_stride=int(v("video.stride")), max_rate=float(v("max_rate")),
+            max_input_pixels=int(v("max_input_pixels")))
+
+    def _monitor_options(self) -> dict:
+        v = self._value
+        return {"stale_after_s": float(v("diagnostics.stale_after")), "rate_window_s": float(v("diagnostics.window")),
+                "expected_rates": self._expected_rates, "rate_tolerance": float(v("diagnostics.rate_tolerance")),
+                "no_set_after_s": float(v("diagnostics.no_set_after")),
+                "drop_warn_fraction": float(v("diagnostics.drop_warn_fraction"))}
+
+    def _create_outputs(self) -> None:
+        from qvl_ros.msg import Caption, VisionFeatures
+        from diagnostic_msgs.msg import DiagnosticArray
+
+        v = self._value
+        self._kit = MessageKit()
+        self._features_pub = self.create_publisher(VisionFeatures, "features", 10)
+        self._caption_pub = self.create_publisher(Caption, "caption", 10)
+        self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
+        self._demand_topics = [self._features_pub.topic_name, self._caption_pub.topic_name]
+        self._ask = AskServer(
+            self, latest=self._newest_set, submit=lambda task, cancel: self._batcher.submit(
+                lambda: task(self.model), cancel),
+            camera_names=self._names, default_tokens=lambda: int(self._value("caption.max_new_tokens")),
+            why_no_set=self._why_no_set, queue_depth=int(v("ask.queue_depth")))
+        self._steady = Clock(clock_type=ClockType.STEADY_TIME)
+        self._diag_timer = self.create_timer(float(v("diagnostics.period")), self._publish_diagnostics,
+                                             callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
+        self._demand_timer = None
+        self._hardware_id = str(v("diagnostics.hardware_id")) or describe_device(self._device)
+        # A backward jump of ROS time (bag loop, simulation reset) or a switch of time source
+        # makes queued stamps meaningless: start over.
+        self._jump_handle = self.get_clock().create_jump_callback(
+            JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
+            post_callback=self._on_time_jump)
+
+    def _activate(self) -> None:
+        self._active = True
+        if self._value("lazy"):
+            self._demand_timer = self.create_timer(LAZY_CHECK_PERIOD, self._check_demand,
+                                                   callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
+            self._check_demand()
+        else:
+            self._subscribe()
+
+    def _deactivate(self) -> None:
+        """Stop taking frames, drop the queued sets (counted ``inactive``), wait for the batch
+        in flight (its results are not published)."""
+        self._active = False
+        if self._demand_timer is not None:
+            self.destroy_timer(self._demand_timer)
+            self._demand_timer = None
+        self._unsubscribe()
+        with self._lock:
+            self._latest = None
+            dropped = self._batcher.clear("inactive")
+        self._monitor.sets_dropped("inactive", dropped)
+        self._batcher.wait_for(lambda s: s["running"] == 0, 60.0)
+
+    def _cleanup(self) -> None:
+        """Stop the worker (queued sets are discarded), destroy the outputs, free the model.
+        Tolerates a partial configuration (a configure that failed half way)."""
+        self._configured = False
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.stop(drain=False, timeout=30.0)
+        if getattr(self, "_ask", None) is not None:
+            self._ask.destroy()
+            self._ask = None
+        if getattr(self, "_diag_timer", None) is not None:
+            self.destroy_timer(self._diag_timer)
+            self._diag_timer = None
+        for name in ("_features_pub", "_caption_pub", "_diag_pub"):
+            if getattr(self, name, None) is not None:
+                self.destroy_publisher(getattr(self, name))
+                setattr(self, name, None)
+        if getattr(self, "_jump_handle", None) is not None:
+            self._jump_handle.unregister()
+            self._jump_handle = None
+        device = getattr(self, "_device", None)
+        self.model = None
+        self._geometry = {}
+        if device is not None:
+            release_device_memory(device)
+
+    def _log_ready(self) -> None:
+        v = self._value
+        cams = ", ".join(f"{n} <- {t}" for n, t in zip(self._names, self._resolved_topics))
+        self.get_logger().info(
+            f"ready: {len(self._topics)} cameras [{cams}]; model {self._model_name} on {self._device}; "
+            f"publishing {self.resolve_topic_name('features')}"
+            + (f" and {self.resolve_topic_name('caption')}" if v("caption.enabled") else "")
+            + (" (lazy: cameras subscribed while someone listens)" if v("lazy") else ""))
+
+    def _warm_up(self, sizes: Optional[List[tuple]] = None) -> None:
+        """Pay the model's one-time costs (allocation, kernel choice; on CUDA graph capture and
+        compilation) for the cameras' frame sizes and every decode batch bucket up to
+        batch.max_size (core/warmup.py). model.warmup_size unset: deferred to the first set."""
+        t0 = time.perf_counter()
+        sizes = sizes or parse_warmup_sizes(self._value("model.warmup_size"), len(self._topics))
+        self._warm_pending = sizes is None
+        if sizes is None:
+            self.get_logger().info("warm-up deferred: model.warmup_size is unset, the first set's frames decide")
+            return
+        tokens = int(self._value("caption.max_new_tokens")) if self._value("caption.enabled") else 0
+        batches = warmup_batch_sizes(int(self._value("batch.max_size")))
+        if hasattr(self.model, "warmup"):
+            self.model.warmup(sizes, batch_sizes=batches, prompt=str(self._value("prompt")), max_new_tokens=tokens)
+        else:  # a wrapped model (tests, instrumentation): one call on black frames
+            import torch
+
+            frames = [[torch.zeros(3, h, w, dtype=torch.uint8, device=self._device) for h, w in sizes]]
+            self.model.encode(frames, [str(self._value("prompt"))])
+        self.get_logger().info(f"warm-up for frames {', '.join(f'{h}x{w}' for h, w in sizes)}, batches {batches}: "
+                               f"{time.perf_counter() - t0:.2f} s")
+
+    # ------------------------------------------------------------------------- cameras
+    def _subscribe(self) -> None:
+        from sensor_msgs.msg import CompressedImage, Image
+
+        if self._subs:
+            return
+        self._monitor.set_paused(False)
+        compressed_all = bool(self._value("compressed"))
+        for i, topic in enumerate(self._topics):
+            is_compressed = compressed_all or topic.rstrip("/").split("/")[-1] == "compressed"
+            msg_type = CompressedImage if is_compressed else Image
+            self._subs.append(self._subscribe_camera(i, msg_type, topic, self._camera_qos))
+
+    def _subscribe_camera(self, i: int, msg_type: Any, topic: str, qos: QoSProfile):
+        """Camera subscription, with the middleware's message-lost events where it reports them."""
+        group = MutuallyExclusiveCallbackGroup()
+        events = SubscriptionEventCallbacks(
+            message_lost=lambda info, i=i: self._loss.middleware_lost(i, info.total_count_change))
+        try:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group, event_callbacks=events)
+            self._loss.middleware_support(i, True)
+        except UnsupportedEventTypeError:
+            sub = self.create_subscription(msg_type, topic, lambda msg, i=i: self._on_frame(i, msg), qos,
+                                           callback_group=group)
+            self._loss.middleware_support(i, False)
+        return sub
+
+    def _unsubscribe(self) -> None:
+        subs, self._subs = self._subs, []
+        for sub in subs:
+            self.destroy_subscription(sub)
+        self._monitor.set_paused(True)
+
+    def _check_demand(self) -> None:
+        """``lazy``: subscribe to the cameras while ``features`` or ``caption`` has a subscriber."""
+        if not self._active:
+            return
+        wanted = sum(self.count_subscribers(t) for t in self._demand_topics) > 0
+        if wanted and not self._subs:
+            self._subscribe()
+            self.get_logger().info("a subscriber appeared: subscribed to the cameras")
+        elif not wanted and self._subs:
+            self._unsubscribe()
+            self.get_logger().info("no subscriber left: unsubscribed from the cameras")
+
+    @property
+    def subscribed(self) -> bool:
+        """Whether the node is subscribed to its cameras now."""
+        return bool(self._subs)
+
+    # ------------------------------------------------------------------------- parameters
+    def _value(self, name: str) -> Any:
+        return self.get_parameter(name).value
+
+    def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        return validate_changes(params)
+
+    def _add_parameter_callbacks(self) -> None:
+        """Validation before a change, application after it. ``add_post_set_parameters_callback``
+        arrived in Iron (rclpy 5); on Humble the accepted values are applied from the
+        validation callback, once every parameter of the request has passed."""
+        if hasattr(self, "add_post_set_parameters_callback"):
+            self.add_on_set_parameters_callback(self._validate_parameters)
+            self.add_post_set_parameters_callback(self._apply_parameters)
+        else:
+            self.add_on_set_parameters_callback(self._validate_and_apply_parameters)
+
+    def _validate_and_apply_parameters(self, params: List[Parameter]) -> SetParametersResult:
+        result = self._validate_parameters(params)
+        if result.successful:
+            self._apply_parameters(params)
+        return result
+
+    def _apply_parameters(self, params: List[Parameter]) -> None:
+        if not self._configured:
+            return  # read again when configuring
+        for p in params:
+            if p.name == "batch.max_size":
+                self._batcher.configure(max_size=int(p.value))
+            elif p.name == "batch.max_wait_ms":
+                self._batcher.configure(max_wait_ms=float(p.value))
+            elif p.name == "diagnostics.stale_after":
+                self._monitor.stale_after_s = float(p.value)
+            elif p.name == "max_rate":
+                with self._lock:
+                    self._intake.set_max_rate(float(p.value))
+
+    def _load_model(self):
+        import torch
+
+        from ..model import BatchedQwenVL
+
+        v = self._value
+        path = resolve_checkpoint(str(v("model.path")))
+        dtype = str(v("model.dtype"))
+        device = str(v("model.device")) or "auto"
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"model.device is {device!r} but CUDA is not available")
+        self.get_logger().info(f"loading {path} on {device}")
+        t0 = time.perf_counter()
+        model = BatchedQwenVL.from_pretrained(
+            path, device=device, dtype=dtype,
+            min_pixels=int(v("model.min_pixels")) or None, max_pixels=int(v("model.max_pixels")) or None)
+        self.get_logger().info(f"loaded {path} ({model.cfg.family}) on {model.device} as {model.dtype} "
+                               f"in {time.perf_counter() - t0:.1f} s")
+        return model
+
+    # ------------------------------------------------------------------------- input side
+    def _on_frame(self, index: int, msg: Any) -> None:
+        """Subscription callback: the intake converts (outside the lock) and synchronizes; the sets
+        within max_rate go to the batcher. Never raises."""
+        self._monitor.frame_received(index)
+        arrival_ns = self.get_clock().now().nanoseconds
+        self._loss.frame(index, stamp_ns(msg.header.stamp))
+        try:
+            frame = self._intake.convert(index, msg, arrival_ns)
+        except Exception as exc:  # ConversionError, the model's size limits, anything a decoder may raise
+            self._invalid_frame(index, exc)
+            return
+        self._monitor.frame_valid(index, frame.size, frame_id=str(msg.header.frame_id))
+        with self._lock:
+            out = self._intake.push(frame)
+            self._monitor.frames_dropped(self._sync.drops)
+            if out.reset:
+                self._log_sync_reset()
+            for made in out.sets:
+                if made.ready is None:  # a camera does not hold a full clip yet
+                    continue
+                self._latest = made.ready
+                self._monitor.set_made()
+                if made.admitted:
+                    self._batcher.put(made.ready)
+                else:
+                    self._monitor.sets_dropped("rate_limit")
+
+    def _log_sync_reset(self) -> None:
+        """Log a synchronizer reset with its cause, at most once per log_throttle period."""
+        suppressed = self._log_throttle.check(("sync_reset",))
+        if suppressed is None:
+            return
+        cause = self._sync.stats()["last_reset"] or {}
+        k = cause.get("input")
+        what = (f"camera {self._names[k]} stamp went back from {format_stamp(cause['from_ns'])} to "
+                f"{format_stamp(max(0, cause['to_ns']))}" if k is not None else "reset requested")
+        more = f" ({suppressed} more since the last report)" if suppressed else ""
+        self.get_logger().warning(f"synchronizer reset: {what}; queued frames dropped{more}")
+
+    def _invalid_frame(self, index: int, error: Any) -> None:
+        """Count the frame under a bounded reason key; log at most once per camera, key and period."""
+        self._monitor.frame_invalid(index, error)
+        topic = self._resolved_topics[index]
+        key = reason_key(error)
+        suppressed = self._log_throttle.check((index, key))
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            reason = (str(error) or type(error).__name__)[:200]
+            self.get_logger().error(f"dropped a frame from {topic} ({key}): {reason}{more}")
+
+    # ------------------------------------------------------------------------- time and health
+    def _on_time_jump(self, jump) -> None:
+        backwards = jump.delta.nanoseconds < 0
+        if not backwards and jump.clock_change == ClockChange.ROS_TIME_NO_CHANGE:
+            return
+        with self._lock:
+            self._intake.reset()
+            self._latest = None
+            self._epoch += 1
+            dropped = self._batcher.clear("time_reset")
+        self._monitor.sets_dropped("time_reset", dropped)
+        self._monitor.clear_latency()
+        what = "went back" if backwards else "changed source"
+        self.get_logger().info(f"time {what} ({jump.delta.nanoseconds * 1e-9:+.3f} s): synchronizer reset, "
+                               f"{dropped} queued set(s) of the old timeline dropped")
+
+    # ------------------------------------------------------------------------- ~/ask
+    def _newest_set(self):
+        with self._lock:
+            latest = self._latest if self._active else None
+        if latest is None:
+            return None
+        return latest, [f.header for f in latest.items]
+
+    def _why_no_set(self) -> str:
+        if not self._active:
+            return "the node is not active"
+        if not self._subs:
+            return "lazy: nobody subscribes to features or caption, so the cameras are not subscribed"
+        received = ", ".join(f"{c['name']} {c['received']}" for c in self._monitor.snapshot()["cameras"])
+        return f"the synchronizer has made no set yet (frames received: {received})"
+
+    # ------------------------------------------------------------------------- introspection
+    @property
+    def camera_names(self) -> List[str]:
+        return list(self._names)
+
+    @property
+    def camera_topics(self) -> List[str]:
+        return list(self._resolved_topics)
+
+    @property
+    def slop_ns(self) -> int:
+        """The synchronizer's slop in ns (sync.slop, or the default derived from expected rates)."""
+        return self._sync.slop
+
+    def pipeline_stats(self) -> dict:
+        """Synchronizer, batcher and monitor counters in one dict (tests, tools)."""
+        out = {"sync": self._sync.stats(), "batch": self._batcher.stats(), "monitor": self._monitor.snapshot()}
+        if self._clips is not None:
+            with self._lock:
+                out["clips"] = self._clips.stats()
+        return out
+
+    def wait_idle(self, timeout: Optional[float] = None) -> bool:
+        return self._batcher.wait_idle(timeout)
+
+    @property
+    def ask_server(self) -> "AskServer":
+        return self._ask
+
+    def destroy_node(self) -> None:
+        """Stop the worker (the batch in flight finishes, queued sets are discarded), then the node."""
+        self._active = False
+        try:
+            self._cleanup()
+        finally:  # rclpy's part always runs: the node leaves its context, which can then shut down
+            super().destroy_node()
+
+
