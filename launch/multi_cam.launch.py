@@ -29,11 +29,16 @@ calls ``signal.signal`` for it; ``LaunchService._on_sigterm`` in launch/launch_s
 reached through the wakeup fd of a handled signal), so the process dies at once and never
 signals its processes. Hence every process started here gets ``QVL_EXIT_WITH_PARENT=1``: the
 kernel sends it SIGTERM when `ros2 launch` dies (PR_SET_PDEATHSIG), and it ends as on Ctrl-C.
+Once launch shuts down, it ignores further SIGINTs (it only logs "again, ignoring" for them):
+one arriving while `ros2 launch` exits would otherwise end it by signal (exit -2, seen here).
 """
+import signal
+import threading
 from pathlib import Path
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
 
@@ -127,8 +132,15 @@ def _managed_node(namespace, parameters, autostart: bool) -> list:
     return [activate, node, configure]
 
 
+def _ignore_further_sigint(event, context):
+    """From the shutdown on, a SIGINT changes nothing for launch; ignore it (see the module doc)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def generate_launch_description():
     return LaunchDescription([
+        RegisterEventHandler(OnShutdown(on_shutdown=_ignore_further_sigint)),
         DeclareLaunchArgument("params_file", default_value="",
                               description="Parameter file (default: the installed config/multi_cam.yaml)"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the nodes"),

@@ -57,7 +57,7 @@ def _load_with_stub_launch(monkeypatch):
         return type(kind, (Recorded,), {})
 
     modules = {name: types.ModuleType(name) for name in
-               ("launch", "launch.actions", "launch.substitutions", "launch.events", "launch_ros",
+               ("launch", "launch.actions", "launch.substitutions", "launch.events", "launch.event_handlers", "launch_ros",
                 "launch_ros.actions", "launch_ros.event_handlers", "launch_ros.events",
                 "launch_ros.events.lifecycle")}
     modules["launch"].LaunchDescription = lambda entities: list(entities)
@@ -66,6 +66,7 @@ def _load_with_stub_launch(monkeypatch):
     modules["launch.actions"].EmitEvent = named("EmitEvent")
     modules["launch.actions"].RegisterEventHandler = named("RegisterEventHandler")
     modules["launch.events"].matches_action = lambda action: ("matches", action)
+    modules["launch.event_handlers"].OnShutdown = named("OnShutdown")
     modules["launch.substitutions"].LaunchConfiguration = LaunchConfiguration
     modules["launch_ros.actions"].Node = named("Node")
     modules["launch_ros.actions"].LifecycleNode = named("LifecycleNode")
