@@ -29,8 +29,14 @@ calls ``signal.signal`` for it; ``LaunchService._on_sigterm`` in launch/launch_s
 reached through the wakeup fd of a handled signal), so the process dies at once and never
 signals its processes. Hence every process started here gets ``QVL_EXIT_WITH_PARENT=1``: the
 kernel sends it SIGTERM when `ros2 launch` dies (PR_SET_PDEATHSIG), and it ends as on Ctrl-C.
-Once launch shuts down, it ignores further SIGINTs (it only logs "again, ignoring" for them):
-one arriving while `ros2 launch` exits would otherwise end it by signal (exit -2, seen here).
+In the `ros2 launch` process, SIGINT raises no KeyboardInterrupt (launch still sees it: its
+signal manager reads the wakeup fd, which any Python-level handler feeds). Python's default
+handler raised it wherever the main thread was; a second Ctrl-C landing while launch ran its
+shutdown handlers skipped the rest of them, among them launch_ros's ROS adapter shutdown
+(launch_ros/ros_adapters.py, ``get_ros_adapter``), whose non-daemon executor thread
+(``ROSAdapter._run``) then spun forever and `ros2 launch` hung in ``threading._shutdown`` (or
+aborted at exit). Once launch shuts down, it ignores further SIGINTs (it only logs "again,
+ignoring" for them), so that one arriving while the interpreter exits cannot end it by signal.
 """
 import signal
 import threading
@@ -138,7 +144,13 @@ def _ignore_further_sigint(event, context):
         signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def _no_keyboard_interrupt(signum, frame):
+    """SIGINT handler of the launch process: nothing; launch acts on it through the wakeup fd."""
+
+
 def generate_launch_description():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _no_keyboard_interrupt)
     return LaunchDescription([
         RegisterEventHandler(OnShutdown(on_shutdown=_ignore_further_sigint)),
         DeclareLaunchArgument("params_file", default_value="",
