@@ -25,4 +25,4 @@ bench-gpu:
 	python3 bench/gpu.py
 
 clean:
-	rm -rf build install log .cache
+	rm -rf build install log build-kilted install-kilted log-kilted .cache

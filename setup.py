@@ -2,19 +2,20 @@
 
 `qvl_ros.model` needs torch, torchvision (image resizing), transformers' tokenizers and
 safetensors; the ROS modules import rclpy lazily (ROS 2 itself does not come from here). The
-console scripts have the names of the package's `ros2 run` executables (CMakeLists.txt).
+console scripts have the names of the package's `ros2 run` executables (CMakeLists.txt); the
+ROS processes start in qvl_ros.ros.spin (signals first, then the heavy imports).
 """
 from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
-    "qvl_node = qvl_ros.ros.node:main",
-    "qvl_synthetic_cameras = qvl_ros.sim.synthetic:main",
-    "qvl_listener = qvl_ros.ros.listener:main",
+    "qvl_node = qvl_ros.ros.spin:qvl_node",
+    "qvl_synthetic_cameras = qvl_ros.ros.spin:synthetic_cameras",
+    "qvl_listener = qvl_ros.ros.spin:qvl_listener",
     "qvl-ros = qvl_ros.offline.cli:main",
     "qvl-demo = qvl_ros.sim.demo:main",
     # Earlier names, kept as aliases.
-    "qvl-synthetic-cameras = qvl_ros.sim.synthetic:main",
-    "qvl-listener = qvl_ros.ros.listener:main",
+    "qvl-synthetic-cameras = qvl_ros.ros.spin:synthetic_cameras",
+    "qvl-listener = qvl_ros.ros.spin:qvl_listener",
 ]
 
 setup(

@@ -20,13 +20,36 @@ Arguments:
 
 Everything started here can be started without `launch` too: `qvl_node`,
 `qvl-synthetic-cameras` (``python -m qvl_ros.node`` / ``python -m qvl_ros.synthetic``).
+
+Signals. Ctrl-C in the terminal reaches every process of the group; each ends by itself with
+exit code 0 (qvl_ros/ros/spin.py) and launch reports it finished cleanly. SIGINT to `ros2
+launch` alone: launch sends SIGINT (SIGTERM after 5 s in an interactive terminal) to each
+process. SIGTERM to `ros2 launch` alone: this launch snapshot has no SIGTERM handler (nothing
+calls ``signal.signal`` for it; ``LaunchService._on_sigterm`` in launch/launch_service.py is only
+reached through the wakeup fd of a handled signal), so the process dies at once and never
+signals its processes. Hence every process started here gets ``QVL_EXIT_WITH_PARENT=1``: the
+kernel sends it SIGTERM when `ros2 launch` dies (PR_SET_PDEATHSIG), and it ends as on Ctrl-C.
+In the `ros2 launch` process, SIGINT raises no KeyboardInterrupt (launch still sees it: its
+signal manager reads the wakeup fd, which any Python-level handler feeds). Python's default
+handler raised it wherever the main thread was; a second Ctrl-C landing while launch ran its
+shutdown handlers skipped the rest of them, among them launch_ros's ROS adapter shutdown
+(launch_ros/ros_adapters.py, ``get_ros_adapter``), whose non-daemon executor thread
+(``ROSAdapter._run``) then spun forever and `ros2 launch` hung in ``threading._shutdown`` (or
+aborted at exit). Once launch shuts down, it ignores further SIGINTs (it only logs "again,
+ignoring" for them), so that one arriving while the interpreter exits cannot end it by signal.
 """
+import signal
+import threading
 from pathlib import Path
 
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, OpaqueFunction
+from launch.actions import DeclareLaunchArgument, OpaqueFunction, RegisterEventHandler
+from launch.event_handlers import OnShutdown
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
+
+# Each process ends when `ros2 launch` dies (SIGTERM to it: see the module doc).
+EXIT_WITH_LAUNCH = {"QVL_EXIT_WITH_PARENT": "1"}
 
 
 def _default_params_file() -> str:
@@ -76,14 +99,16 @@ def _actions(context):
     else:
         actions = [Node(
             package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
-            parameters=[params_file, node_overrides], output="screen", emulate_tty=True)]
+            parameters=[params_file, node_overrides], output="screen", emulate_tty=True,
+            additional_env=EXIT_WITH_LAUNCH)]
     if _parse_bool("synthetic", arg("synthetic")):
         camera_overrides = {"use_sim_time": sim_time}
         if topics:
             camera_overrides["topics"] = topics
         actions.append(Node(
             package="qvl_ros", executable="synthetic_cameras", name="synthetic_cameras", namespace=namespace,
-            parameters=[params_file, camera_overrides], output="screen", emulate_tty=True))
+            parameters=[params_file, camera_overrides], output="screen", emulate_tty=True,
+            additional_env=EXIT_WITH_LAUNCH))
     return actions
 
 
@@ -99,7 +124,8 @@ def _managed_node(namespace, parameters, autostart: bool) -> list:
 
     node = LifecycleNode(
         package="qvl_ros", executable="qvl_node", name="qvl_node", namespace=namespace,
-        parameters=parameters, arguments=["--managed"], output="screen", emulate_tty=True)
+        parameters=parameters, arguments=["--managed"], output="screen", emulate_tty=True,
+        additional_env=EXIT_WITH_LAUNCH)
     if not autostart:
         return [node]
     transition = lifecycle_msgs.msg.Transition
@@ -112,8 +138,21 @@ def _managed_node(namespace, parameters, autostart: bool) -> list:
     return [activate, node, configure]
 
 
+def _ignore_further_sigint(event, context):
+    """From the shutdown on, a SIGINT changes nothing for launch; ignore it (see the module doc)."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _no_keyboard_interrupt(signum, frame):
+    """SIGINT handler of the launch process: nothing; launch acts on it through the wakeup fd."""
+
+
 def generate_launch_description():
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, _no_keyboard_interrupt)
     return LaunchDescription([
+        RegisterEventHandler(OnShutdown(on_shutdown=_ignore_further_sigint)),
         DeclareLaunchArgument("params_file", default_value="",
                               description="Parameter file (default: the installed config/multi_cam.yaml)"),
         DeclareLaunchArgument("namespace", default_value="", description="Namespace of the nodes"),

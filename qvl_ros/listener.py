@@ -8,6 +8,8 @@ import sys
 import warnings
 
 if __name__ == "__main__":
-    sys.exit(importlib.import_module("qvl_ros.ros.listener").main())
+    spin = importlib.import_module("qvl_ros.ros.spin")
+    spin.catch_signals()  # before the heavy imports
+    spin.exit_now(importlib.import_module("qvl_ros.ros.listener").main())
 warnings.warn("qvl_ros.listener is an old import path: import qvl_ros.ros.listener", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = importlib.import_module("qvl_ros.ros.listener")

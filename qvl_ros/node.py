@@ -8,6 +8,8 @@ import sys
 import warnings
 
 if __name__ == "__main__":
-    sys.exit(importlib.import_module("qvl_ros.ros.node").main())
+    spin = importlib.import_module("qvl_ros.ros.spin")
+    spin.catch_signals()  # before the heavy imports
+    spin.exit_now(importlib.import_module("qvl_ros.ros.node").main())
 warnings.warn("qvl_ros.node is an old import path: import qvl_ros.ros.node", DeprecationWarning, stacklevel=2)
 sys.modules[__name__] = importlib.import_module("qvl_ros.ros.node")

@@ -185,7 +185,8 @@ def test_output_is_a_valid_bag_with_stored_definitions(run):
     assert conn.msgtype == "qvl_ros/msg/VisionFeatures"
     assert "MSG: qvl_ros/FeatureTensor" in conn.msgdef.data
     # the stored hash is the one rosidl computes for our .msg files (when the build is present)
-    desc = ROOT / "install" / "qvl_ros" / "share" / "qvl_ros" / "msg" / "VisionFeatures.json"
+    install = Path(os.environ.get("QVL_INSTALL", ROOT / "install"))  # scripts/run.sh: the distribution's
+    desc = install / "qvl_ros" / "share" / "qvl_ros" / "msg" / "VisionFeatures.json"
     if desc.exists():
         hashes = json.loads(desc.read_text())["type_hashes"]
         want = next(h["hash_string"] for h in hashes if h["type_name"] == "qvl_ros/msg/VisionFeatures")

@@ -76,7 +76,7 @@ def console_scripts():
 CHECK_LAUNCHERS = r"""
 import runpy, sys
 for path in sys.argv[1:]:
-    ns = runpy.run_path(path, run_name="launcher")  # imports the target, does not run it
+    ns = runpy.run_path(path, run_name="launcher")  # imports the target (as main), does not run it
     print(path.rsplit("/", 1)[1], ns["main"].__module__ + ":" + ns["main"].__name__)
 import qvl_ros, qvl_ros.msg
 print("package", qvl_ros.__version__, qvl_ros.msg.VisionFeatures.__name__, qvl_ros.__path__[0])

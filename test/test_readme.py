@@ -7,7 +7,7 @@ Every ```python and ```bash block of README.md carries a marker after its langua
 
 A block without a marker fails this test, so nothing new in the README goes unclassified. A
 `run` block executes in a scratch directory of its own that holds links to the checkout's
-`scripts/`, `config/`, `launch/`, `.venv/` and `install/` (so `scripts/run.sh ...` and
+`scripts/`, `config/`, `launch/`, `.venv/` and `install/` (and their `-kilted` twins) (so `scripts/run.sh ...` and
 `config/multi_cam.yaml` mean what they mean in a checkout), with the test's environment: DDS
 on loopback in a random domain, no model hub. Python blocks run with this interpreter; bash
 blocks with `bash -e -o pipefail`, in a process group of their own that is killed afterwards,
@@ -28,7 +28,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 LANGS = {"python", "bash", "sh"}
-LINKED = ("scripts", "config", "launch", "bench", ".venv", "install", "qvl_ros")
+LINKED = ("scripts", "config", "launch", "bench", ".venv", "install", ".venv-kilted", "install-kilted", "qvl_ros")
 TIMEOUT_S = 600
 
 

@@ -7,6 +7,10 @@ the set is, among all choices of one frame per camera that contain the pivot, th
 smallest spread (earliest on ties); frames older than the chosen ones are dropped. The
 incremental synchronizer, fed the same frames in random interleavings (each camera in stamp
 order) and flushed, must output exactly these sets. Randomized, seeded.
+
+Against the real message_filters.ApproximateTimeSynchronizer (its Python module) on the same
+random streams: equal sets where the cameras' ticks are isolated, and where they are not, the
+exact relation stated in `test_message_filters_takes_the_newest_frames_ours_the_tightest_set`.
 """
 import functools
 import itertools
@@ -312,3 +316,127 @@ def test_validation_and_default_slop():
     for bad in ([], [0], [-1], [float("nan")]):
         with pytest.raises(ValueError):
             default_slop_ns(bad)
+
+
+# -------------------------------------------------------- against message_filters (Python)
+def _their_sets(n, arrivals, slop_ns, queue_size):
+    """Sets of message_filters.ApproximateTimeSynchronizer (the Python module) for the arrivals."""
+    message_filters = pytest.importorskip(
+        "message_filters", reason="message_filters (ROS 2) is not installed: scripts/setup.sh installs it "
+        "from ../shared/ros2-extra or a sourced ROS 2 install provides it")
+    from sensor_msgs.msg import Image
+
+    inputs = [message_filters.SimpleFilter() for _ in range(n)]
+    out = []
+    sync = message_filters.ApproximateTimeSynchronizer(inputs, queue_size, slop_ns / SEC)
+    sync.registerCallback(lambda *msgs: out.append(tuple(
+        m.header.stamp.sec * SEC + m.header.stamp.nanosec for m in msgs)))
+    for k, t, _ in arrivals:
+        msg = Image()
+        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, SEC)
+        inputs[k].signalMessage(msg)
+    return out
+
+
+def _newest_unused_rule(n, arrivals, slop_ns):
+    """At each arriving frame f: when every other camera has an unused frame, the set of f and
+    each other camera's newest unused frame, if they all lie less than the slop before f."""
+    unused = [[] for _ in range(n)]
+    out = []
+    for k, t, _ in arrivals:
+        unused[k].append(t)
+        if all(unused):
+            pick = tuple(unused[j][-1] for j in range(n))
+            if t - min(pick) < slop_ns:
+                out.append(pick)
+                for j in range(n):
+                    unused[j].remove(pick[j])
+    return out
+
+
+def _camera_streams(rng, n, n_ticks, period, jitter_us, miss):
+    """Per camera, a tick every period with +-jitter, some ticks missing; stamps on a 1 us grid,
+    sorted, distinct over all cameras."""
+    seen = set()
+    streams = []
+    for _ in range(n):
+        stamps = {SEC + i * period + rng.randint(-jitter_us, jitter_us) * 1000
+                  for i in range(n_ticks) if rng.random() > miss}
+        streams.append(sorted(stamps - seen))
+        seen |= stamps
+    return streams
+
+
+def _spread(stamps):
+    return max(stamps) - min(stamps)
+
+
+# The slop sits half a microsecond off the 1 us grid of the stamps: no spread equals it, so
+# message_filters' strict "< slop" and our inclusive "<= slop" select the same sets, and the
+# float seconds message_filters takes cannot round across a stamp difference.
+SLOP_MF = 20 * MS + 500
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_equals_message_filters_on_isolated_ticks(seed):
+    """Relation 1, equality. Cameras that tick together (+-8 ms jitter, 15 % of frames missing)
+    every 100 ms with a 20 ms slop: frames of one tick lie within the slop and frames of
+    different ticks more than the slop apart. Then message_filters.ApproximateTimeSynchronizer
+    and our approximate_time emit exactly the same sets, the ticks at which every camera
+    delivered, for arrivals in any interleaving of the cameras (each in its stamp order):
+    there is a single candidate set per tick, so both rules must pick it."""
+    rng = random.Random(900 + seed)
+    for _ in range(8):
+        n = rng.randint(2, 4)
+        streams = _camera_streams(rng, n, 40, 100 * MS, 8000, 0.15)
+        arrivals = random_interleaving(rng, streams)
+        theirs = _their_sets(n, arrivals, SLOP_MF, queue_size=100)
+        sync = Approx(n, slop=SLOP_MF, queue_size=100)
+        ours = [s.stamps for s in run(sync, arrivals) + sync.flush()]
+        assert sorted(theirs) == ours  # theirs come in completion order, ours in stamp order
+        ticks_everyone_has = set.intersection(*[{round((x - SEC) / (100 * MS)) for x in s} for s in streams])
+        assert len(ours) == len(ticks_everyone_has)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_message_filters_takes_the_newest_frames_ours_the_tightest_set(seed):
+    """Relation 2, dense streams: 2-4 cameras ticking every 15-30 ms with +-15 ms jitter, 15 %
+    of frames missing, slop 20 ms, arrivals in stamp order; 8 streams per seed. Asserted:
+
+    * message_filters' sets are exactly those of the *newest-unused rule*
+      (`_newest_unused_rule`): at each arriving frame f, when every other camera has an unused
+      frame, the set of f and each other camera's newest unused frame, emitted at once if they
+      all lie less than the slop before f. (Its product search over the frames within the slop,
+      each camera's sorted by distance to f, meets that set first: in stamp order a camera's
+      closest frame is its newest, and any other choice is older, hence wider.)
+    * ours are exactly the sets of the ApproximateTime definition (`brute_approximate_time`):
+      around each pivot, the newest of the cameras' oldest frames, the set of smallest spread,
+      also with frames that arrive after the pivot (ours waits for them).
+    * ours are in stamp order per camera; message_filters' are not in at least one stream of
+      each seed (it leaves older frames unused and may match them later: its sets go back).
+    * per stream, ours are no more sets than message_filters'; over the 8 streams the mean
+      spread of ours is smaller.
+
+    Why ours are tighter: the newest-unused rule takes the first set that completes and never
+    a frame still to come that would be closer; ours never emits a set that such a frame could
+    tighten. The last two points are measured facts of these seeded streams (they held on all
+    of 400 such streams tried), not consequences of the definitions; the first two are."""
+    rng = random.Random(950 + seed)
+    ours_mean = theirs_mean = 0.0
+    streams_with_crossing_sets = 0
+    for _ in range(8):
+        n = rng.randint(2, 4)
+        streams = _camera_streams(rng, n, 40, rng.choice([15, 20, 25, 30]) * MS, 15000, 0.15)
+        arrivals = sorted((frame(k, t) for k, s in enumerate(streams) for t in s), key=lambda f: f[1])
+        theirs = _their_sets(n, arrivals, SLOP_MF, queue_size=100)
+        assert theirs == _newest_unused_rule(n, arrivals, SLOP_MF)
+        sync = Approx(n, slop=SLOP_MF, queue_size=100)
+        ours = [s.stamps for s in run(sync, arrivals) + sync.flush()]
+        assert ours == brute_approximate_time(streams, SLOP_MF)
+        assert all(all(a < b for a, b in zip(x, y)) for x, y in zip(ours, ours[1:]))
+        streams_with_crossing_sets += any(not all(a < b for a, b in zip(x, y)) for x, y in zip(theirs, theirs[1:]))
+        assert len(ours) <= len(theirs)
+        ours_mean += sum(map(_spread, ours)) / len(ours) / 8
+        theirs_mean += sum(map(_spread, theirs)) / len(theirs) / 8
+    assert streams_with_crossing_sets >= 1
+    assert ours_mean < theirs_mean

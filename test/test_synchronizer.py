@@ -625,32 +625,3 @@ def test_cost_is_not_a_product_over_queues():
     # The silent input wakes up: the newest window is matched, everything older is unusable.
     sets = sync.add(n - 1, (2 * q - 1) * 10 * MS, None)
     assert len(sets) == 1
-
-
-# --------------------------------------------------------------- comparison: message_filters
-def test_against_message_filters_approximate_time():
-    message_filters = pytest.importorskip(
-        "message_filters",
-        reason="message_filters (ROS 2) is not installable from any registry reachable here")
-    from sensor_msgs.msg import Image
-
-    rng = random.Random(11)
-    n, n_ticks, slop = 3, 100, 20 * MS
-    streams = [ticks(n_ticks, 100 * MS, 8 * MS, rng, offset=SEC) for _ in range(n)]
-    for k in range(n):  # some missing frames
-        streams[k] = [t for t in streams[k] if rng.random() > 0.1]
-    arrivals = arrivals_by_latency(rng, streams, [0, 10 * MS, 30 * MS], 30 * MS)
-
-    filters = [message_filters.SimpleFilter() for _ in range(n)]
-    theirs = []
-    mf = message_filters.ApproximateTimeMaxSets(filters, 10, slop / SEC)
-    mf.registerCallback(lambda *msgs: theirs.append(msgs))
-    for k, t, _ in arrivals:
-        msg = Image()
-        msg.header.stamp.sec, msg.header.stamp.nanosec = divmod(t, SEC)
-        filters[k].signalMessage(msg)
-
-    sync = MaxSets(n, slop=slop, queue_size=10)
-    ours = [s for _, s in feed(sync, arrivals)] + sync.flush()
-    check_sets(ours, n, slop)
-    assert len(ours) >= len(theirs)

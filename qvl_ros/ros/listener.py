@@ -93,9 +93,11 @@ class FeatureListener(Node):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``qvl_listener``; the start, spin and end: :func:`qvl_ros.ros.spin.run`."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.utilities import remove_ros_args
+
+    from .spin import run
 
     argv = list(sys.argv if argv is None else argv)
     ap = argparse.ArgumentParser(prog="qvl-listener", description=__doc__.splitlines()[0])
@@ -104,14 +106,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--features-topic", default="features")
     ap.add_argument("--caption-topic", default="caption")
     args = ap.parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
-    node = None
-    code = 0
-    try:
-        node = FeatureListener(features_topic=args.features_topic, caption_topic=args.caption_topic,
-                               printer=lambda line: print(line, flush=True))
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
+
+    def listen(executor, node) -> int:
         end = time.monotonic() + args.duration if args.duration > 0 else None
         while rclpy.ok():
             if args.count and node.count >= args.count:
@@ -119,25 +115,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             if end is not None and time.monotonic() >= end:
                 break
             executor.spin_once(timeout_sec=0.1)
-        print(node.summary(), flush=True)
-        if args.count and node.count < args.count:
-            code = 1
-    except (KeyboardInterrupt, ExternalShutdownException):
-        if node is not None:
-            print(node.summary(), flush=True)
-    except Exception as exc:
-        from .shutdown import ended_by_shutdown
+        return 1 if args.count and node.count < args.count and rclpy.ok() else 0
 
-        if not ended_by_shutdown(exc):
-            raise
-        if node is not None:  # a signal shut the context down inside spin_once: a clean exit
-            print(node.summary(), flush=True)
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return code
+    return run(lambda: FeatureListener(features_topic=args.features_topic, caption_topic=args.caption_topic,
+                                       printer=lambda line: print(line, flush=True)),
+               args=argv, spin=listen, on_end=lambda node: print(node.summary(), flush=True),
+               name="qvl_listener")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .spin import catch_signals, exit_now
+
+    catch_signals()
+    exit_now(main())

@@ -44,7 +44,6 @@ import warnings
 from typing import Any, Optional, Sequence
 
 import rclpy
-from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
 from rclpy.lifecycle import LifecycleNode, TransitionCallbackReturn
 from rclpy.node import Node
 
@@ -126,10 +125,12 @@ class QvlLifecycleNode(QvlNodeMixin, LifecycleNode):
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of ``qvl_node`` / ``python -m qvl_ros.ros.node``; returns the exit code."""
+    """Entry point of ``qvl_node`` / ``python -m qvl_ros.ros.node``; returns the exit code.
+    Start, spin and the end on a signal: :func:`qvl_ros.ros.spin.run`."""
     import faulthandler
 
     from ..model.kernels import tune_cpu_allocator
+    from .spin import run
 
     faulthandler.enable()  # a crash in native code (rcl, DDS, torch) leaves every thread's Python stack in the log
 
@@ -141,57 +142,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--managed", action="store_true",
                         help="start as a lifecycle node (unconfigured; configure/activate through ~/change_state)")
     options = parser.parse_args(remove_ros_args(args)[1:])
-    rclpy.init(args=args)
-    node = None
-    code = 0
-    try:
-        node = QvlLifecycleNode() if options.managed else QvlNode()
-        executor = SingleThreadedExecutor()  # see the module doc
-        executor.add_node(node)
-        try:
-            executor.spin()
-        finally:
-            executor.shutdown(timeout_sec=1.0)
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as exc:
-        from .shutdown import ended_by_shutdown
-
-        if node is None or not ended_by_shutdown(exc):  # else a signal shut the context down under a callback
-            msg = f"{NODE_NAME} failed: {type(exc).__name__}: {exc}"
-            if node is not None:
-                node.get_logger().fatal(msg)
-            else:
-                print(msg, file=sys.stderr)
-            code = 1
-    finally:
-        try:
-            if node is not None:
-                _destroy(node)
-        except Exception as exc:  # the context is still shut down below, and the exit status says so
-            print(f"{NODE_NAME}: destroying the node failed: {type(exc).__name__}: {exc}", file=sys.stderr)
-            code = code or 1
-        finally:
-            rclpy.try_shutdown()
-    return code
-
-
-def _destroy(node: QvlNodeMixin) -> None:
-    """Destroy the node even when a late KeyboardInterrupt lands inside (rclpy hands SIGINT on to
-    Python's handler too, so one Ctrl-C can surface twice): the model worker, a daemon thread, must
-    be joined before the interpreter finalizes, or torch can crash under it (seen as a SIGSEGV on
-    SIGINT with a batch in flight)."""
-    for attempt in range(3):
-        try:
-            node.destroy_node()
-            return
-        except KeyboardInterrupt:
-            continue
-        except Exception:
-            if attempt == 0:
-                raise
-            return  # a second pass over handles the interrupted one already destroyed
+    return run(lambda: QvlLifecycleNode() if options.managed else QvlNode(), args=args, name=NODE_NAME)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from .spin import catch_signals, exit_now
+
+    catch_signals()  # late (torch is imported), but before the model loads
+    exit_now(main())

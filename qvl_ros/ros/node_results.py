@@ -33,13 +33,15 @@ def describe_device(device: Any) -> str:
 
 
 def release_device_memory(device: Any) -> None:
-    """Return cached GPU memory to the driver once the model is gone (lifecycle cleanup)."""
-    import gc
-
-    gc.collect()
+    """Return cached GPU memory to the driver once the model is gone (lifecycle cleanup). On the
+    CPU there is no cache to return: no full collection there (it took tens of seconds on a
+    loaded machine, on the way out after a signal)."""
     if str(device).startswith("cuda"):
+        import gc
+
         import torch
 
+        gc.collect()
         torch.cuda.empty_cache()
 
 

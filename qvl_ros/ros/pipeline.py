@@ -31,6 +31,7 @@ from .ask import AskServer
 from .feature_msgs import MessageKit, placeholder_token_ids
 from .node_results import NodeResults, describe_device, release_device_memory
 from .params import declare_parameters, validate_changes
+from .spin import interruptible
 
 __all__ = ["QvlNodeMixin", "LAZY_CHECK_PERIOD"]
 
@@ -72,14 +73,16 @@ class QvlNodeMixin(NodeResults):
         self._add_parameter_callbacks()
 
     def _configure(self, model: Any = None) -> None:
-        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`."""
-        self.model = model if model is not None else self._load_model()
-        self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
-        self._device = self.model.device
-        self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
-        self._placeholder_ids = placeholder_token_ids(self.model)
-        if self._value("model.warmup"):
-            self._warm_up()
+        """Model, pipeline components and outputs; the node then waits for :meth:`_activate`.
+        A signal abandons the model load and the warm-up at once (spin.interruptible)."""
+        with interruptible():
+            self.model = model if model is not None else self._load_model()
+            self._model_name = str(getattr(self.model, "name", "") or self._value("model.path"))
+            self._device = self.model.device
+            self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
+            self._placeholder_ids = placeholder_token_ids(self.model)
+            if self._value("model.warmup"):
+                self._warm_up()
         self._create_components()
         self._create_outputs()
         self._configured = True
@@ -325,6 +328,7 @@ class QvlNodeMixin(NodeResults):
         device = str(v("model.device")) or "auto"
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise RuntimeError(f"model.device is {device!r} but CUDA is not available")
+        self.get_logger().info(f"loading {path} on {device}")
         t0 = time.perf_counter()
         model = BatchedQwenVL.from_pretrained(
             path, device=device, dtype=dtype,

@@ -310,40 +310,32 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``synthetic_cameras``; the start, spin and end: :func:`qvl_ros.ros.spin.run`."""
     import rclpy
-    from rclpy.executors import ExternalShutdownException, SingleThreadedExecutor
     from rclpy.utilities import remove_ros_args
+
+    from ..ros.spin import run
 
     argv = list(sys.argv if argv is None else argv)
     args = build_parser().parse_args(remove_ros_args(argv)[1:])
-    rclpy.init(args=argv)
-    node = None
-    try:
-        node = SyntheticCameras(parameter_overrides=_overrides(args))
-        executor = SingleThreadedExecutor()
-        executor.add_node(node)
-        if args.duration > 0:
-            import time
 
-            end = time.monotonic() + args.duration
-            while rclpy.ok() and time.monotonic() < end:
-                executor.spin_once(timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
-        else:
+    def publish(executor, node) -> int:
+        if args.duration <= 0:
             executor.spin()
-    except (KeyboardInterrupt, ExternalShutdownException):
-        pass
-    except Exception as exc:
-        from ..ros.shutdown import ended_by_shutdown
+            return 0
+        import time
 
-        if not ended_by_shutdown(exc):
-            raise
-        # SIGTERM/SIGINT shut the context down while a tick was publishing: a clean exit.
-    finally:
-        if node is not None:
-            node.destroy_node()
-        rclpy.try_shutdown()
-    return 0
+        end = time.monotonic() + args.duration
+        while rclpy.ok() and time.monotonic() < end:
+            executor.spin_once(timeout_sec=min(0.1, max(0.0, end - time.monotonic())))
+        return 0
+
+    return run(lambda: SyntheticCameras(parameter_overrides=_overrides(args)), args=argv, spin=publish,
+               name="synthetic_cameras")
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from ..ros.spin import catch_signals, exit_now
+
+    catch_signals()
+    exit_now(main())
