@@ -8,14 +8,14 @@ ROS processes start in qvl_ros.ros.spin (signals first, then the heavy imports).
 from setuptools import find_packages, setup
 
 CONSOLE_SCRIPTS = [
-    "qvl_node = qvl_ros.ros.spin:qvl_node",
-    "qvl_synthetic_cameras = qvl_ros.ros.spin:synthetic_cameras",
-    "qvl_listener = qvl_ros.ros.spin:qvl_listener",
+    "qvl_node = qvl_ros.ros.entry:qvl_node",
+    "qvl_synthetic_cameras = qvl_ros.sim.cameras_entry:synthetic_cameras",
+    "qvl_listener = qvl_ros.ros.entry:qvl_listener",
     "qvl-ros = qvl_ros.offline.cli:main",
     "qvl-demo = qvl_ros.sim.demo:main",
     # Earlier names, kept as aliases.
-    "qvl-synthetic-cameras = qvl_ros.ros.spin:synthetic_cameras",
-    "qvl-listener = qvl_ros.ros.spin:qvl_listener",
+    "qvl-synthetic-cameras = qvl_ros.sim.cameras_entry:synthetic_cameras",
+    "qvl-listener = qvl_ros.ros.entry:qvl_listener",
 ]
 
 setup(

@@ -37,8 +37,7 @@ import threading
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, List, NoReturn, Optional, Sequence
 
-__all__ = ["Interrupted", "catch_signals", "exit_now", "interruptible", "signals_received", "run",
-           "qvl_node", "qvl_listener", "synthetic_cameras"]
+__all__ = ["Interrupted", "catch_signals", "exit_now", "interruptible", "signals_received", "run"]
 
 _received: List[int] = []
 _installed = False
@@ -205,25 +204,3 @@ def exit_now(code: int) -> NoReturn:
         for stream in (sys.stdout, sys.stderr):
             _quietly(stream.flush)
         os._exit(code)
-
-
-# --- console entry points: signals first, then the heavy imports ------------------------------
-def qvl_node() -> int:
-    catch_signals()
-    from .node import main
-
-    exit_now(main())
-
-
-def qvl_listener() -> int:
-    catch_signals()
-    from .listener import main
-
-    exit_now(main())
-
-
-def synthetic_cameras() -> int:
-    catch_signals()
-    from ..sim.synthetic import main
-
-    exit_now(main())
