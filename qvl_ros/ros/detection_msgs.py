@@ -19,6 +19,8 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from ..core.stamps import sec_nanosec
+
 # the vision_msgs definitions a Detection2DArray needs, dependencies first
 VISION_MSG_FILES = ("Point2D", "Pose2D", "BoundingBox2D", "ObjectHypothesis", "ObjectHypothesisWithPose",
                     "Detection2D", "Detection2DArray")
@@ -70,8 +72,8 @@ def register_vision_msgs(store, msg_dir: os.PathLike) -> SimpleNamespace:
 
 
 def _header(t: SimpleNamespace, stamp_ns: int, frame_id: str):
-    return t.Header(stamp=t.Time(sec=int(stamp_ns // 1_000_000_000), nanosec=int(stamp_ns % 1_000_000_000)),
-                    frame_id=frame_id)
+    sec, nanosec = sec_nanosec(stamp_ns)
+    return t.Header(stamp=t.Time(sec=sec, nanosec=nanosec), frame_id=frame_id)
 
 
 def _detection(t: SimpleNamespace, d, index: int, stamp_ns: int, frame_id: str):
