@@ -8,7 +8,10 @@ recording-time order. Messages are deserialized with rosbags' ROS 2 Kilted types
 ``uint8[] data`` field of an image comes back as a numpy view of the stored record (no copy).
 
 Output: :class:`FeatureBagWriter` writes ``qvl_ros/msg/VisionFeatures`` and
-``qvl_ros/msg/Caption`` to an mcap rosbag2. The message definitions are read from this
+``qvl_ros/msg/Caption`` to an mcap rosbag2, and with detections one
+``vision_msgs/msg/Detection2DArray`` topic per camera, ``/qvl/<camera>/detections``
+(:func:`detections_topic`; vision_msgs' types from the installed package's ``.msg`` files,
+:func:`vision_msgs_dir`). The message definitions are read from this
 package's ``msg/*.msg`` files (the source tree or ``share/qvl_ros/msg`` of a ROS prefix),
 registered in a rosbags typestore, serialized as CDR and stored in the bag together with their
 RIHS01 hashes, so that rosbags, rosbag2 and mcap viewers can decode the bag without this package.
@@ -24,6 +27,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from ..core.stamps import sec_nanosec
+from ..ros.detection_msgs import DETECTION_ARRAY_TYPE
 from ..ros.feature_msgs import SetInfo, caption_fields, features_fields
 from ..core.topics import camera_names as camera_names_for
 
@@ -38,6 +42,8 @@ __all__ = [
     "qvl_typestore",
     "FEATURES_TOPIC",
     "CAPTION_TOPIC",
+    "detections_topic",
+    "vision_msgs_dir",
 ]
 
 IMAGE_TYPE = "sensor_msgs/msg/Image"
@@ -48,6 +54,7 @@ CAPTION_TYPE = "qvl_ros/msg/Caption"
 FEATURE_TENSOR_TYPE = "qvl_ros/msg/FeatureTensor"
 FEATURES_TOPIC = "/qvl/features"
 CAPTION_TOPIC = "/qvl/caption"
+DETECTIONS_TOPIC = "/qvl/{camera}/detections"
 MSG_FILES = ("FeatureTensor", "CameraInput", "RowRange", "VisionFeatures", "Caption")
 
 
@@ -91,6 +98,41 @@ def qvl_typestore():
         store.register(types)
         _TYPESTORE = store
     return _TYPESTORE
+
+
+def detections_topic(camera: str) -> str:
+    """The bag topic of a camera's detections (the node publishes `<camera>/detections`)."""
+    return DETECTIONS_TOPIC.format(camera=camera)
+
+
+def vision_msgs_dir() -> Path:
+    """The installed vision_msgs definitions (``share/vision_msgs/msg`` on AMENT_PREFIX_PATH), or
+    FileNotFoundError saying how to get them."""
+    from ..ros.detection_msgs import find_vision_msgs_dir
+
+    found = find_vision_msgs_dir()
+    if found is None:
+        raise FileNotFoundError(
+            "detections need the vision_msgs message definitions, and no share/vision_msgs/msg with "
+            "Detection2DArray.msg and its dependencies is on AMENT_PREFIX_PATH: install vision_msgs "
+            "(apt: ros-<distro>-vision-msgs; here: scripts/setup.sh builds it from ../shared/ros2-extra) "
+            "and source its setup")
+    return found
+
+
+def _detection_typestore(msg_dir: Path):
+    """A typestore of qvl_ros' messages plus vision_msgs' (a new one: the cached one stays as it is)."""
+    from rosbags.typesys import Stores, get_types_from_msg, get_typestore
+
+    from ..ros.detection_msgs import register_vision_msgs
+
+    store = get_typestore(Stores.ROS2_KILTED)
+    own = find_msg_dir()
+    types: dict = {}
+    for name in MSG_FILES:
+        types.update(get_types_from_msg((own / f"{name}.msg").read_text(), f"qvl_ros/msg/{name}"))
+    store.register(types)
+    return store, register_vision_msgs(store, msg_dir)
 
 
 def _image_typestore():
@@ -375,11 +417,16 @@ class FeatureBagWriter:
     """
 
     def __init__(self, path: str | os.PathLike, captions: bool = False,
-                 custom_data: dict[str, str] | None = None) -> None:
+                 custom_data: dict[str, str] | None = None, detection_cameras: Sequence[str] = (),
+                 vision_msgs: str | os.PathLike | None = None) -> None:
         from rosbags.rosbag2 import StoragePlugin, Writer
 
         self.path = Path(path)
-        self.store = qvl_typestore()
+        self.vision = None  # vision_msgs' classes of this store, with detections
+        if detection_cameras:
+            self.store, self.vision = _detection_typestore(Path(vision_msgs) if vision_msgs else vision_msgs_dir())
+        else:
+            self.store = qvl_typestore()
         self._writer = Writer(self.path, version=Writer.VERSION_LATEST, storage_plugin=StoragePlugin.MCAP)
         for key, value in (custom_data or {}).items():
             self._writer.set_custom_data(key, value)
@@ -387,9 +434,12 @@ class FeatureBagWriter:
         self._features = self._writer.add_connection(FEATURES_TOPIC, VISION_FEATURES_TYPE, typestore=self.store)
         self._caption = (self._writer.add_connection(CAPTION_TOPIC, CAPTION_TYPE, typestore=self.store)
                          if captions else None)
+        self._detections = {detections_topic(c): self._writer.add_connection(detections_topic(c), DETECTION_ARRAY_TYPE,
+                                                                            typestore=self.store)
+                            for c in detection_cameras}
         self._types = self.store.types
         self._kit = RosbagsKit(self.store)
-        self.counts = {FEATURES_TOPIC: 0, CAPTION_TOPIC: 0}
+        self.counts = {FEATURES_TOPIC: 0, CAPTION_TOPIC: 0, **{t: 0 for t in self._detections}}
 
     def feature_tensor(self, name: str, dtype: str, shape: Sequence[int], data: np.ndarray):
         """rosbags FeatureTensor from the storage bytes (``data`` a uint8 array)."""
@@ -409,9 +459,21 @@ class FeatureBagWriter:
         self._writer.write(self._caption, max(info.stamps_ns), self.store.serialize_cdr(msg, CAPTION_TYPE))
         self.counts[CAPTION_TOPIC] += 1
 
+    def write_detections(self, camera: str, cam, stamp_ns: int, frame_id: str, time_ns: int) -> None:
+        """One camera's detections of a set (``cam``: model.detect's CameraDetections) with that
+        camera's input header, recorded at ``time_ns`` (the set's stamp, as its features)."""
+        from ..ros.detection_msgs import detection_array
+
+        topic = detections_topic(camera)
+        if topic not in self._detections:
+            raise RuntimeError(f"this writer was opened without the topic {topic}")
+        msg = detection_array(self.vision, cam, stamp_ns, frame_id)
+        self._writer.write(self._detections[topic], time_ns, self.store.serialize_cdr(msg, DETECTION_ARRAY_TYPE))
+        self.counts[topic] += 1
+
     def write_raw(self, topic: str, time_ns: int, raw: bytes) -> None:
-        """A message already serialized (a shard bag's, when merging) on /qvl/features or /qvl/caption."""
-        conn = {FEATURES_TOPIC: self._features, CAPTION_TOPIC: self._caption}.get(topic)
+        """A message already serialized (a shard bag's, when merging) on one of this writer's topics."""
+        conn = {FEATURES_TOPIC: self._features, CAPTION_TOPIC: self._caption, **self._detections}.get(topic)
         if conn is None:
             raise ValueError(f"this writer has no topic {topic}")
         self._writer.write(conn, time_ns, raw)

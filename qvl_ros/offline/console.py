@@ -141,6 +141,8 @@ def format_summary(report, max_failures: int = 10) -> str:
     written = f"{report.sets_written} set{'s' if report.sets_written != 1 else ''} written"
     if report.captions_written:
         written += f" (+{report.captions_written} captions)"
+    if getattr(report, "detections_written", 0):
+        written += f" (+{report.detections_written} detection arrays, {report.objects_detected} objects)"
     lines.append(f"{state}: {written} to {report.output} in {report.elapsed_s:.1f} s "
                  f"({report.sets_per_s:.2f} sets/s, model {report.model}, device {report.device})")
     if report.export is not None:

@@ -14,10 +14,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ..core.model_call import ModelRequest, call_model
+from ..core.model_call import ModelRequest, call_model, model_inputs
+from ..core.stamps import stamp_ns
 from ..ros.feature_msgs import check_kinds, hidden_rows_of, placeholder_token_ids, sample_tensors, set_info
 from ..ros.tensor_msg import storage_array
-from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore
+from .bag_io import BagInputError, CameraBags, FeatureBagWriter, camera_names_for, qvl_typestore, vision_msgs_dir
 from .console import Progress, StopOnSignal, fmt_stamp
 from .options import ExtractConfig, ExtractError, check_options, custom_data, parse_time
 from .output_guard import DiskFull, OutputGuard, check_writable, looks_like_export, looks_like_output
@@ -49,6 +50,8 @@ class ExtractReport:
     cameras: list[CameraReport]
     sets_written: int = 0
     captions_written: int = 0
+    detections_written: int = 0  # Detection2DArray messages (one per set and camera, with --detect)
+    objects_detected: int = 0  # detections in them
     sets_unwritten: int = 0  # synchronized but not written (interrupted or failed run)
     clips_incomplete: int = 0  # with clips: sets before every camera held a full clip (not written)
     clip_restarts: dict = field(default_factory=dict)  # with clips: {camera: {reason: count}}
@@ -201,6 +204,7 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         qvl_typestore()  # the output's message definitions, read from msg/*.msg
     except FileNotFoundError as exc:
         raise ExtractError(str(exc)) from None
+    check_detect_ready(cfg)
     try:
         bags = CameraBags(inputs, list(cfg.topics))
     except BagInputError as exc:
@@ -215,6 +219,23 @@ def extract(cfg: ExtractConfig, on_progress: Callable[[ExtractReport], None] | N
         return run.run(progress, progress_interval)
     finally:
         bags.close()
+
+
+def check_detect_ready(cfg: ExtractConfig) -> None:
+    """With --detect: the vision_msgs definitions for the bag and llguidance for the constrained
+    answers are installed (ExtractError naming what is missing)."""
+    if cfg.detect is None:
+        return
+    try:
+        vision_msgs_dir()
+    except FileNotFoundError as exc:
+        raise ExtractError(f"--detect: {exc}") from None
+    from ..model.constrained import require_llguidance
+
+    try:
+        require_llguidance()
+    except ImportError as exc:
+        raise ExtractError(f"--detect writes constrained (always well-formed) detections: {exc}") from None
 
 
 def load_interruptibly(cfg: ExtractConfig, path: Path, announce=None):
@@ -240,6 +261,14 @@ def load_interruptibly(cfg: ExtractConfig, path: Path, announce=None):
     if seen:
         raise KeyboardInterrupt
     return model
+
+
+def export_detections(cfg: ExtractConfig) -> dict | None:
+    """What an export records of the detections asked for (None without)."""
+    if cfg.detect is None:
+        return None
+    what = {"classes": list(cfg.detect)} if isinstance(cfg.detect, list) else {"query": cfg.detect}
+    return {**what, "max": int(cfg.detect_max)}
 
 
 class Extraction:
@@ -277,13 +306,15 @@ class Extraction:
             remove_output(plan.output)
             if plan.export is not None:
                 remove_output(plan.export)
-        self.writer = FeatureBagWriter(plan.output, captions=cfg.caption, custom_data=self._custom_data())
+        self.writer = FeatureBagWriter(plan.output, captions=cfg.caption, custom_data=self._custom_data(),
+                                       detection_cameras=plan.names if cfg.detect is not None else ())
         self.guard = OutputGuard(plan.output)
         self.guard.start()
         if plan.export is not None:
             self.exporter = FeatureExporter(plan.export, plan.names, [c.topic for c in self.bags.cameras],
                                             self.model.name, cfg.prompt, plan.kinds, cfg.caption,
-                                            shard_bytes=int(cfg.shard_mb * (1 << 20)))
+                                            shard_bytes=int(cfg.shard_mb * (1 << 20)),
+                                            detections=export_detections(cfg))
 
     def _close_outputs(self) -> None:
         """Close the bag and the export; never raises (a failure is the report's error, and the
@@ -307,9 +338,23 @@ class Extraction:
     # ------------------------------------------------------------------------------ batches
     def _compute(self, batch):
         feats, texts = call_model(self.model, batch, self._request)  # clip rates from the clip stamps
-        return batch, feats, texts
+        dets = None
+        if self.cfg.detect is not None:  # one call for the batch; a clip is detected on its last frame
+            dets = self.model.detect(model_inputs(batch)[0], self.cfg.detect, constrained=True,
+                                     max_detections=int(self.cfg.detect_max))
+        return batch, feats, texts, dets
 
-    def _emit(self, batch, feats, texts) -> None:
+    def _write_detections(self, s, cams) -> list:
+        """A set's detections, per camera with its input header; their export arrays back."""
+        from .export import detection_arrays
+
+        for name, f, cam in zip(self.plan.names, s.items, cams):
+            self.writer.write_detections(name, cam, stamp_ns(f.header.stamp), str(f.header.frame_id), max(s.stamps))
+            self.report.detections_written += 1
+            self.report.objects_detected += sum(d.box is not None or d.point is not None for d in cam.detections)
+        return [detection_arrays(cam) for cam in cams]
+
+    def _emit(self, batch, feats, texts, dets=None) -> None:
         """Write one computed batch (after making sure the disk can take it and still close)."""
 
         cfg, names, writer, report = self.cfg, self.plan.names, self.writer, self.report
@@ -327,8 +372,9 @@ class Extraction:
             if texts is not None:
                 writer.write_caption(info, texts[b])
                 report.captions_written += 1
+            arrays = self._write_detections(s, dets[b]) if dets is not None else None
             if self.exporter is not None:
-                self.exporter.add(s.stamps, tensors, texts[b] if texts is not None else None)
+                self.exporter.add(s.stamps, tensors, texts[b] if texts is not None else None, arrays)
             report.sets_written += 1
         self.progress.update(self.source.frames_read, report.sets_written)
         if self.on_progress is not None:

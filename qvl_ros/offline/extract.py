@@ -8,7 +8,9 @@ merged in recording-time order), converts every frame with :mod:`qvl_ros.core.co
 frames into synchronized sets with :class:`qvl_ros.core.synchronizer.Synchronizer` (the node's own
 components), runs the model on ``--batch`` sets at a time and writes OUTPUT, an mcap rosbag2 with
 one ``/qvl/features`` (qvl_ros/msg/VisionFeatures) message per set and, with ``--caption``, one
-``/qvl/caption`` (qvl_ros/msg/Caption) message per set. A message's recording time is the set's
+``/qvl/caption`` (qvl_ros/msg/Caption) message per set, and with ``--detect CLASSES`` (or
+``--detect-query TEXT``) per set and camera one ``/qvl/<camera>/detections``
+(vision_msgs/msg/Detection2DArray, the camera's input header; ``model.detect``, constrained). A message's recording time is the set's
 stamp (its newest camera stamp). Message definitions are stored in the bag. ``--export DIR``
 also writes the features as safetensors shards (see :mod:`qvl_ros.offline.export`).
 
@@ -64,7 +66,8 @@ from ..core.params import ParamError, read_params_file
 from .console import Progress, StopOnSignal, format_summary  # noqa: F401  (public names of this command)
 from .engine import CameraReport, ExtractReport, extract  # noqa: F401
 from .options import (DEFAULT_PROMPT, EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, EXIT_USAGE,  # noqa: F401
-                      FROM_FILE, PARAM_OF, ExtractConfig, ExtractError, check_number, intake_settings)
+                      FROM_FILE, PARAM_OF, ExtractConfig, ExtractError, check_number, intake_settings,
+                      parse_classes)
 from .set_source import FLUSH_BIRTH, SetSource, batch_window_index  # noqa: F401
 
 __all__ = ["ExtractConfig", "ExtractReport", "CameraReport", "ExtractError", "extract", "add_arguments", "run_cli",
@@ -135,6 +138,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "does; 0: no windows)")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="batches read and decoded ahead in a thread (default: 0 on a CPU, 2 on a GPU)")
+    parser.add_argument("--detect", default=None, metavar="CLASSES",
+                        help="also detect these objects (comma-separated class names, e.g. 'cup,chair,red door') "
+                             "in every camera of every set: vision_msgs/Detection2DArray on /qvl/<camera>/detections "
+                             "(with the camera's input header) and arrays in the export; constrained decoding "
+                             "(llguidance), vision_msgs installed")
+    parser.add_argument("--detect-query", default=None, metavar="TEXT",
+                        help="as --detect, with one free-text request instead of class names "
+                             "(e.g. 'the mug left of the laptop')")
+    parser.add_argument("--detect-max", type=int, default=10, metavar="N",
+                        help="most detections per camera and set (1-100, default 10)")
     parser.add_argument("--allow-empty", action="store_true",
                         help="exit 0 even when no set is produced (empty topic, --start past the end, no match)")
     parser.add_argument("-f", "--force", action="store_true",
@@ -177,7 +190,9 @@ def config_from_args(args: argparse.Namespace) -> ExtractConfig:
     return ExtractConfig(
         inputs=args.inputs, output=args.out, start=args.start, end=args.end, force=args.force,
         export=args.export, shard_mb=args.shard_mb, prefetch=args.prefetch, allow_empty=args.allow_empty,
-        announce_model_load=args.progress != "none", batch_window=args.batch_window, **cfg)
+        announce_model_load=args.progress != "none", batch_window=args.batch_window,
+        detect_classes=parse_classes(args.detect) if args.detect is not None else None,
+        detect_query=args.detect_query, detect_max=args.detect_max, **cfg)
 
 
 def run_cli(args: argparse.Namespace, prog: str = "qvl-ros extract") -> int:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .console import Progress, StopOnSignal
-from .engine import load_interruptibly, load_model, plan_run, resolve_model_path
+from .engine import check_detect_ready, load_interruptibly, load_model, plan_run, resolve_model_path
 from .options import EXIT_EMPTY, EXIT_FAILED, EXIT_OK, EXIT_SIGNAL, ExtractError, check_number, check_options
 from .shards import (DirectoryLock, ShardPlan, ShardsError, check_resume, clear_shards_dir, grow_overlap,
                      load_plan, make_plan, shards_dir_problem, pending_shards, read_marker, run_shard,
@@ -122,6 +122,7 @@ def _prepare(cfg, opts: FleetOptions, stream) -> tuple[Path, ShardPlan, bool, Di
         qvl_typestore()
     except FileNotFoundError as exc:
         raise ExtractError(str(exc)) from None
+    check_detect_ready(cfg)  # with --detect: vision_msgs for the bags, llguidance for the workers
     try:
         bags = CameraBags([Path(p) for p in cfg.inputs], list(cfg.topics))
     except BagInputError as exc:

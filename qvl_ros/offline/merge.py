@@ -159,8 +159,21 @@ def _bag_messages(path: Path):
             yield conn.topic, t, bytes(raw)
 
 
+def _set_detections(f, cameras: list, first_set: int, n: int) -> list:
+    """Per set of a shard export's file, per camera (boxes, scores, labels) (export.detection_arrays)."""
+    per_set = [[] for _ in range(n)]
+    for camera in cameras:
+        boxes, scores, sets = (f.get_tensor(f"detections/{camera}/{w}") for w in ("boxes", "scores", "set"))
+        labels = json.loads((f.metadata() or {}).get(f"detections/{camera}/labels", "[]"))
+        for i in range(n):
+            keep = (sets == first_set + i).nonzero().flatten()
+            per_set[i].append((boxes[keep], scores[keep], [labels[j] for j in keep.tolist()]))
+    return per_set
+
+
 def _export_rows(path: Path):
-    """(camera stamps, [(name, tensor)], caption or None) of every set of a shard export, in order."""
+    """(camera stamps, [(name, tensor)], caption or None, detections or None) of every set of a
+    shard export, in order."""
     from safetensors import safe_open
 
     meta = json.loads((path / "index.json").read_text())
@@ -173,9 +186,11 @@ def _export_rows(path: Path):
             lengths = {k: f.get_tensor(f"{k}:length") for k in names if f"{k}:length" in keys}
             stamps = f.get_tensor("camera_stamps_ns").tolist()
             texts = json.loads((f.metadata() or {}).get("captions", "null")) if meta.get("captions") else None
+            dets = (_set_detections(f, meta["detections"]["cameras"], entry["first_set"], len(stamps))
+                    if meta.get("detections") else None)
         for i, camera_stamps in enumerate(stamps):
             row = [(k, arrays[k][i, : int(lengths[k][i])] if k in lengths else arrays[k][i]) for k in names]
-            yield camera_stamps, row, (texts[i] if texts is not None else None)
+            yield camera_stamps, row, (texts[i] if texts is not None else None), (dets[i] if dets is not None else None)
 
 
 class MergeError(Exception):
@@ -227,11 +242,13 @@ def _write(root: Path, out: Path, export: Path | None, plan, markers: list[dict]
     from .export import FeatureExporter
     from .output_guard import INCOMPLETE_MARKER, OutputGuard
     from .shard_check import BagDigest
+    from .engine import export_detections
     from .shards import custom_data
 
     model_name = markers[0]["model"]
     cfg = plan.config()
-    writer = FeatureBagWriter(out, captions=cfg.caption, custom_data=custom_data(plan, model_name))
+    writer = FeatureBagWriter(out, captions=cfg.caption, custom_data=custom_data(plan, model_name),
+                              detection_cameras=plan.options["camera_names"] if cfg.detect is not None else ())
     guard = OutputGuard(out, "qvl-ros merge")
     guard.start()
     exporter, verified, closed = None, False, False
@@ -241,7 +258,7 @@ def _write(root: Path, out: Path, export: Path | None, plan, markers: list[dict]
 
             exporter = FeatureExporter(export, plan.options["camera_names"], list(cfg.topics), model_name,
                                        cfg.prompt, check_kinds(list(cfg.features)), cfg.caption,
-                                       shard_bytes=int(cfg.shard_mb * (1 << 20)))
+                                       shard_bytes=int(cfg.shard_mb * (1 << 20)), detections=export_detections(cfg))
             (export / INCOMPLETE_MARKER).write_text(guard.marker_text())
         for shard, marker in zip(plan.shards, markers):
             digest = BagDigest()
@@ -255,8 +272,8 @@ def _write(root: Path, out: Path, export: Path | None, plan, markers: list[dict]
                 problem = _export_matches_marker(root / f"{shard.name}.export", marker["export"], check_bytes=True)
                 if problem:
                     raise MergeError(f"{shard.name}: {problem}")
-                for camera_stamps, row, text in _export_rows(root / f"{shard.name}.export"):
-                    exporter.add(camera_stamps, row, text)
+                for camera_stamps, row, text, dets in _export_rows(root / f"{shard.name}.export"):
+                    exporter.add(camera_stamps, row, text, dets)
         verified = True
     finally:
         guard.release()

@@ -16,7 +16,7 @@ from ..core.params import slop_ns as resolve_slop_ns
 
 __all__ = ["ExtractConfig", "ExtractError", "DEFAULT_PROMPT", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "EXIT_EMPTY",
            "EXIT_SIGNAL", "PARAM_OF", "FROM_FILE", "parse_time", "intake_settings", "custom_data", "check_number",
-           "check_param_option", "check_options"]
+           "check_param_option", "check_options", "check_detect", "parse_classes"]
 
 DEFAULT_PROMPT = P["prompt"].default
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_EMPTY = 0, 1, 2, 3
@@ -75,6 +75,19 @@ class ExtractConfig:
     # so every batch of a sharded run is a batch of the single-process run too (same inputs to
     # the model, hence the same bytes out, on any device). 0: batches cross windows freely.
     batch_window: float = 10.0
+    # Detections (`model.detect`, constrained) per set and camera, written as
+    # vision_msgs/Detection2DArray on /qvl/<camera>/detections and into the export: class names
+    # or one free-text query (not both), at most detect_max detections per camera.
+    detect_classes: Sequence[str] | None = None
+    detect_query: str | None = None
+    detect_max: int = 10
+
+    @property
+    def detect(self):
+        """What detections ask for: the class list, the query, or None (no detections)."""
+        if self.detect_classes:
+            return list(self.detect_classes)
+        return self.detect_query or None
 
 
 def parse_time(spec: str | float | None, bag_start_ns: int, what: str) -> int | None:
@@ -118,7 +131,17 @@ def custom_data(inputs: Sequence[str], topics: Sequence[str], names: Sequence[st
         "qvl_ros.prompt": cfg.prompt,
         "qvl_ros.slop_ns": str(resolve_slop_ns(cfg.slop, cfg.expected_rates)),
         "qvl_ros.stamps": cfg.stamps,
+        **detect_custom_data(cfg),
     }
+
+
+def detect_custom_data(cfg: ExtractConfig) -> dict[str, str]:
+    """The metadata of a run with detections (none without)."""
+    if cfg.detect is None:
+        return {}
+    what = {"qvl_ros.detect_classes": ",".join(cfg.detect)} if isinstance(cfg.detect, list) else \
+        {"qvl_ros.detect_query": cfg.detect}
+    return {**what, "qvl_ros.detect_max": str(int(cfg.detect_max))}
 
 
 def check_number(value, what: str, *, minimum: float = 0.0, strict: bool = False, maximum: float = 1e9,
@@ -177,3 +200,52 @@ def check_options(cfg: ExtractConfig) -> None:
         check_number(value, what, **kw)
     if cfg.stamps not in ("header", "bag", "arrival", "auto"):
         raise ExtractError("--stamps must be header, bag (= arrival: the recording time) or auto")
+    check_detect(cfg)
+
+
+def parse_classes(text: str) -> list[str]:
+    """`--detect cup,chair,red door`: the class names, stripped (checked by :func:`check_detect`)."""
+    return [c.strip() for c in str(text).split(",")]
+
+
+def _name_problem(name, what: str, longest: int) -> str | None:
+    if not isinstance(name, str) or not name.strip():
+        return f"{what} is empty"
+    if len(name) > longest:
+        return f"{what} {name[:20]!r}... has {len(name)} characters (at most {longest})"
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return f"{what} {name!r} holds a control character"
+    if "<|" in name or "|>" in name:
+        return f"{what} {name!r} holds '<|' or '|>' (the model's special-token markers)"
+    return None
+
+
+def check_detect(cfg: ExtractConfig) -> None:
+    """--detect / --detect-query / --detect-max: the library's bounds (class count, name length,
+    detections per camera), in the options' words. Imports the grounding module (torch) only when
+    detections are asked for."""
+    if cfg.detect_classes is None and cfg.detect_query is None:
+        return
+    from ..model.grounding import MAX_CLASSES, MAX_DETECTIONS, MAX_NAME_CHARS
+
+    if cfg.detect_classes is not None and cfg.detect_query is not None:
+        raise ExtractError("give --detect CLASSES or --detect-query TEXT, not both")
+    if cfg.detect_classes is not None:
+        classes = list(cfg.detect_classes)
+        if not classes:
+            raise ExtractError("--detect needs at least one class name")
+        if len(classes) > MAX_CLASSES:
+            raise ExtractError(f"--detect: {len(classes)} class names; at most {MAX_CLASSES}")
+        for c in classes:
+            problem = _name_problem(c, "a class name", MAX_NAME_CHARS)
+            if problem:
+                raise ExtractError(f"--detect: {problem}")
+        if any(c != c.strip() for c in classes):
+            raise ExtractError("--detect: class names must not start or end with spaces")
+        if len(set(classes)) != len(classes):
+            raise ExtractError(f"--detect: a class name is given twice: {classes}")
+    else:
+        problem = _name_problem(cfg.detect_query, "the query", MAX_NAME_CHARS)
+        if problem:
+            raise ExtractError(f"--detect-query: {problem}")
+    check_number(cfg.detect_max, "detect-max", minimum=1, maximum=MAX_DETECTIONS, integer=True)

@@ -134,7 +134,8 @@ class ShardPlan:
 _OUTPUT_OPTIONS = ("topics", "camera_names", "device", "dtype", "min_pixels", "max_pixels", "slop", "batch",
                    "prompt", "features", "caption", "max_new_tokens", "start", "end", "stamps", "queue_size",
                    "reorder", "frame_id", "clip_frames", "clip_stride", "shard_mb", "max_input_pixels",
-                   "batch_window", "policy", "reset_threshold", "max_rate", "expected_rates")
+                   "batch_window", "policy", "reset_threshold", "max_rate", "expected_rates", "detect_classes",
+                   "detect_query", "detect_max")
 
 
 def _fingerprint(path: Path, edge: int = 1 << 20) -> str:
