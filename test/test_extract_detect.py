@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 pytest.importorskip("rosbags")
 pytest.importorskip("llguidance")
@@ -88,6 +89,10 @@ def run(recording, checkpoint, model, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def oracle(recording, model):
+    return _oracle(recording, model, CLASSES)
+
+
+def _oracle(recording, model, target):
     """Per set (one per tick, all ticks complete): per camera (stamp, CameraDetections) of
     model.detect on the generated pixels, in the extraction's batches: 4 sets, never across a 0.4 s
     window of recording time; with max_sets a set is born when its last frame is recorded."""
@@ -104,7 +109,7 @@ def oracle(recording, model):
     for ticks in batches:
         images = [[torch.from_numpy(np.array(cam[t].rgb)).permute(2, 0, 1).contiguous() for cam in frames]
                   for t in ticks]
-        dets = model.detect(images, CLASSES, constrained=True, max_detections=MOST)
+        dets = model.detect(images, target, constrained=True, max_detections=MOST)
         out += [[(frames[k][t].stamp_ns, dets[i][k]) for k in range(len(frames))] for i, t in enumerate(ticks)]
     return out
 
@@ -149,6 +154,21 @@ def test_detection_arrays_equal_the_library_with_the_input_headers(recording, ru
             total += len(cam.detections)
     assert total > 0, "the checkpoint answered [] everywhere: nothing to compare"
     assert report.detections_written == 2 * TICKS and report.objects_detected == total
+
+
+def test_a_free_text_query_gives_the_library_labels(recording, checkpoint, model, tmp_path):
+    query = "the cup on the table"
+    report = ex.extract(_config(recording, checkpoint, tmp_path / "out", detect_classes=None, detect_query=query),
+                        progress="none", model=model)
+    assert report.error is None
+    want = _oracle(recording, model, query)
+    _, msgs = _messages(tmp_path / "out")
+    for k, name in enumerate(NAMES):
+        got = [m for topic, _, m, _ in msgs if topic == f"/qvl/{name}/detections"]
+        assert [[d.results[0].hypothesis.class_id for d in m.detections] for m in got] == \
+            [[d.label for d in cams[k][1].detections] for cams in want]
+    meta = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())
+    assert meta["rosbag2_bagfile_information"]["custom_data"]["qvl_ros.detect_query"] == query
 
 
 def test_export_arrays_equal_the_library(run, oracle):
