@@ -92,14 +92,14 @@ def oracle(recording, model):
     return _oracle(recording, model, CLASSES)
 
 
-def _oracle(recording, model, target):
+def _oracle(recording, model, target, ticks=range(TICKS)):
     """Per set (one per tick, all ticks complete): per camera (stamp, CameraDetections) of
     model.detect on the generated pixels, in the extraction's batches: 4 sets, never across a 0.4 s
     window of recording time; with max_sets a set is born when its last frame is recorded."""
     frames = recording["frames"]
-    births = [max(cam[t].record_ns for cam in frames) for t in range(TICKS)]
+    births = {t: max(cam[t].record_ns for cam in frames) for t in ticks}
     batches, batch = [], []
-    for t in range(TICKS):
+    for t in ticks:
         if batch and (len(batch) == BATCH or births[t] // 400_000_000 != births[batch[-1]] // 400_000_000):
             batches.append(batch)
             batch = []
@@ -169,6 +169,22 @@ def test_a_free_text_query_gives_the_library_labels(recording, checkpoint, model
             [[d.label for d in cams[k][1].detections] for cams in want]
     meta = yaml.safe_load((tmp_path / "out" / "metadata.yaml").read_text())
     assert meta["rosbag2_bagfile_information"]["custom_data"]["qvl_ros.detect_query"] == query
+
+
+def test_clips_are_detected_on_the_frame_they_end_at(recording, checkpoint, model, tmp_path):
+    """With clips of 2 frames, each set's detections are those of its matched (newest) frames, with
+    their headers; the first tick has no full clip yet and gives no set."""
+    report = ex.extract(_config(recording, checkpoint, tmp_path / "out", clip_frames=2), progress="none", model=model)
+    assert report.error is None and report.sets_written == TICKS - 1
+    want = _oracle(recording, model, CLASSES, ticks=range(1, TICKS))
+    _, msgs = _messages(tmp_path / "out")
+    for k, name in enumerate(NAMES):
+        got = [m for topic, _, m, _ in msgs if topic == f"/qvl/{name}/detections"]
+        assert [_ns(m.header.stamp) for m in got] == [cams[k][0] for cams in want]
+        assert [[(d.results[0].hypothesis.class_id, d.bbox.center.position.x, d.bbox.size_y) for d in m.detections]
+                for m in got] == \
+            [[(d.label, (d.box[0] + d.box[2]) / 2, d.box[3] - d.box[1]) for d in cams[k][1].detections]
+             for cams in want]
 
 
 def test_export_arrays_equal_the_library(run, oracle):
