@@ -39,7 +39,9 @@ class Param:
     """One parameter. ``type``: string | strings | integer | double | doubles | bool. ``low`` /
     ``high``: the range (``low_open``: strictly above ``low``); ``special``: values allowed
     outside it (``sync.slop`` -1); ``choices``: the allowed strings (for ``strings``: a non-empty
-    subset); ``option``: the extraction option of the same meaning."""
+    subset); ``option``: the extraction option of the same meaning; ``max_length``: the longest
+    string (each of a list), ``max_items``: the longest list (a parameter is something another
+    process can send: every value is bounded)."""
 
     name: str
     type: str
@@ -52,6 +54,8 @@ class Param:
     special: Tuple[Any, ...] = ()
     choices: Tuple[str, ...] = ()
     option: Optional[str] = None
+    max_length: int = 4096   # characters of a string (each string of a list)
+    max_items: int = 256     # entries of a list
 
     @property
     def constraints(self) -> str:
@@ -83,7 +87,8 @@ class Param:
         if self.type in ("strings", "doubles") and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
             value = list(value)  # a tuple, or rclpy's array.array of doubles
         if not isinstance(value, kind) or (isinstance(value, bool) and self.type not in ("bool",)):
-            raise ParamError(f"parameter {self.name} must be of type {self.type}, got {value!r}")
+            raise ParamError(f"parameter {self.name} must be of type {self.type}, got {_short(value)}")
+        self._check_size(value)
         if self.type == "strings":
             if not all(isinstance(v, str) for v in value):
                 raise ParamError(f"parameter {self.name} must be a list of strings, got {value!r}")
@@ -98,6 +103,15 @@ class Param:
         elif self.type in ("integer", "double"):
             self._check_number(value)
         return value
+
+    def _check_size(self, value: Any) -> None:
+        if self.type in ("strings", "doubles") and len(value) > self.max_items:
+            raise ParamError(f"parameter {self.name} has {len(value)} entries, more than {self.max_items}")
+        strings = [value] if self.type == "string" else value if self.type == "strings" else []
+        for v in strings:
+            if isinstance(v, str) and len(v) > self.max_length:
+                raise ParamError(f"parameter {self.name}: a string of {len(v)} characters is longer than "
+                                 f"{self.max_length}")
 
     def _check_number(self, value: Any) -> None:
         if value in self.special:
@@ -206,6 +220,12 @@ PARAMS: Tuple[Param, ...] = (
           low=0.0, high=_R),
 )
 BY_NAME: Dict[str, Param] = {p.name: p for p in PARAMS}
+
+
+def _short(value: Any) -> str:
+    """A value in an error message, at most 200 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
 
 
 def defaults() -> Dict[str, Any]:

@@ -22,7 +22,7 @@ from ..core.diagnostics import LogThrottle, PipelineMonitor, expected_rates, rea
 from ..core.input_loss import InputLossEstimator
 from ..core.intake import Intake, IntakeSettings
 from ..core.params import slop_ns
-from ..core.stamps import format_stamp, stamp_ns
+from ..core.stamps import format_stamp, stamp_ns, stamp_problem
 from ..core.synchronizer import SyncSet
 from ..core.warmup import batch_sizes as warmup_batch_sizes
 from ..core.warmup import parse_sizes as parse_warmup_sizes
@@ -81,6 +81,9 @@ class QvlNodeMixin(NodeResults):
             self._device = self.model.device
             self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
             self._placeholder_ids = placeholder_token_ids(self.model)
+            problem = self._prompt_problem(str(self._value("prompt")))
+            if problem:
+                raise ValueError(f"parameter prompt: {problem}")
             if self._value("model.warmup"):
                 self._warm_up()
         self._create_components()
@@ -285,7 +288,24 @@ class QvlNodeMixin(NodeResults):
         return self.get_parameter(name).value
 
     def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
-        return validate_changes(params)
+        """The table's rules, then the prompt against the loaded model's chat template."""
+        result = validate_changes(params)
+        if result.successful:
+            for p in params:
+                problem = self._prompt_problem(str(p.value)) if p.name == "prompt" else None
+                if problem:
+                    return SetParametersResult(successful=False, reason=f"parameter prompt: {problem}")
+        return result
+
+    def _prompt_problem(self, prompt: str) -> Optional[str]:
+        """Why ``prompt`` cannot be the sets' text (model.processor.TensorProcessor.prompt_problem:
+        special tokens, a template that fails), or None; None too before a model is loaded
+        (configure checks the prompt then)."""
+        processor = getattr(self.model, "processor", None)
+        if not hasattr(processor, "prompt_problem"):
+            return None
+        clips = int(self._value("video.frames")) >= 2
+        return processor.prompt_problem(prompt, (clips,) * len(self._topics))
 
     def _add_parameter_callbacks(self) -> None:
         """Validation before a change, application after it. ``add_post_set_parameters_callback``
@@ -343,7 +363,8 @@ class QvlNodeMixin(NodeResults):
         within max_rate go to the batcher. Never raises."""
         self._monitor.frame_received(index)
         arrival_ns = self.get_clock().now().nanoseconds
-        self._loss.frame(index, stamp_ns(msg.header.stamp))
+        stamp = msg.header.stamp  # an out-of-range stamp (dropped by the intake) is no evidence of loss
+        self._loss.frame(index, 0 if stamp_problem(stamp) else stamp_ns(stamp))
         try:
             frame = self._intake.convert(index, msg, arrival_ns)
         except Exception as exc:  # ConversionError, the model's size limits, anything a decoder may raise
@@ -352,7 +373,8 @@ class QvlNodeMixin(NodeResults):
         self._monitor.frame_valid(index, frame.size, frame_id=str(msg.header.frame_id))
         with self._lock:
             out = self._intake.push(frame)
-            self._monitor.frames_dropped(self._sync.drops)
+            counts = self._sync.stats()
+            self._monitor.frames_settled(counts["drops"], sum(counts["used"]))
             if out.reset:
                 self._log_sync_reset()
             for made in out.sets:
