@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from .synchronizer import default_slop_ns
 
 __all__ = ["Param", "PARAMS", "BY_NAME", "AUTO_SLOP", "ASSUMED_RATE_HZ", "check_value", "check_values",
-           "defaults", "read_params_file", "documented_yaml", "slop_ns", "ParamError"]
+           "defaults", "read_params_file", "documented_yaml", "slop_ns", "ParamError", "detect_problem"]
 
 AUTO_SLOP = -1.0        # sync.slop: derived from the expected frame rates
 ASSUMED_RATE_HZ = 10.0  # the slowest camera rate assumed when no expected rate is set
@@ -124,6 +124,8 @@ class Param:
 
 
 _R = 3600.0  # seconds: the top of most time ranges
+# model.grounding's bounds (MAX_CLASSES, MAX_NAME_CHARS, MAX_DETECTIONS; test_params compares them)
+DETECT_MAX_CLASSES, DETECT_MAX_NAME, DETECT_MAX_DETECTIONS = 64, 128, 100
 PARAMS: Tuple[Param, ...] = (
     Param("camera_topics", "strings", ["camera_0/image_raw", "camera_1/image_raw", "camera_2/image_raw"],
           "Camera topics (sensor_msgs/Image; CompressedImage if the name ends in /compressed), in set order.",
@@ -193,6 +195,21 @@ PARAMS: Tuple[Param, ...] = (
           option="--caption"),
     Param("caption.max_new_tokens", "integer", 32, "Longest caption (and default ~/ask answer) in tokens.",
           read_only=False, low=1, high=4096, option="--max-new-tokens"),
+    Param("detect.enabled", "bool", False,
+          "Also detect objects in every set: a vision_msgs/Detection2DArray per camera on <camera name>/detections "
+          "(needs detect.classes or detect.query, and vision_msgs installed).", read_only=False),
+    Param("detect.classes", "strings", [], "Class names to detect (empty: detect.query).", read_only=False,
+          max_items=DETECT_MAX_CLASSES, max_length=DETECT_MAX_NAME),
+    Param("detect.query", "string", "", "Free-text description of what to detect, used when detect.classes is empty.",
+          read_only=False, max_length=DETECT_MAX_NAME),
+    Param("detect.max_detections", "integer", 10, "Most detections per camera and set.", read_only=False, low=1,
+          high=DETECT_MAX_DETECTIONS),
+    Param("detect.min_detections", "integer", 0,
+          "Fewest detections per camera the answer grammar allows; 0 = the model decides (above 0 forces boxes: "
+          "tests and demos).", read_only=False, low=0, high=DETECT_MAX_DETECTIONS),
+    Param("detect.annotated_image", "bool", False,
+          "Also publish each camera's frame with its detections drawn (sensor_msgs/Image rgb8) on "
+          "<camera name>/detections/image."),
     Param("qos.reliability", "string", "best_effort", "Reliability of the camera subscriptions.",
           choices=("best_effort", "reliable")),
     Param("qos.depth", "integer", 5, "History depth of the camera subscriptions.", low=1, high=1000),
@@ -250,7 +267,24 @@ def check_values(values: Mapping[str, Any]) -> Dict[str, Any]:
             raise ParamError(f"camera_names has {len(names)} entries for {len(topics)} camera_topics")
         if len(set(names)) != len(names):
             raise ParamError(f"camera_names must be unique, got {names}")
+    problem = detect_problem(out)
+    if problem:
+        raise ParamError(problem)
     return out
+
+
+def detect_problem(values: Mapping[str, Any]) -> Optional[str]:
+    """The rules between the detect.* parameters (the values given; the others' defaults): what
+    to detect when enabled, fewest detections at most the most; None when they hold."""
+    v = {**{k: p.default for k, p in BY_NAME.items() if k.startswith("detect.")}, **values}
+    if v["detect.enabled"] and not [c for c in v["detect.classes"] if str(c).strip()] and not str(v["detect.query"]).strip():
+        return "detect.enabled needs detect.classes or detect.query"
+    if any(not str(c).strip() for c in v["detect.classes"]):
+        return "detect.classes must not hold an empty name"
+    if int(v["detect.min_detections"]) > int(v["detect.max_detections"]):
+        return (f"detect.min_detections ({v['detect.min_detections']}) is above detect.max_detections "
+                f"({v['detect.max_detections']})")
+    return None
 
 
 def slop_ns(slop_s: float, expected_rates: Iterable[float]) -> int:
