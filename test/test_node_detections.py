@@ -205,6 +205,25 @@ def _check_outline(out, frame, det):
     assert len(colours) <= 1  # one colour per box
 
 
+def test_clip_sets_are_detected_on_the_newest_frame_of_each_clip(rig):
+    """video.frames 2: the first set has no full clip; each later set's arrays carry the header of
+    its newest (matched) frames, and the annotated image is that frame, not an older one."""
+    r = rig([("detect.enabled", True), ("detect.annotated_image", True), ("video.frames", 2)])
+    rng = np.random.default_rng(7)
+    sent = [r.peer.publish_set(1_700_000_300 + k, rng) for k in range(3)]
+    assert _wait(lambda: all(len(r.peer.got(r.peer.images[n])) >= 2 for n in CAMERAS), 120), r.node.pipeline_stats()
+    time.sleep(0.5)
+    for name, (h, w, _) in CAMERAS.items():
+        arrays, images = r.peer.got(r.peer.arrays[name]), r.peer.got(r.peer.images[name])
+        assert [a.header.stamp.sec for a in arrays] == [1_700_000_301, 1_700_000_302]
+        for img, s in zip(images, sent[1:]):
+            out = np.frombuffer(bytes(img.data), np.uint8).reshape(h, w, 3)
+            newest = np.frombuffer(bytes(s[name].data), np.uint8).reshape(h, w, 3)
+            older = np.frombuffer(bytes(sent[sent.index(s) - 1][name].data), np.uint8).reshape(h, w, 3)
+            same_newest = np.all(out == newest, axis=2).mean()
+            assert same_newest > 0.5 and np.all(out == older, axis=2).mean() < 0.05, same_newest
+
+
 def test_detect_enabled_toggles_at_run_time(rig):
     r = rig([])
     assert not r.node.set_parameters([Parameter("detect.min_detections", value=5)])[0].successful  # above max 1

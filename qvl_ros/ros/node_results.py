@@ -97,7 +97,7 @@ class NodeResults:
         """The detections the settings ask for, or None (off, or vision_msgs missing)."""
         v = self._value
         outputs = getattr(self, "_detections", None)
-        if not v("detect.enabled") or outputs is None or outputs.types is None:
+        if not v("detect.enabled") or outputs is None or not outputs.created:
             return None
         return DetectRequest(classes=tuple(str(c) for c in v("detect.classes") if str(c).strip()),
                              query=str(v("detect.query")), max_detections=int(v("detect.max_detections")),
