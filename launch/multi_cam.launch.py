@@ -12,6 +12,8 @@ Arguments:
     model          checkpoint directory or cached Hugging Face id (empty: the file's model.path)
     camera_topics  "[a/image_raw, b/image_raw]" or "a/image_raw,b/image_raw" (empty: the file's)
     caption        "true"/"false" to override caption.enabled (empty: the file's)
+    detect         class names, "[cup, chair]" or "cup,chair": detections on (detect.enabled,
+                   detect.classes; per camera on <namespace>/<camera>/detections); empty: the file's
     synthetic      "true" also starts the synthetic camera publisher on the same topics
     use_sim_time   "true" for bag replay / simulation
     managed        "true" (default) starts qvl_node as a lifecycle node (``--managed``)
@@ -93,6 +95,9 @@ def _actions(context):
         node_overrides["camera_topics"] = topics
     if arg("caption"):
         node_overrides["caption.enabled"] = _parse_bool("caption", arg("caption"))
+    classes = _parse_list(arg("detect"))
+    if classes:
+        node_overrides.update({"detect.enabled": True, "detect.classes": classes})
 
     if _parse_bool("managed", arg("managed")):
         actions = _managed_node(namespace, [params_file, node_overrides], _parse_bool("autostart", arg("autostart")))
@@ -161,6 +166,8 @@ def generate_launch_description():
         DeclareLaunchArgument("camera_topics", default_value="",
                               description='Camera topics, "[a/image_raw, b/image_raw]" (default: the file\'s)'),
         DeclareLaunchArgument("caption", default_value="", description="Override caption.enabled (true/false)"),
+        DeclareLaunchArgument("detect", default_value="",
+                              description='Class names to detect, "[cup, chair]": turns detections on (default: the file\'s)'),
         DeclareLaunchArgument("synthetic", default_value="false",
                               description="Also start synthetic cameras on the camera topics"),
         DeclareLaunchArgument("use_sim_time", default_value="false", description="Use /clock (bag replay)"),

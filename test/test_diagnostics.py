@@ -130,13 +130,16 @@ def test_monitor_stale_invalid_and_levels():
 
 
 def deliver(mon, clock, seconds, rate=10.0, sets=True, cameras=(0, 1)):
-    """Cameras deliver valid frames at `rate` for `seconds`; a set per tick when `sets`."""
+    """Cameras deliver valid frames at `rate` for `seconds`; a set per tick when `sets` (its frames
+    settled as used by the synchronizer)."""
     for _ in range(int(round(seconds * rate))):
         clock.t += 1.0 / rate
         for i in cameras:
             mon.frame_received(i)
             mon.frame_valid(i, (240, 320))
         if sets:
+            mon.used = getattr(mon, "used", 0) + len(cameras)
+            mon.frames_settled(getattr(mon, "drops", {}), mon.used)
             mon.set_made()
             mon.set_published(0.01)
 
@@ -151,10 +154,11 @@ def test_no_set_while_cameras_deliver_is_an_error_naming_the_drop_reasons():
     for _ in range(19):
         deliver(mon, clock, 0.1, sets=False)
         unmatched += 2
-        mon.frames_dropped({"unmatched": unmatched, "queue_full": 0})
+        mon.frames_settled({"unmatched": unmatched, "queue_full": 0}, mon.used)
     assert mon.statuses("/n")[0][0] != ERROR
     deliver(mon, clock, 0.2, sets=False)
-    mon.frames_dropped({"unmatched": unmatched + 4, "queue_full": 0})
+    mon.drops = {"unmatched": unmatched + 4, "queue_full": 0}
+    mon.frames_settled(mon.drops, mon.used)
     level, _, message, _ = mon.statuses("/n")[0]
     assert level == ERROR and "no synchronized set for 2.1 s" in message and "unmatched 42" in message
     assert "queue_full" not in message  # reasons that did not occur are not named
@@ -184,9 +188,9 @@ def test_sustained_set_drops_warn_and_intended_drops_do_not():
     assert level == WARN and "queue_full 12" in message and dict(values)["drops.set.queue_full"] == "12"
     deliver(mon, clock, 5.1, cameras=(0,))  # the drops left the window
     assert mon.statuses("/n")[0][0] == OK
-    mon.frames_dropped({"unmatched": 20})  # 20 of the window's 50 (or 51, float edges) frames
-    n = mon.snapshot()["cameras"][0]["in_window"]
-    assert n in (50, 51) and f"20 of {n} frames dropped" in mon.statuses("/n")[0][2]
+    mon.frames_settled({"unmatched": 20}, mon.used)  # 20 more frames settled, as drops
+    n = mon.snapshot()["frames_settled_in_window"]
+    assert n in (70, 71) and f"20 of {n} frames dropped" in mon.statuses("/n")[0][2]  # 50 (51: float edges) + 20
 
 
 @pytest.mark.parametrize("rate, level, words", [

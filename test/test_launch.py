@@ -32,7 +32,7 @@ def test_launch_file_parses_and_declares_its_arguments():
         node.args[0].value for node in ast.walk(tree)
         if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "DeclareLaunchArgument"
     }
-    assert declared == {"params_file", "namespace", "model", "camera_topics", "caption", "synthetic",
+    assert declared == {"params_file", "namespace", "model", "camera_topics", "caption", "detect", "synthetic",
                         "use_sim_time", "managed", "autostart"}
 
 
@@ -107,12 +107,13 @@ def test_launch_arguments_become_node_parameters(monkeypatch):
 
     context = dict(defaults, managed="false", namespace="robot1", model="/models/x", synthetic="true", use_sim_time="true",
                    camera_topics="[front/image_raw, rear/image_raw/compressed]", caption="true",
-                   params_file="/etc/my.yaml")
+                   params_file="/etc/my.yaml", detect="[cup, red chair]")
     node, cams = opaque(context)
     assert node.kwargs["namespace"] == cams.kwargs["namespace"] == "robot1"
     assert node.kwargs["parameters"] == ["/etc/my.yaml", {
         "use_sim_time": True, "model.path": "/models/x", "caption.enabled": True,
-        "camera_topics": ["front/image_raw", "rear/image_raw/compressed"]}]
+        "camera_topics": ["front/image_raw", "rear/image_raw/compressed"],
+        "detect.enabled": True, "detect.classes": ["cup", "red chair"]}]
     assert cams.kwargs["executable"] == "synthetic_cameras"
     assert cams.kwargs["parameters"][1] == {"use_sim_time": True,
                                             "topics": ["front/image_raw", "rear/image_raw/compressed"]}

@@ -171,14 +171,14 @@ def test_no_import_cycle_in_qvl_ros():
 
 
 def test_the_cycle_check_finds_an_added_cycle(tmp_path):
-    """The check is not vacuous: a copy of the tree with one added import (core/stamps.py, which
+    """The check is not vacuous: a copy of the tree with one added import (core/rate_limit.py, which
     core/intake.py imports, importing core/intake.py back inside a function) has exactly that cycle."""
     import shutil
 
     shutil.copytree(ROOT / "qvl_ros", tmp_path / "qvl_ros", ignore=shutil.ignore_patterns("__pycache__"))
-    stamps = tmp_path / "qvl_ros" / "core" / "stamps.py"
-    stamps.write_text(stamps.read_text() + "\n\ndef _probe():\n    from .intake import Intake\n    return Intake\n")
-    added = ["qvl_ros.core.intake", "qvl_ros.core.stamps"]
+    probe = tmp_path / "qvl_ros" / "core" / "rate_limit.py"
+    probe.write_text(probe.read_text() + "\n\ndef _probe():\n    from .intake import Intake\n    return Intake\n")
+    added = ["qvl_ros.core.intake", "qvl_ros.core.rate_limit"]
     assert added not in import_cycles(import_graph(ROOT))
     assert import_cycles(import_graph(tmp_path)) == sorted(import_cycles(import_graph(ROOT)) + [added])
 

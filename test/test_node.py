@@ -702,7 +702,8 @@ def test_config_file_documents_every_parameter(rigs):
     rig = rigs(topics=["d0/image_raw"])
     declared = set(rig.node.list_parameters([], 0).names) - {"use_sim_time", "start_type_description_service"}
     assert set(params) <= declared
-    assert declared - set(params) == {"camera_names"}  # derived from the topics unless set
+    # camera_names: derived from the topics unless set; detect.classes: an empty list (no type in a file)
+    assert declared - set(params) == {"camera_names", "detect.classes"}
     for name in declared:  # every parameter is documented by a comment just above it
         leaf = name.split(".")[-1]
         assert re.search(rf"#.*\n\s*(# )?{re.escape(leaf)}:", text), name

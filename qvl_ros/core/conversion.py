@@ -70,7 +70,10 @@ Errors
     and a ``key`` from :data:`ERROR_KEYS` (for counting): unknown encoding, zero or too small
     height/width (``min_size``, default 2x2), more pixels than ``max_input_pixels``, ``step``
     shorter than a row, ``data`` shorter than ``step * height``, odd width for YUV 4:2:2,
-    empty/corrupt/truncated/unsupported compressed data.
+    empty/corrupt/truncated/unsupported compressed data. :func:`check_header` refuses a header
+    whose ``frame_id`` is longer than :data:`MAX_FRAME_ID_LENGTH` (``frame_id_too_long``: it would
+    be copied into every output) or whose stamp is out of range (``bad_stamp``:
+    :func:`qvl_ros.core.stamps.stamp_problem`).
 
 Speed (ms per 640x480 frame on this 2-core CPU, device "cpu", torch 2.14.1, rclpy messages;
 best of 3 medians over 100 frames; torch intra-op threads 1 / 2; OpenCV's own HWC conversion
@@ -98,11 +101,14 @@ from typing import Any, Optional, Sequence
 import torch
 
 from .containers import ContainerError, as_bytes_view, check_jpeg, check_png
+from .stamps import stamp_problem
 
 __all__ = [
     "ConversionError",
     "DEFAULT_MAX_INPUT_PIXELS",
     "ERROR_KEYS",
+    "MAX_FRAME_ID_LENGTH",
+    "check_header",
     "SUPPORTED_ENCODINGS",
     "image_to_tensor",
     "compressed_to_tensor",
@@ -123,7 +129,11 @@ DEFAULT_MAX_INPUT_PIXELS = 4096 * 4096
 
 # ConversionError.key values: a fixed set, so counters keyed by them stay bounded.
 ERROR_KEYS = ("unsupported_encoding", "empty", "too_small", "odd_width", "too_large", "bad_step",
-              "short_data", "no_data", "unknown_format", "corrupt", "decode_failed")
+              "short_data", "no_data", "unknown_format", "corrupt", "decode_failed", "frame_id_too_long",
+              "bad_stamp")
+# Longest header.frame_id taken (characters): tf frame names are short ("camera_0_optical_frame");
+# the id is copied into every output message and the diagnostics, so a longer one is refused.
+MAX_FRAME_ID_LENGTH = 256
 
 
 class ConversionError(ValueError):
@@ -466,6 +476,18 @@ def compressed_to_tensor(
     else:
         hwc = hwc.to(dev)
     return hwc.permute(2, 0, 1).contiguous()
+
+
+def check_header(header: Any, max_frame_id: int = MAX_FRAME_ID_LENGTH) -> None:
+    """ConversionError (``frame_id_too_long`` or ``bad_stamp``) for a header the pipeline must not
+    copy into its outputs; checked before anything else of the message is read."""
+    frame_id = header.frame_id
+    if len(frame_id) > max_frame_id:
+        raise ConversionError(f"frame_id of {len(frame_id)} characters is longer than {max_frame_id}",
+                              "frame_id_too_long")
+    problem = stamp_problem(header.stamp)
+    if problem:
+        raise ConversionError(problem, "bad_stamp")
 
 
 def msg_to_tensor(msg: Any, device: str | torch.device = "cpu", **kwargs: Any) -> torch.Tensor:

@@ -30,8 +30,9 @@ for the pipeline and one per camera; the node fills ``hardware_id``)
     * pipeline ERROR: the model failed within the window, or every camera delivers but no set
       was made for ``no_set_after_s`` (the message names the window's frame drop reasons,
       e.g. ``unmatched`` when the cameras' clocks disagree by more than the slop);
-    * pipeline WARN: a camera is stale, or more than ``drop_warn_fraction`` of the window's
-      frames (synchronizer drops, invalid frames) or sets (queue full, model or publish
+    * pipeline WARN: a camera is stale, or more than ``drop_warn_fraction`` of the frames settled
+      in the window (synchronizer drops and invalid frames against every frame whose fate was
+      decided in it: :meth:`PipelineMonitor.frames_settled`) or of its sets (queue full, model or publish
       failure) was dropped;
     * camera: FrequencyStatus against its expected rate (ERROR without frames in the window,
       WARN outside ``expected * (1 -/+ tolerance)``), WARN when stale or when it sent invalid
@@ -242,6 +243,8 @@ class PipelineMonitor:
         self._recent_set_drops: Dict[str, RateMeter] = {}
         self._frame_drops: Dict[str, int] = {}
         self._recent_frame_drops: Dict[str, RateMeter] = {}
+        self._frames_used = 0                                  # synchronizer: frames put into sets
+        self._settled = RateMeter(rate_window_s, clock)  # frames used or dropped by the synchronizer
         self._latency = LatencyWindow(latency_window)
         self._batch_s = LatencyWindow(100)
         self._batch_sizes: Deque[int] = collections.deque(maxlen=100)
@@ -286,14 +289,26 @@ class PipelineMonitor:
             cam.last_error = (str(reason) or type(reason).__name__)[:200]
             cam.recent_invalid.tick()
 
-    def frames_dropped(self, totals: Dict[str, int]) -> None:
-        """The synchronizer's drop totals by reason (cumulative); increases enter the window."""
+    def frames_settled(self, drops: Dict[str, int], used: int) -> None:
+        """The synchronizer's cumulative counts: frames dropped by reason and frames put into sets.
+
+        A frame's fate is decided once (used, dropped, or invalid before it got there), so the
+        window's frame drops are compared with the frames settled in the window, counted at the
+        same stage and the same moment: a drop decided seconds after its frame arrived (a reset
+        emptying full queues) cannot exceed them, as it could exceed the frames received."""
+        now = self._clock()
         with self._lock:
-            for reason, total in totals.items():
+            settled = 0
+            for reason, total in drops.items():
                 new = int(total) - self._frame_drops.get(reason, 0)
                 self._frame_drops[reason] = int(total)
                 if new > 0:
-                    self._meter(self._recent_frame_drops, reason).tick(new)
+                    self._meter(self._recent_frame_drops, reason).tick(new, now)
+                    settled += new
+            new_used, self._frames_used = int(used) - self._frames_used, int(used)
+            settled += max(0, new_used)
+            if settled:
+                self._settled.tick(settled, now)
 
     def set_made(self) -> None:
         """The synchronizer made a set (before any rate cap or queue)."""
@@ -366,6 +381,7 @@ class PipelineMonitor:
                 "set_drops": dict(self._set_drops),
                 "set_drops_in_window": {k: m.count(now) for k, m in self._recent_set_drops.items()},
                 "frame_drops_in_window": {k: m.count(now) for k, m in self._recent_frame_drops.items()},
+                "frames_settled_in_window": self._settled.count(now),
                 "latency_s": self._latency.summary(),
                 "batch_s": self._batch_s.summary(),
                 "batch_size_mean": (sum(sizes) / len(sizes)) if sizes else 0.0,
@@ -435,11 +451,14 @@ def no_set_problem(snap: Dict[str, Any]) -> Optional[str]:
 
 
 def drop_problems(snap: Dict[str, Any]) -> List[str]:
-    """WARN texts for sustained drops: more than ``drop_warn_fraction`` of the window's frames
-    dropped by the synchronizer or invalid, or of its sets dropped by a fault."""
+    """WARN texts for sustained drops: more than ``drop_warn_fraction`` of the frames settled in the
+    window (put into a set or dropped by the synchronizer, or invalid) dropped or invalid, or of
+    its sets dropped by a fault. Drops and the frames they are a part of are counted at the same
+    stage (:meth:`PipelineMonitor.frames_settled`), so the first can never exceed the second."""
     limit = snap["settings"]["drop_warn_fraction"]
     out = []
-    frames_in = sum(c["in_window"] for c in snap["cameras"])
+    invalid = sum(c["invalid_in_window"] for c in snap["cameras"])
+    frames_in = snap["frames_settled_in_window"] + invalid
     frame_drops = sum(snap["frame_drops_in_window"].values()) + sum(c["invalid_in_window"] for c in snap["cameras"])
     if frames_in and frame_drops / frames_in > limit:
         out.append(f"{frame_drops} of {frames_in} frames dropped in the last {snap['settings']['window_s']:g} s")

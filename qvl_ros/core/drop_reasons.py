@@ -11,8 +11,8 @@ __all__ = ["DROP_REASON_KEYS", "reason_key"]
 # counters and throttles stay bounded whatever the input (an attacker choosing encodings cannot
 # create keys). All but the last two are qvl_ros.core.conversion.ERROR_KEYS.
 DROP_REASON_KEYS = ("unsupported_encoding", "empty", "too_small", "odd_width", "too_large", "bad_step",
-                    "short_data", "no_data", "unknown_format", "corrupt", "decode_failed", "aspect_ratio",
-                    "other")
+                    "short_data", "no_data", "unknown_format", "corrupt", "decode_failed", "frame_id_too_long",
+                    "bad_stamp", "aspect_ratio", "other")
 _REASON_TEXT = (  # for reasons given as text: the conversion's messages
     (re.compile(r"^unsupported encoding"), "unsupported_encoding"),
     (re.compile(r"^empty image"), "empty"),
@@ -26,6 +26,8 @@ _REASON_TEXT = (  # for reasons given as text: the conversion's messages
     (re.compile(r"^cannot decode (png|jpeg): .*(CRC|truncated|ends early|bad |invalid|expected a marker)"),
      "corrupt"),
     (re.compile(r"^cannot decode"), "decode_failed"),
+    (re.compile(r"^frame_id of \d+ characters"), "frame_id_too_long"),
+    (re.compile(r"^stamp out of range"), "bad_stamp"),
     (re.compile(r"aspect ratio"), "aspect_ratio"),
 )
 

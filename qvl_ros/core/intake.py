@@ -3,7 +3,8 @@
 One object, used by the node (a subscription callback per frame) and by offline extraction (a
 frame per recorded message), so both apply the same rules in the same order:
 
-1. :meth:`Intake.convert`: the message becomes a uint8 (3, H, W) tensor on the model device
+1. :meth:`Intake.convert`: the header is checked first
+   (:func:`qvl_ros.core.conversion.check_header`: ``frame_id`` length, stamp range), then the message becomes a uint8 (3, H, W) tensor on the model device
    (:func:`qvl_ros.core.conversion.msg_to_tensor`: declared size against ``max_input_pixels``,
    PNG/JPEG structure, encodings), the model's size limits apply
    (:func:`qvl_ros.model.processor.image_size_problem`: 28 px on a side, aspect ratio 200), and
@@ -28,7 +29,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, NamedTuple, Optional
 
 from .clips import ClipAssembler
-from .conversion import DEFAULT_MAX_INPUT_PIXELS, msg_to_tensor
+from .conversion import DEFAULT_MAX_INPUT_PIXELS, check_header, msg_to_tensor
 from .drop_reasons import reason_key
 from .rate_limit import RateLimiter
 from .stamps import stamp_ns
@@ -125,6 +126,7 @@ class Intake:
         """The message as a frame with its stamp; raises (and counts under :func:`reason_key`)
         when it is not a frame the model can take."""
         try:
+            check_header(msg.header)
             image = msg_to_tensor(msg, self.device, min_size=MIN_SIDE,
                                   max_input_pixels=self.settings.max_input_pixels)
             problem = image_size_problem(int(image.shape[1]), int(image.shape[2]))

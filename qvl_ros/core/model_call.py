@@ -6,6 +6,11 @@ model sees: the sets' frames (or clips) in camera order, one prompt per set, the
 rates taken from their stamps (``ClipSet.fps``; Qwen2.5-VL's time positions depend on them), and
 one token limit.
 
+Detections (:class:`DetectRequest`, :func:`call_detect`) are a second call on the same sets: one
+``model.detect`` for all sets of a batch (one decoder row per camera and set, each answer about
+one image), constrained to the detection grammar; a clip set's detections refer to the newest
+frame of each camera's clip (the frame whose header the set carries).
+
 A set is anything with ``items`` (per camera an object with ``image``: a uint8 (3, H, W) frame or
 a clip, a list of such frames oldest first) and, for clips, ``fps`` (per camera).
 """
@@ -14,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence
 
-__all__ = ["ModelRequest", "model_inputs", "call_model"]
+__all__ = ["ModelRequest", "DetectRequest", "model_inputs", "call_model", "call_detect"]
 
 
 @dataclass(frozen=True)
@@ -32,6 +37,31 @@ class ModelRequest:
             raise ValueError("a model request asks for features, texts or both")
         if self.texts and int(self.max_new_tokens) < 1:
             raise ValueError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+
+
+@dataclass(frozen=True)
+class DetectRequest:
+    """What one detection call asks for: ``classes`` (names; when empty, ``query``, free text),
+    the most and fewest detections per camera, and whether the answer is constrained to the
+    detection grammar (None: when llguidance is installed)."""
+
+    classes: tuple = ()
+    query: str = ""
+    max_detections: int = 10
+    min_detections: int = 0
+    constrained: Optional[bool] = None
+
+    def __post_init__(self) -> None:
+        if not self.classes and not self.query.strip():
+            raise ValueError("detections need classes or a query")
+        if not 1 <= int(self.max_detections) or not 0 <= int(self.min_detections) <= int(self.max_detections):
+            raise ValueError(f"need 0 <= min_detections <= max_detections and max_detections >= 1, got "
+                             f"{self.min_detections} and {self.max_detections}")
+
+    @property
+    def targets(self) -> Any:
+        """What ``model.detect`` takes: the class list, or the query."""
+        return list(self.classes) if self.classes else self.query
 
 
 def model_inputs(sets: Sequence[Any], cameras: Optional[Sequence[int]] = None) -> tuple[list, Optional[list]]:
@@ -60,3 +90,12 @@ def call_model(model: Any, sets: Sequence[Any], request: ModelRequest,
     if request.texts:
         return None, model.generate(images, prompts, max_new_tokens=int(request.max_new_tokens), **clip)
     return model.encode(images, prompts, **clip), None
+
+
+def call_detect(model: Any, sets: Sequence[Any], request: DetectRequest,
+                cameras: Optional[Sequence[int]] = None) -> list:
+    """Run ``model.detect`` once on ``sets``: per set, per chosen camera (default: all), a
+    ``CameraDetections`` in that camera's pixels (a clip: its newest frame)."""
+    images, _ = model_inputs(sets, cameras)
+    return model.detect(images, request.targets, constrained=request.constrained,
+                        max_detections=int(request.max_detections), min_detections=int(request.min_detections))

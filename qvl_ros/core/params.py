@@ -23,7 +23,7 @@ from typing import Any, Dict, Iterable, Mapping, Optional, Tuple
 from .synchronizer import default_slop_ns
 
 __all__ = ["Param", "PARAMS", "BY_NAME", "AUTO_SLOP", "ASSUMED_RATE_HZ", "check_value", "check_values",
-           "defaults", "read_params_file", "documented_yaml", "slop_ns", "ParamError"]
+           "defaults", "read_params_file", "documented_yaml", "slop_ns", "ParamError", "detect_problem"]
 
 AUTO_SLOP = -1.0        # sync.slop: derived from the expected frame rates
 ASSUMED_RATE_HZ = 10.0  # the slowest camera rate assumed when no expected rate is set
@@ -39,7 +39,9 @@ class Param:
     """One parameter. ``type``: string | strings | integer | double | doubles | bool. ``low`` /
     ``high``: the range (``low_open``: strictly above ``low``); ``special``: values allowed
     outside it (``sync.slop`` -1); ``choices``: the allowed strings (for ``strings``: a non-empty
-    subset); ``option``: the extraction option of the same meaning."""
+    subset); ``option``: the extraction option of the same meaning; ``max_length``: the longest
+    string (each of a list), ``max_items``: the longest list (a parameter is something another
+    process can send: every value is bounded)."""
 
     name: str
     type: str
@@ -52,6 +54,8 @@ class Param:
     special: Tuple[Any, ...] = ()
     choices: Tuple[str, ...] = ()
     option: Optional[str] = None
+    max_length: int = 4096   # characters of a string (each string of a list)
+    max_items: int = 256     # entries of a list
 
     @property
     def constraints(self) -> str:
@@ -83,7 +87,8 @@ class Param:
         if self.type in ("strings", "doubles") and not isinstance(value, (str, bytes)) and hasattr(value, "__iter__"):
             value = list(value)  # a tuple, or rclpy's array.array of doubles
         if not isinstance(value, kind) or (isinstance(value, bool) and self.type not in ("bool",)):
-            raise ParamError(f"parameter {self.name} must be of type {self.type}, got {value!r}")
+            raise ParamError(f"parameter {self.name} must be of type {self.type}, got {_short(value)}")
+        self._check_size(value)
         if self.type == "strings":
             if not all(isinstance(v, str) for v in value):
                 raise ParamError(f"parameter {self.name} must be a list of strings, got {value!r}")
@@ -99,6 +104,15 @@ class Param:
             self._check_number(value)
         return value
 
+    def _check_size(self, value: Any) -> None:
+        if self.type in ("strings", "doubles") and len(value) > self.max_items:
+            raise ParamError(f"parameter {self.name} has {len(value)} entries, more than {self.max_items}")
+        strings = [value] if self.type == "string" else value if self.type == "strings" else []
+        for v in strings:
+            if isinstance(v, str) and len(v) > self.max_length:
+                raise ParamError(f"parameter {self.name}: a string of {len(v)} characters is longer than "
+                                 f"{self.max_length}")
+
     def _check_number(self, value: Any) -> None:
         if value in self.special:
             return
@@ -110,6 +124,8 @@ class Param:
 
 
 _R = 3600.0  # seconds: the top of most time ranges
+# model.grounding's bounds (MAX_CLASSES, MAX_NAME_CHARS, MAX_DETECTIONS; test_params compares them)
+DETECT_MAX_CLASSES, DETECT_MAX_NAME, DETECT_MAX_DETECTIONS = 64, 128, 100
 PARAMS: Tuple[Param, ...] = (
     Param("camera_topics", "strings", ["camera_0/image_raw", "camera_1/image_raw", "camera_2/image_raw"],
           "Camera topics (sensor_msgs/Image; CompressedImage if the name ends in /compressed), in set order.",
@@ -179,6 +195,21 @@ PARAMS: Tuple[Param, ...] = (
           option="--caption"),
     Param("caption.max_new_tokens", "integer", 32, "Longest caption (and default ~/ask answer) in tokens.",
           read_only=False, low=1, high=4096, option="--max-new-tokens"),
+    Param("detect.enabled", "bool", False,
+          "Also detect objects in every set: a vision_msgs/Detection2DArray per camera on <camera name>/detections "
+          "(needs detect.classes or detect.query, and vision_msgs installed).", read_only=False),
+    Param("detect.classes", "strings", [], "Class names to detect (empty: detect.query).", read_only=False,
+          max_items=DETECT_MAX_CLASSES, max_length=DETECT_MAX_NAME),
+    Param("detect.query", "string", "", "Free-text description of what to detect, used when detect.classes is empty.",
+          read_only=False, max_length=DETECT_MAX_NAME),
+    Param("detect.max_detections", "integer", 10, "Most detections per camera and set.", read_only=False, low=1,
+          high=DETECT_MAX_DETECTIONS),
+    Param("detect.min_detections", "integer", 0,
+          "Fewest detections per camera the answer grammar allows; 0 = the model decides (above 0 forces boxes: "
+          "tests and demos).", read_only=False, low=0, high=DETECT_MAX_DETECTIONS),
+    Param("detect.annotated_image", "bool", False,
+          "Also publish each camera's frame with its detections drawn (sensor_msgs/Image rgb8) on "
+          "<camera name>/detections/image."),
     Param("qos.reliability", "string", "best_effort", "Reliability of the camera subscriptions.",
           choices=("best_effort", "reliable")),
     Param("qos.depth", "integer", 5, "History depth of the camera subscriptions.", low=1, high=1000),
@@ -208,6 +239,12 @@ PARAMS: Tuple[Param, ...] = (
 BY_NAME: Dict[str, Param] = {p.name: p for p in PARAMS}
 
 
+def _short(value: Any) -> str:
+    """A value in an error message, at most 200 characters of it."""
+    text = repr(value)
+    return text if len(text) <= 200 else text[:200] + f"... ({len(text)} characters)"
+
+
 def defaults() -> Dict[str, Any]:
     return {p.name: (list(p.default) if isinstance(p.default, list) else p.default) for p in PARAMS}
 
@@ -230,7 +267,24 @@ def check_values(values: Mapping[str, Any]) -> Dict[str, Any]:
             raise ParamError(f"camera_names has {len(names)} entries for {len(topics)} camera_topics")
         if len(set(names)) != len(names):
             raise ParamError(f"camera_names must be unique, got {names}")
+    problem = detect_problem(out)
+    if problem:
+        raise ParamError(problem)
     return out
+
+
+def detect_problem(values: Mapping[str, Any]) -> Optional[str]:
+    """The rules between the detect.* parameters (the values given; the others' defaults): what
+    to detect when enabled, fewest detections at most the most; None when they hold."""
+    v = {**{k: p.default for k, p in BY_NAME.items() if k.startswith("detect.")}, **values}
+    if v["detect.enabled"] and not [c for c in v["detect.classes"] if str(c).strip()] and not str(v["detect.query"]).strip():
+        return "detect.enabled needs detect.classes or detect.query"
+    if any(not str(c).strip() for c in v["detect.classes"]):
+        return "detect.classes must not hold an empty name"
+    if int(v["detect.min_detections"]) > int(v["detect.max_detections"]):
+        return (f"detect.min_detections ({v['detect.min_detections']}) is above detect.max_detections "
+                f"({v['detect.max_detections']})")
+    return None
 
 
 def slop_ns(slop_s: float, expected_rates: Iterable[float]) -> int:

@@ -300,6 +300,28 @@ class TensorProcessor:
             self._prompt_cache[key] = ids
         return ids
 
+    def special_tokens(self) -> tuple[str, ...]:
+        """The tokenizer's special tokens (``<|im_start|>``, ``<|image_pad|>``, ...), longest first."""
+        tok = self.tokenizer
+        names = set(getattr(tok, "all_special_tokens", ()) or ())
+        added = getattr(tok, "added_tokens_decoder", None) or {}
+        names |= {t.content for t in added.values() if getattr(t, "special", False)}
+        return tuple(sorted((n for n in names if n), key=len, reverse=True))
+
+    def prompt_problem(self, prompt: str, kinds) -> str | None:
+        """Why ``prompt`` cannot be a sample's text, or None: it contains a special token of the
+        chat template (the text would add or close turns, or images the set does not have), or
+        the template fails to render it with one placeholder per camera (``kinds`` as in
+        :meth:`prompt_ids`)."""
+        found = [t for t in self.special_tokens() if t in prompt]
+        if found:
+            return f"the prompt contains the chat template's special token(s) {', '.join(found[:5])}"
+        try:
+            self.prompt_ids(prompt, kinds)
+        except Exception as exc:  # a template error, a tokenizer error
+            return f"the chat template fails on the prompt: {type(exc).__name__}: {str(exc)[:200]}"
+        return None
+
     def expand_and_position(self, ids: list[int], grids: list, seconds: list | None = None
                             ) -> tuple[np.ndarray, np.ndarray, int]:
         """Expand each placeholder to its token count; M-RoPE positions (3, L); next text position.

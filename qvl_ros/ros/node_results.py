@@ -1,14 +1,16 @@
 """The model side of ``qvl_node`` (:class:`NodeResults`, a mixin of
 :class:`~qvl_ros.ros.pipeline.QvlNodeMixin`): the batcher worker's model call
 (:func:`qvl_ros.core.model_call.call_model`), the messages it publishes, model errors, and the
-``/diagnostics`` it publishes."""
+``/diagnostics`` it publishes. With ``detect.enabled`` a second call on the same batch,
+after its features are published (:func:`qvl_ros.core.model_call.call_detect`), gives the
+detections (:mod:`qvl_ros.ros.node_detections`): a batch then costs both calls, one after the other."""
 from __future__ import annotations
 
 import time
 from typing import Any, List, Optional, Sequence
 
 from ..core.diagnostics import ERROR
-from ..core.model_call import ModelRequest, call_model
+from ..core.model_call import DetectRequest, ModelRequest, call_detect, call_model
 from ..core.stamps import format_stamps
 from ..core.synchronizer import SyncSet
 from ..core.warmup import frame_sizes as warmup_frame_sizes
@@ -58,6 +60,13 @@ class NodeResults:
                 self.get_logger().error(f"warm-up for the first set failed: {type(exc).__name__}: {exc}")
         settings = self._batch_settings()
         settings["epoch"] = self._epoch
+        try:
+            self._features_and_captions(sets, settings)
+        finally:
+            if settings["detect"] is not None:
+                self._detect(sets, settings)
+
+    def _features_and_captions(self, sets: List[SyncSet], settings: dict) -> None:
         t0 = time.perf_counter()
         try:
             results = self._infer(sets, settings)
@@ -81,7 +90,35 @@ class NodeResults:
         return {
             "prompt": str(v("prompt")), "kinds": list(v("features")), "frame_id": str(v("frame_id")),
             "caption": bool(v("caption.enabled")), "max_new_tokens": int(v("caption.max_new_tokens")),
+            "detect": self._detect_request(),
         }
+
+    def _detect_request(self) -> Optional[DetectRequest]:
+        """The detections the settings ask for, or None (off, or vision_msgs missing)."""
+        v = self._value
+        outputs = getattr(self, "_detections", None)
+        if not v("detect.enabled") or outputs is None or not outputs.created:
+            return None
+        return DetectRequest(classes=tuple(str(c) for c in v("detect.classes") if str(c).strip()),
+                             query=str(v("detect.query")), max_detections=int(v("detect.max_detections")),
+                             min_detections=int(v("detect.min_detections")))
+
+    def _detect(self, sets: Sequence[SyncSet], settings: dict) -> None:
+        """One model.detect for the batch's sets; per set and camera an array (and image). A
+        failure is logged (throttled) and counted as ``detect_error``; features are not affected."""
+        try:
+            detections = call_detect(self.model, sets, settings["detect"])
+        except Exception as exc:
+            self._monitor.sets_dropped("detect_error", len(sets))
+            if self._log_throttle.check(("detect", type(exc).__name__)) is not None:
+                self.get_logger().error(f"detection failed on {len(sets)} set(s): {type(exc).__name__}: {exc}")
+            return
+        if self._publish_drop_reason(settings) is not None:
+            return
+        try:
+            self._detections.publish(sets, detections)
+        except Exception as exc:
+            self._publish_failed(exc)
 
     def _infer(self, sets: Sequence[SyncSet], settings: dict):
         request = ModelRequest(settings["prompt"], features=True, texts=settings["caption"],

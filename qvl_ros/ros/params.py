@@ -8,6 +8,7 @@ from typing import Any, List
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor, ParameterType,
                                 SetParametersResult)
 from rclpy.exceptions import InvalidParameterValueException
+from rclpy.parameter import Parameter
 
 from ..core.params import BY_NAME, PARAMS, Param, ParamError, check_values
 from ..core.topics import camera_names as default_camera_names
@@ -43,10 +44,22 @@ def declare_parameters(node: Any) -> dict:
         if p.name == "camera_names":
             default = default_camera_names([str(t) for t in values["camera_topics"]])
         try:
-            values[p.name] = node.declare_parameter(p.name, default, descriptor(p)).value
+            values[p.name] = _declare(node, p, default)
         except InvalidParameterValueException as exc:
             raise ValueError(f"parameter {p.name}: {exc}") from None
     return check_values(values)
+
+
+def _declare(node: Any, p: Param, default: Any) -> Any:
+    """Declare ``p``; an empty list default is declared by its type (rclpy would read ``[]`` as a
+    byte array) and then set to an empty list of strings when nothing overrides it."""
+    if p.type != "strings" or default:
+        return node.declare_parameter(p.name, default, descriptor(p)).value
+    value = node.declare_parameter(p.name, Parameter.Type.STRING_ARRAY, descriptor(p)).value
+    if value is None:
+        node.set_parameters([Parameter(p.name, Parameter.Type.STRING_ARRAY, [])])
+        value = []
+    return value
 
 
 def validate_changes(params: List[Any]) -> SetParametersResult:

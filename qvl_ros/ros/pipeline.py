@@ -21,14 +21,15 @@ from ..core.batcher import Batcher
 from ..core.diagnostics import LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.input_loss import InputLossEstimator
 from ..core.intake import Intake, IntakeSettings
-from ..core.params import slop_ns
-from ..core.stamps import format_stamp, stamp_ns
+from ..core.params import BY_NAME, detect_problem, slop_ns
+from ..core.stamps import format_stamp, stamp_ns, stamp_problem
 from ..core.synchronizer import SyncSet
 from ..core.warmup import batch_sizes as warmup_batch_sizes
 from ..core.warmup import parse_sizes as parse_warmup_sizes
 from ..model.checkpoint import resolve_checkpoint
 from .ask import AskServer
 from .feature_msgs import MessageKit, placeholder_token_ids
+from .node_detections import DetectionOutputs
 from .node_results import NodeResults, describe_device, release_device_memory
 from .params import declare_parameters, validate_changes
 from .spin import interruptible
@@ -36,6 +37,7 @@ from .spin import interruptible
 __all__ = ["QvlNodeMixin", "LAZY_CHECK_PERIOD"]
 
 LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
+DETECT_PARAMS = tuple(name for name in BY_NAME if name.startswith("detect."))
 
 
 class QvlNodeMixin(NodeResults):
@@ -81,6 +83,9 @@ class QvlNodeMixin(NodeResults):
             self._device = self.model.device
             self._geometry: dict = {}  # (height, width, frames) -> Geometry, for the messages' inputs
             self._placeholder_ids = placeholder_token_ids(self.model)
+            problem = self._prompt_problem(str(self._value("prompt")))
+            if problem:
+                raise ValueError(f"parameter prompt: {problem}")
             if self._value("model.warmup"):
                 self._warm_up()
         self._create_components()
@@ -133,6 +138,11 @@ class QvlNodeMixin(NodeResults):
         self._caption_pub = self.create_publisher(Caption, "caption", 10)
         self._diag_pub = self.create_publisher(DiagnosticArray, "/diagnostics", 10)
         self._demand_topics = [self._features_pub.topic_name, self._caption_pub.topic_name]
+        self._detections = DetectionOutputs(self, self._names, bool(v("detect.annotated_image")))
+        if self._detections.unavailable:
+            self.get_logger().warning(f"detections are off: {self._detections.unavailable}")
+        elif v("detect.enabled"):
+            self._create_detection_outputs()
         self._ask = AskServer(
             self, latest=self._newest_set, submit=lambda task, cancel: self._batcher.submit(
                 lambda: task(self.model), cancel),
@@ -148,6 +158,10 @@ class QvlNodeMixin(NodeResults):
         self._jump_handle = self.get_clock().create_jump_callback(
             JumpThreshold(min_forward=None, min_backward=Duration(seconds=-1), on_clock_change=True),
             post_callback=self._on_time_jump)
+
+    def _create_detection_outputs(self) -> None:
+        for problem in self._detections.create():
+            self.get_logger().error(f"no detections for {problem}")
 
     def _activate(self) -> None:
         self._active = True
@@ -182,6 +196,9 @@ class QvlNodeMixin(NodeResults):
         if getattr(self, "_ask", None) is not None:
             self._ask.destroy()
             self._ask = None
+        if getattr(self, "_detections", None) is not None:
+            self._detections.destroy()
+            self._detections = None
         if getattr(self, "_diag_timer", None) is not None:
             self.destroy_timer(self._diag_timer)
             self._diag_timer = None
@@ -205,6 +222,8 @@ class QvlNodeMixin(NodeResults):
             f"ready: {len(self._topics)} cameras [{cams}]; model {self._model_name} on {self._device}; "
             f"publishing {self.resolve_topic_name('features')}"
             + (f" and {self.resolve_topic_name('caption')}" if v("caption.enabled") else "")
+            + (f"; detections on {', '.join(self._detections.topics())}" if self._detections and v("detect.enabled")
+               and self._detections.created else "")
             + (" (lazy: cameras subscribed while someone listens)" if v("lazy") else ""))
 
     def _warm_up(self, sizes: Optional[List[tuple]] = None) -> None:
@@ -264,10 +283,12 @@ class QvlNodeMixin(NodeResults):
         self._monitor.set_paused(True)
 
     def _check_demand(self) -> None:
-        """``lazy``: subscribe to the cameras while ``features`` or ``caption`` has a subscriber."""
+        """``lazy``: subscribe to the cameras while ``features``, ``caption`` or a detection topic
+        has a subscriber."""
         if not self._active:
             return
-        wanted = sum(self.count_subscribers(t) for t in self._demand_topics) > 0
+        detections = self._detections.topics() if self._detections is not None else []
+        wanted = sum(self.count_subscribers(t) for t in self._demand_topics + detections) > 0
         if wanted and not self._subs:
             self._subscribe()
             self.get_logger().info("a subscriber appeared: subscribed to the cameras")
@@ -285,7 +306,41 @@ class QvlNodeMixin(NodeResults):
         return self.get_parameter(name).value
 
     def _validate_parameters(self, params: List[Parameter]) -> SetParametersResult:
-        return validate_changes(params)
+        """The table's rules, then the prompt against the loaded model's chat template and the
+        detect.* parameters together (and vision_msgs, to turn detections on)."""
+        result = validate_changes(params)
+        if not result.successful:
+            return result
+        for p in params:
+            problem = self._prompt_problem(str(p.value)) if p.name == "prompt" else None
+            if problem:
+                return SetParametersResult(successful=False, reason=f"parameter prompt: {problem}")
+        problem = self._detect_change_problem(params)
+        if problem:
+            return SetParametersResult(successful=False, reason=problem)
+        return result
+
+    def _detect_change_problem(self, params: List[Parameter]) -> Optional[str]:
+        changed = {p.name: p.value for p in params if p.name.startswith("detect.")}
+        if not changed:
+            return None
+        values = {name: self._value(name) for name in DETECT_PARAMS}
+        values.update(changed)
+        problem = detect_problem(values)
+        outputs = getattr(self, "_detections", None)
+        if problem is None and changed.get("detect.enabled") and outputs is not None and outputs.unavailable:
+            problem = f"detect.enabled: {outputs.unavailable}"
+        return problem
+
+    def _prompt_problem(self, prompt: str) -> Optional[str]:
+        """Why ``prompt`` cannot be the sets' text (model.processor.TensorProcessor.prompt_problem:
+        special tokens, a template that fails), or None; None too before a model is loaded
+        (configure checks the prompt then)."""
+        processor = getattr(self.model, "processor", None)
+        if not hasattr(processor, "prompt_problem"):
+            return None
+        clips = int(self._value("video.frames")) >= 2
+        return processor.prompt_problem(prompt, (clips,) * len(self._topics))
 
     def _add_parameter_callbacks(self) -> None:
         """Validation before a change, application after it. ``add_post_set_parameters_callback``
@@ -316,6 +371,8 @@ class QvlNodeMixin(NodeResults):
             elif p.name == "max_rate":
                 with self._lock:
                     self._intake.set_max_rate(float(p.value))
+            elif p.name == "detect.enabled" and p.value and self._detections is not None:
+                self._create_detection_outputs()
 
     def _load_model(self):
         import torch
@@ -343,7 +400,8 @@ class QvlNodeMixin(NodeResults):
         within max_rate go to the batcher. Never raises."""
         self._monitor.frame_received(index)
         arrival_ns = self.get_clock().now().nanoseconds
-        self._loss.frame(index, stamp_ns(msg.header.stamp))
+        stamp = msg.header.stamp  # an out-of-range stamp (dropped by the intake) is no evidence of loss
+        self._loss.frame(index, 0 if stamp_problem(stamp) else stamp_ns(stamp))
         try:
             frame = self._intake.convert(index, msg, arrival_ns)
         except Exception as exc:  # ConversionError, the model's size limits, anything a decoder may raise
@@ -352,7 +410,8 @@ class QvlNodeMixin(NodeResults):
         self._monitor.frame_valid(index, frame.size, frame_id=str(msg.header.frame_id))
         with self._lock:
             out = self._intake.push(frame)
-            self._monitor.frames_dropped(self._sync.drops)
+            counts = self._sync.stats()
+            self._monitor.frames_settled(counts["drops"], sum(counts["used"]))
             if out.reset:
                 self._log_sync_reset()
             for made in out.sets:
