@@ -54,12 +54,14 @@ class DecodeControl:
         self.chunks = 0         # chunk boundaries passed
         self._stopped = threading.Event()
         self.reason: Optional[str] = None
+        self.stopped_at: Optional[int] = None  # `steps` when stop() was called
 
     def stop(self, reason: str = "stopped") -> None:
         """Ask the generation to end before its next decode step (any thread; idempotent: the
         first reason is kept)."""
         if not self._stopped.is_set():
             self.reason = str(reason)
+            self.stopped_at = self.steps
             self._stopped.set()
 
     @property
