@@ -33,6 +33,7 @@ from test_node import ROOT, Rig, call, wait_for  # noqa: E402
 
 LONG = 40000  # tokens of a long answer: about 40 s or more here at the tiny model's speed
 BURST = 50
+SIGNAL_EXIT_S = 5.0  # `ros2 launch` sends SIGTERM 5 s after its SIGINT
 
 
 @pytest.fixture(scope="module")
@@ -236,7 +237,7 @@ class Watcher(Node):
         super().__init__("watcher", context=context, namespace=ns)
         self.lock = threading.Lock()
         self.tokens = None
-        self.client = self.create_client(Ask, "ask")
+        self.client = self.create_client(Ask, "qvl_node/ask")
         self.create_subscription(DiagnosticArray, "/diagnostics", self._diag, 50)
         self.fqn = f"{ns}/qvl_node"
 
@@ -253,8 +254,9 @@ class Watcher(Node):
 
 
 def test_signal_during_a_long_answer_exits_0(endless_path, tmp_path):
-    """SIGINT or SIGTERM (alternating) while the node decodes a 40000-token answer: exit code 0,
-    no traceback, no abort, within the shutdown bound; QVL_SIGNAL_RUNS runs (default 2)."""
+    """SIGINT or SIGTERM (alternating) while the node decodes a 40000-token answer: exit code 0
+    within 5 s (the answer stops at its next decode step; the worker was joined only after 30 s
+    before), no traceback, no abort; QVL_SIGNAL_RUNS runs (default 2)."""
     runs = int(os.environ.get("QVL_SIGNAL_RUNS", "2"))
     env = dict(os.environ, PYTHONUNBUFFERED="1", QVL_ROS_CACHE=str(tmp_path))
     context = rclpy.Context()
@@ -318,5 +320,6 @@ def _one_signal_run(context, executor, path, env, sig, run):
     reader.join(5)
     text = "".join(lines)
     assert code == 0, (signal.Signals(sig).name, code, text)
+    assert took < SIGNAL_EXIT_S, (signal.Signals(sig).name, took)  # before `ros2 launch` escalates
     assert "Traceback" not in text and "terminate called" not in text and "[ERROR]" not in text, text
     return f"{signal.Signals(sig).name}: exit {code} in {took:.2f} s at {tokens}+ tokens"
