@@ -343,3 +343,44 @@ def test_clear_drops_queued_items_under_the_reason_and_keeps_the_batch_in_flight
     finally:
         gate.set()
         b.stop()
+
+
+def test_a_long_task_runs_the_due_batches_between_its_chunks():
+    """run_due_batches, called by a side task on the worker (an answer between decode chunks):
+    full batches and batches whose oldest item has waited max_wait run there and then, a batch
+    still filling does not (fake clock); on another thread it does nothing; stopping ends it."""
+    now = [0.0]
+    rec = Recorder()
+    b = Batcher(rec, max_size=2, max_wait_ms=100, queue_depth=10, clock=lambda: now[0]).start()
+    step, result, proceed = threading.Event(), [], threading.Event()
+
+    def task():  # three "chunks"
+        for _ in range(3):
+            step.set()
+            assert proceed.wait(5)
+            proceed.clear()
+            result.append(b.run_due_batches())
+
+    try:
+        assert b.run_due_batches() == 0  # not the worker
+        assert b.submit(task, lambda _r: None)
+        assert step.wait(5)
+        step.clear()
+        for i in range(3):
+            b.put(i)  # one full batch and one filling
+        proceed.set()
+        assert step.wait(5)
+        step.clear()
+        assert result == [1] and rec.batches == [[0, 1]]
+        assert b.stats()["task_running"] and b.stats()["state"] == "task"
+        now[0] = 0.1  # the filling one has waited max_wait
+        proceed.set()
+        assert step.wait(5)
+        step.clear()
+        assert result == [1, 1] and rec.batches == [[0, 1], [2]]
+        proceed.set()
+        assert b.wait_for(lambda s: s["tasks"]["run"] == 1 and not s["task_running"], 5)
+        assert result == [1, 1, 0] and b.stats()["batches_beside_tasks"] == 2 and b.stats()["processed"] == 3
+    finally:
+        proceed.set()
+        assert b.stop(timeout=5)

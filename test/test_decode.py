@@ -136,3 +136,55 @@ def test_bf16_at_least_as_exact_as_transformers(family, tmp_path):
     err = low_precision_errors(path, cams, device="cpu", dtype=torch.bfloat16)
     for part in ("vision", "hidden"):
         assert 0 < err["ours"][part] <= err["transformers"][part], (part, err)
+
+
+def test_decode_control_follows_stops_and_interleaves(setup):
+    """DecodeControl: every chunk hands over the tokens so far (prefixes of transformers' greedy
+    tokens); a stop asked from a callback ends the loop before the next step and the stopped
+    result holds exactly the tokens generated so far; a generation run from `on_chunk` in kept
+    (bucketed) states beside one with a private state leaves both equal to transformers'."""
+    from qvl_ros.model import DecodeControl
+
+    path, ref, proc, ours = setup
+    imgs = frames(SIZES[:2], seed=7)
+    refs = [reference_tokens(ref, proc, cams, p, 40) for cams, p in zip(imgs, PROMPTS[:2])]
+    seen = []
+
+    def follow(ids):
+        seen.append(ids)
+        if ids.shape[1] >= 12:
+            control.stop("enough")
+
+    control = DecodeControl(on_tokens=follow, chunk=4)
+    ids = ours.generate_ids(imgs, PROMPTS[:2], max_new_tokens=40, control=control)
+    longest = max(len(r) for r in refs)
+    if longest > 12:  # the reference did not end within the first chunks: the stop cut it
+        assert control.stopped and control.reason == "enough" and control.steps == 12
+        assert [s.shape[1] for s in seen] == [4, 8, 12]
+    for chunk in seen:
+        for b, r in enumerate(refs):
+            n = min(chunk.shape[1], len(r))
+            assert chunk[b, :n].tolist() == r[:n]
+    assert_rows_match(ids[:, :control.steps], [r[:control.steps] for r in refs], ours.pad_id)
+    assert set(ids[:, control.steps:].flatten().tolist()) <= {ours.pad_id}
+
+    # stopped before the first step: no token
+    early = DecodeControl()
+    early.stop("before")
+    assert set(ours.generate_ids(imgs, PROMPTS[:2], max_new_tokens=8, control=early).flatten().tolist()) <= \
+        {ours.pad_id} and early.steps == 0
+
+    # interleaving: a batch decoded in the runner's kept states at every chunk of an answer
+    ours.steps = StepRunner(ours.decoder, buckets=True)
+    try:
+        inner = []
+        answer = DecodeControl(chunk=4, private_state=True,
+                               on_chunk=lambda: inner.append(ours.generate_ids(imgs[1:], PROMPTS[1:2], max_new_tokens=40)))
+        one = ours.generate_ids(imgs[:1], PROMPTS[:1], max_new_tokens=40, control=answer)
+        assert_rows_match(one, refs[:1], ours.pad_id)
+        assert inner or len(refs[0]) <= 4
+        for got in inner:
+            assert_rows_match(got, refs[1:], ours.pad_id)
+        assert len(ours.steps._entries) == 1  # only the inner batch's state was kept
+    finally:
+        ours.steps = StepRunner(ours.decoder)

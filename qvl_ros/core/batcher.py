@@ -24,9 +24,12 @@ Settings ``max_size`` and ``max_wait_ms`` may be changed while running (:meth:`c
 Side tasks
     :meth:`submit` queues a one-off callable (an on-demand question) that the same worker runs
     between two batches, before the next batch starts, so it never runs concurrently with the
-    model and never delays the stream by more than its own run time. At most ``task_depth``
-    tasks wait; :meth:`submit` refuses more (returns False). A task still waiting when the
-    batcher stops gets its ``cancel(reason)`` called instead.
+    model. A long task keeps the stream going by calling :meth:`run_due_batches` now and then
+    (an answer does it between two chunks of decode steps): the batches due by then run at
+    once, on the worker, so the stream is delayed by at most one such interval. At most
+    ``task_depth`` tasks wait; :meth:`submit` refuses more (returns False). A task still waiting
+    when the batcher stops (or :meth:`cancel_tasks` is called) gets its ``cancel(reason)``
+    called instead.
 
 Clearing
     :meth:`clear` drops every queued item under a given reason (``time_reset`` after the clock
@@ -97,6 +100,8 @@ class Batcher(Generic[T]):
         self._task_limit = int(task_depth)
         self._tasks: Deque[Tuple[Callable[[], Any], Callable[[str], Any]]] = collections.deque()
         self._task_counts = {"submitted": 0, "run": 0, "refused": 0, "cancelled": 0}
+        self._task_running = False
+        self._nested_batches = 0  # batches run from a side task (run_due_batches)
 
     # ------------------------------------------------------------------------- configuration
     @property
@@ -148,17 +153,24 @@ class Batcher(Generic[T]):
             if not drain:
                 self._drops["shutdown"] += len(self._queue)
                 self._queue.clear()
-            cancelled = list(self._tasks)
-            self._tasks.clear()
-            self._task_counts["cancelled"] += len(cancelled)
             self._cond.notify_all()
             thread = self._thread
-        for _, cancel in cancelled:
-            self._call_hook(cancel, "batcher stopped")
+        self.cancel_tasks("batcher stopped")
         if thread is None or thread is threading.current_thread():
             return True
         thread.join(timeout)
         return not thread.is_alive()
+
+    def cancel_tasks(self, reason: str) -> int:
+        """Call ``cancel(reason)`` of every waiting side task (not the running one); returns how many."""
+        with self._cond:
+            cancelled = list(self._tasks)
+            self._tasks.clear()
+            self._task_counts["cancelled"] += len(cancelled)
+            self._cond.notify_all()
+        for _, cancel in cancelled:
+            self._call_hook(cancel, reason)
+        return len(cancelled)
 
     def clear(self, reason: str) -> int:
         """Drop every queued item, counted under ``reason`` (one of BATCH_DROP_REASONS); returns
@@ -190,8 +202,44 @@ class Batcher(Generic[T]):
             self._cond.notify_all()
 
     @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called."""
+        return self._stopping
+
+    @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
+
+    def join(self, timeout: Optional[float] = None) -> bool:
+        """Wait for the worker thread to end (after :meth:`stop`); True when it has."""
+        thread = self._thread
+        if thread is None or thread is threading.current_thread():
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def run_due_batches(self) -> int:
+        """From a side task on the worker: run the batches that are due now (a full batch, or
+        the oldest set has waited ``max_wait_ms``), at most as many as were queued on entry;
+        returns how many ran. Does nothing while stopping, or on another thread."""
+        if threading.current_thread() is not self._thread:
+            return 0
+        with self._cond:
+            limit = -(-len(self._queue) // self._max_size)
+        ran = 0
+        for _ in range(limit):
+            with self._cond:
+                if self._stopping or not self._queue:
+                    break
+                full = len(self._queue) >= self._max_size
+                if not full and self._clock() - self._queue[0][1] < self._max_wait:
+                    break
+                batch = [self._queue.popleft()[0] for _ in range(min(self._max_size, len(self._queue)))]
+                self._running = len(batch)  # wait_idle never sees the batch neither queued nor running
+                self._nested_batches += 1
+            self._run_batch(batch)
+            ran += 1
+        return ran
 
     # ------------------------------------------------------------------------- producer side
     def put(self, item: T) -> Optional[T]:
@@ -272,7 +320,9 @@ class Batcher(Generic[T]):
             "state": self._state,
             "fill_checked_at": self._fill_checked_at,
             "tasks_waiting": len(self._tasks),
+            "task_running": self._task_running,
             "tasks": dict(self._task_counts),
+            "batches_beside_tasks": self._nested_batches,
         }
 
     # ------------------------------------------------------------------------- worker
@@ -321,32 +371,55 @@ class Batcher(Generic[T]):
                 if task is not None:
                     self._run_task(task[0])
                 continue
-            t0 = self._clock()
-            failed: Optional[BaseException] = None
-            try:
-                self._run(batch)
-            except Exception as exc:  # the worker survives any failure of one batch
-                failed = exc
-            elapsed = self._clock() - t0
-            if failed is not None:
-                self._report_error(batch, failed)
+            self._run_batch(batch)
+
+    def _run_batch(self, batch: List[T]) -> None:
+        with self._cond:
+            self._running = len(batch)
+            self._state = "running"
+            self._cond.notify_all()
+        try:
+            self._run_counted(batch)
+        finally:
             with self._cond:
                 self._running = 0
-                self._busy_s += elapsed
-                self._last_run_s = elapsed
-                self._last_batch_size = len(batch)
-                self._counts["batches"] += 1
-                if failed is None:
-                    self._counts["processed"] += len(batch)
-                else:
-                    self._drops["error"] += len(batch)
+                if self._task_running:
+                    self._state = "task"
                 self._cond.notify_all()
 
-    def _run_task(self, task: Callable[[], Any]) -> None:
-        self._call_hook(task)
+    def _run_counted(self, batch: List[T]) -> None:
+        t0 = self._clock()
+        failed: Optional[BaseException] = None
+        try:
+            self._run(batch)
+        except Exception as exc:  # the worker survives any failure of one batch
+            failed = exc
+        elapsed = self._clock() - t0
+        if failed is not None:
+            self._report_error(batch, failed)
         with self._cond:
-            self._task_counts["run"] += 1
+            self._running = 0
+            self._busy_s += elapsed
+            self._last_run_s = elapsed
+            self._last_batch_size = len(batch)
+            self._counts["batches"] += 1
+            if failed is None:
+                self._counts["processed"] += len(batch)
+            else:
+                self._drops["error"] += len(batch)
             self._cond.notify_all()
+
+    def _run_task(self, task: Callable[[], Any]) -> None:
+        with self._cond:
+            self._task_running = True
+            self._cond.notify_all()
+        try:
+            self._call_hook(task)
+        finally:
+            with self._cond:
+                self._task_running = False
+                self._task_counts["run"] += 1
+                self._cond.notify_all()
 
     def _call_hook(self, hook: Callable[..., Any], *args: Any) -> None:
         try:

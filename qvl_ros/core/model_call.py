@@ -77,25 +77,32 @@ def model_inputs(sets: Sequence[Any], cameras: Optional[Sequence[int]] = None) -
 
 
 def call_model(model: Any, sets: Sequence[Any], request: ModelRequest,
-               cameras: Optional[Sequence[int]] = None) -> tuple:
+               cameras: Optional[Sequence[int]] = None, control: Any = None) -> tuple:
     """Run ``model`` (a ``BatchedQwenVL``) once on ``sets``: (features or None, texts or None).
 
     Features only: ``encode``; texts only: ``generate``; both: ``encode_generate`` (one vision
-    pass and one prefill)."""
+    pass and one prefill). ``control`` (:class:`qvl_ros.model.decode_control.DecodeControl`,
+    texts only): stop the decoding between two steps and follow its tokens; a stopped call
+    returns the texts generated so far (``control.stopped`` says so)."""
     images, rates = model_inputs(sets, cameras)
     prompts = [request.prompt] * len(images)
-    clip = {} if rates is None else {"fps": rates}
+    extra = {} if rates is None else {"fps": rates}
+    if control is not None and request.texts:
+        extra["control"] = control
     if request.features and request.texts:
-        return model.encode_generate(images, prompts, max_new_tokens=int(request.max_new_tokens), **clip)
+        return model.encode_generate(images, prompts, max_new_tokens=int(request.max_new_tokens), **extra)
     if request.texts:
-        return None, model.generate(images, prompts, max_new_tokens=int(request.max_new_tokens), **clip)
-    return model.encode(images, prompts, **clip), None
+        return None, model.generate(images, prompts, max_new_tokens=int(request.max_new_tokens), **extra)
+    return model.encode(images, prompts, **extra), None
 
 
 def call_detect(model: Any, sets: Sequence[Any], request: DetectRequest,
-                cameras: Optional[Sequence[int]] = None) -> list:
+                cameras: Optional[Sequence[int]] = None, control: Any = None) -> list:
     """Run ``model.detect`` once on ``sets``: per set, per chosen camera (default: all), a
-    ``CameraDetections`` in that camera's pixels (a clip: its newest frame)."""
+    ``CameraDetections`` in that camera's pixels (a clip: its newest frame). ``control``: as for
+    :func:`call_model` (a stopped call returns the detections parsed from the tokens so far)."""
     images, _ = model_inputs(sets, cameras)
+    extra = {} if control is None else {"control": control}
     return model.detect(images, request.targets, constrained=request.constrained,
-                        max_detections=int(request.max_detections), min_detections=int(request.min_detections))
+                        max_detections=int(request.max_detections), min_detections=int(request.min_detections),
+                        **extra)

@@ -4,8 +4,9 @@
 """
 from .tiny import default_tiny_checkpoint, save_tiny_checkpoint
 from .config import PRESETS, QwenVLConfig
+from .decode_control import DecodeControl
 from .model import BatchedQwenVL, Features
 from .processor import TensorProcessor, smart_resize
 
-__all__ = ["BatchedQwenVL", "Features", "QwenVLConfig", "PRESETS", "TensorProcessor", "smart_resize",
+__all__ = ["BatchedQwenVL", "DecodeControl", "Features", "QwenVLConfig", "PRESETS", "TensorProcessor", "smart_resize",
            "save_tiny_checkpoint", "default_tiny_checkpoint"]

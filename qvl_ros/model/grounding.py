@@ -350,13 +350,16 @@ def _per_sample(classes_or_query, B: int) -> list:
 def detect(model, images, classes_or_query, constrained: bool | None = None, kind: str = "box",
            max_detections: int = 10, min_detections: int = 0, max_new_tokens: int | None = None,
            size=None, do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0,
-           generator: torch.Generator | None = None, timing: dict | None = None) -> list[list[CameraDetections]]:
+           generator: torch.Generator | None = None, timing: dict | None = None,
+           control=None) -> list[list[CameraDetections]]:
     """Detections per sample and camera (see the module doc). `classes_or_query`: a list of class
     names or one free-text query for all samples, or a list of those, one per sample (a list holding
     at least one list is read per sample).
 
     `constrained`: None uses the grammar when llguidance is installed; True requires it. Without a
-    grammar `max_new_tokens` defaults to 256; with one, to the longest answer the grammar allows."""
+    grammar `max_new_tokens` defaults to 256; with one, to the longest answer the grammar allows.
+    `control` (decode_control.DecodeControl): stop between decode steps (the answers are then
+    parsed as far as they go) and follow the tokens."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     if constrained is None:
@@ -394,7 +397,7 @@ def detect(model, images, classes_or_query, constrained: bool | None = None, kin
         hook = TokenScores(len(rows), max_new_tokens, model.device)
     with torch.inference_mode():
         ids = model._run(rows, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator,
-                         hook=hook)[1]
+                         hook=hook, control=control)[1]
     ids, logprobs = ids.cpu().tolist(), hook.logprobs.cpu()
     if timing is not None:
         timing.update(steps=getattr(hook, "steps", 0), grammar_seconds=hook.seconds)

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from .checkpoint import check_weights, read_tensors, resolve_checkpoint
+from .decode_control import DecodeControl
 from .config import QwenVLConfig, check_pixel_bounds, load_checked_config
 from .inputs import check_fps, check_images  # noqa: F401  (check_images: part of this module's interface)
 from .processor import Batch, TensorProcessor
@@ -199,27 +200,37 @@ class BatchedQwenVL(nn.Module):
     @torch.inference_mode()
     def generate_ids(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                      temperature: float = 1.0, top_p: float = 1.0, size=None,
-                     generator: torch.Generator | None = None, fps=None) -> torch.Tensor:
-        """(B, max_new_tokens) generated token ids; after a row's end token the row holds pad ids."""
+                     generator: torch.Generator | None = None, fps=None,
+                     control: DecodeControl | None = None) -> torch.Tensor:
+        """(B, max_new_tokens) generated token ids; after a row's end token the row holds pad ids.
+        `control` (decode_control.DecodeControl): stop between two decode steps (the rows then
+        hold the tokens generated so far, pad ids after) and follow the tokens every chunk."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        return self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)[1]
+        return self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps,
+                         control=control)[1]
 
     def generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, size=None,
-                 generator: torch.Generator | None = None, fps=None) -> list[str]:
-        """Batched generation with a KV cache; each row stops at its own end token."""
-        ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator, fps)
+                 generator: torch.Generator | None = None, fps=None,
+                 control: DecodeControl | None = None) -> list[str]:
+        """Batched generation with a KV cache; each row stops at its own end token (or, with a
+        stopped `control`, where it was stopped: see generate_ids)."""
+        ids = self.generate_ids(images, prompts, max_new_tokens, do_sample, temperature, top_p, size, generator, fps,
+                                control)
         return self.detokenize(ids)
 
     @torch.inference_mode()
     def encode_generate(self, images, prompts, max_new_tokens: int = 32, do_sample: bool = False,
                         temperature: float = 1.0, top_p: float = 1.0, size=None,
-                        generator: torch.Generator | None = None, fps=None) -> tuple[Features, list[str]]:
-        """Features and captions from one vision pass and one prefill."""
+                        generator: torch.Generator | None = None, fps=None,
+                        control: DecodeControl | None = None) -> tuple[Features, list[str]]:
+        """Features and captions from one vision pass and one prefill (`control`: as generate_ids;
+        the features are complete either way)."""
         if max_new_tokens < 1:
             raise ValueError("max_new_tokens must be at least 1")
-        feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps)
+        feats, ids = self._run(images, prompts, size, max_new_tokens, do_sample, temperature, top_p, generator, fps,
+                               control=control)
         return feats, self.detokenize(ids)
 
     def detect(self, images, classes_or_query, **options) -> list:
@@ -241,14 +252,16 @@ class BatchedQwenVL(nn.Module):
         return self.detokenize(ids)
 
     def _run(self, images, prompts, size, max_new_tokens: int, do_sample: bool = False,
-             temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None, hook=None):
+             temperature: float = 1.0, top_p: float = 1.0, generator=None, fps=None, hook=None,
+             control: DecodeControl | None = None):
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
             raise ValueError("sampling needs temperature > 0 and 0 < top_p <= 1")
         _, inputs = self.prepare(images, prompts, size, fps)
         B, L = inputs.input_ids.shape
         state = step = None
         if max_new_tokens:
-            state, step = self.steps.get(B, L + max_new_tokens)
+            private = control is not None and control.private_state
+            state, step = self.steps.get(B, L + max_new_tokens, private=private)
         vis = self.vision_features(inputs)
         pads = [L - n for n in inputs.lengths]
         padded = any(pads)
@@ -267,27 +280,40 @@ class BatchedQwenVL(nn.Module):
         state.begin(inputs.attention_mask, inputs.next_position)
         logits = self.decoder.logits(hidden[:, -1])  # (B, V)
         return feats, self._generate_tokens(logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator,
-                                   hook)
+                                            hook, control)
 
-    def _generate_tokens(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator, hook=None):
-        """Token loop: select, record, feed back. Host syncs only every 8 tokens (all rows done?).
+    def _generate_tokens(self, logits, state, step, max_new_tokens, do_sample, temperature, top_p, generator, hook=None,
+                         control=None):
+        """Token loop: select, record, feed back. Host syncs only every chunk (8 tokens, or the
+        control's chunk): are all rows done?
 
         `hook` (constrained.GrammarGuide / TokenScores): `before(logits, done)` returns the logits
-        to select from (e.g. masked by a grammar), `after(t, tok, done)` sees each step's tokens."""
+        to select from (e.g. masked by a grammar), `after(t, tok, done)` sees each step's tokens.
+        `control` (DecodeControl): its stop flag is read before every step (no sync); at each
+        chunk boundary it gets the tokens so far (`chunk_done`)."""
         B, dev = logits.shape[0], logits.device
         eos = torch.tensor(self.eos_ids or [-1], device=dev)
         ids = torch.full((B, max_new_tokens), self.pad_id, dtype=torch.long, device=dev)
         done = torch.zeros(B, dtype=torch.bool, device=dev)
         pad = torch.full((B,), self.pad_id, dtype=torch.long, device=dev)
+        chunk = 8 if control is None else control.chunk
         for t in range(max_new_tokens):
+            if control is not None and control.stopped:
+                break
             sel = logits if hook is None else hook.before(logits, done)
             tok = torch.where(done, pad, self._select(sel, do_sample, temperature, top_p, generator))
             ids[:, t] = tok
             if hook is not None:
                 hook.after(t, tok, done)
             done |= torch.isin(tok, eos)
-            if t + 1 == max_new_tokens or ((t + 1) % 8 == 0 and bool(done.all())):
+            if control is not None:
+                control.steps = t + 1
+            if t + 1 == max_new_tokens or ((t + 1) % chunk == 0 and bool(done.all())):
                 break
+            if control is not None and (t + 1) % chunk == 0:
+                control.chunk_done(ids, t + 1)
+                if control.stopped:
+                    break
             state.tok[:B] = tok
             logits = step()[:B]  # (B, V)
         return ids

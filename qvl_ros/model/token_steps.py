@@ -91,12 +91,14 @@ class StepRunner:
     def _on(self, flag: bool | None, device: torch.device) -> bool:
         return device.type == "cuda" if flag is None else bool(flag)
 
-    def get(self, B: int, K: int) -> tuple[DecodeState, callable]:
-        """A state holding at least B rows and K columns, and a function running one step on it."""
+    def get(self, B: int, K: int, private: bool = False) -> tuple[DecodeState, callable]:
+        """A state holding at least B rows and K columns, and a function running one step on it.
+        `private`: a state of the exact size for this call only, stepped eagerly (never one that
+        another generation of this runner may be using)."""
         w = self.decoder.embed.weight
         dev, dt = w.device, w.dtype
         graphs = self._on(self.graphs, dev) and dev.type == "cuda"
-        if not (graphs or self._on(self.buckets, dev)):
+        if private or not (graphs or self._on(self.buckets, dev)):
             state = DecodeState.allocate(self.decoder.cfg, B, K, dev, dt)
             return state, lambda: self.decoder.step(state)
         key = (batch_bucket(B), cache_bucket(K), dev, dt, graphs)

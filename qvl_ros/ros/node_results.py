@@ -60,16 +60,20 @@ class NodeResults:
                 self.get_logger().error(f"warm-up for the first set failed: {type(exc).__name__}: {exc}")
         settings = self._batch_settings()
         settings["epoch"] = self._epoch
-        try:
-            self._features_and_captions(sets, settings)
-        finally:
-            if settings["detect"] is not None:
-                self._detect(sets, settings)
+        with self._stops.control() as control:  # captions and detections stop at the next decode step on deactivate
+            if control.stopped:
+                self._stopped_sets(len(sets), settings)
+                return
+            try:
+                self._run_sets(sets, settings, control)
+            finally:
+                if settings["detect"] is not None and not control.stopped:
+                    self._detect(sets, settings, control)
 
-    def _features_and_captions(self, sets: List[SyncSet], settings: dict) -> None:
+    def _run_sets(self, sets: List[SyncSet], settings: dict, control) -> None:
         t0 = time.perf_counter()
         try:
-            results = self._infer(sets, settings)
+            results = self._infer(sets, settings, control)
         except Exception as exc:
             if len(sets) == 1:
                 raise
@@ -78,12 +82,16 @@ class NodeResults:
                 f"retrying them one at a time")
             for s in sets:
                 try:
-                    self._publish([s], self._infer([s], settings), settings)
+                    self._publish([s], self._infer([s], settings, control), settings, control)
                 except Exception as one_exc:
                     self._on_model_error([s], one_exc)
             return
         self._monitor.batch_done(len(sets), time.perf_counter() - t0)
-        self._publish(sets, results, settings)
+        self._publish(sets, results, settings, control)
+
+    def _stopped_sets(self, n: int, settings: dict) -> None:
+        """Sets whose model call was stopped (a transition): dropped, never published half done."""
+        self._monitor.sets_dropped(self._publish_drop_reason(settings) or "inactive", n)
 
     def _batch_settings(self) -> dict:
         v = self._value
@@ -103,33 +111,37 @@ class NodeResults:
                              query=str(v("detect.query")), max_detections=int(v("detect.max_detections")),
                              min_detections=int(v("detect.min_detections")))
 
-    def _detect(self, sets: Sequence[SyncSet], settings: dict) -> None:
+    def _detect(self, sets: Sequence[SyncSet], settings: dict, control=None) -> None:
         """One model.detect for the batch's sets; per set and camera an array (and image). A
-        failure is logged (throttled) and counted as ``detect_error``; features are not affected."""
+        failure is logged (throttled) and counted as ``detect_error``; features are not affected.
+        Stopped (deactivate, cleanup, shutdown) between decode steps: nothing is published."""
         try:
-            detections = call_detect(self.model, sets, settings["detect"])
+            detections = call_detect(self.model, sets, settings["detect"], control=control)
         except Exception as exc:
             self._monitor.sets_dropped("detect_error", len(sets))
             if self._log_throttle.check(("detect", type(exc).__name__)) is not None:
                 self.get_logger().error(f"detection failed on {len(sets)} set(s): {type(exc).__name__}: {exc}")
             return
-        if self._publish_drop_reason(settings) is not None:
+        if (control is not None and control.stopped) or self._publish_drop_reason(settings) is not None:
             return
         try:
             self._detections.publish(sets, detections)
         except Exception as exc:
             self._publish_failed(exc)
 
-    def _infer(self, sets: Sequence[SyncSet], settings: dict):
+    def _infer(self, sets: Sequence[SyncSet], settings: dict, control=None):
         request = ModelRequest(settings["prompt"], features=True, texts=settings["caption"],
                                max_new_tokens=settings["max_new_tokens"])
-        return call_model(self.model, sets, request)
+        return call_model(self.model, sets, request, control=control)
 
-    def _publish(self, sets: Sequence[SyncSet], results, settings: dict) -> None:
+    def _publish(self, sets: Sequence[SyncSet], results, settings: dict, control=None) -> None:
         """One message (pair) per set. Sets of an older timeline (time went back while they ran)
         or finished after deactivation are dropped and counted; a failing publish is counted as
         ``publish_error`` (silently while the context shuts down), never as a model failure."""
         features, texts = results
+        if control is not None and control.stopped and texts is not None:
+            self._stopped_sets(len(sets), settings)
+            return
         for b, s in enumerate(sets):
             reason = self._publish_drop_reason(settings)
             if reason is not None:
@@ -184,6 +196,7 @@ class NodeResults:
                 extra=[("model", self._model_name), ("device", str(self._device)),
                        ("active", str(self._active).lower()), ("subscribed", str(self.subscribed).lower()),
                        ("graph captures after warm-up", str(getattr(self.model, "late_captures", 0)))]
+                + self._ask_diagnostics()
                 + self._clip_diagnostics())
             self._log_no_set(statuses[0])
             stale = set(self._monitor.stale_cameras())
@@ -199,6 +212,16 @@ class NodeResults:
         except Exception as exc:  # diagnostics must never take the node down
             if self.context.ok():
                 self.get_logger().error(f"diagnostics failed: {type(exc).__name__}: {exc}")
+
+    def _ask_diagnostics(self) -> list:
+        """~/ask counters as summary key-values, and the tokens of the answer in progress."""
+        ask = self._ask
+        if ask is None:
+            return []
+        running = ask.running
+        return [("ask answered", str(ask.answered)), ("ask refused", str(ask.refused)),
+                ("ask stopped", str(ask.stopped)),
+                ("ask answer tokens", "none" if running is None else str(running.steps))]
 
     def _hardware_ids(self) -> List[str]:
         """Pipeline: the model device (or diagnostics.hardware_id); cameras: their frame_id."""

@@ -17,12 +17,14 @@ from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventType
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
+from ..core.ask_request import AskLimits
 from ..core.batcher import Batcher
 from ..core.diagnostics import LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.input_loss import InputLossEstimator
 from ..core.intake import Intake, IntakeSettings
 from ..core.params import BY_NAME, detect_problem, slop_ns
 from ..core.stamps import format_stamp, stamp_ns, stamp_problem
+from ..core.stop_switch import StopSwitch
 from ..core.synchronizer import SyncSet
 from ..core.warmup import batch_sizes as warmup_batch_sizes
 from ..core.warmup import parse_sizes as parse_warmup_sizes
@@ -38,6 +40,7 @@ __all__ = ["QvlNodeMixin", "LAZY_CHECK_PERIOD"]
 
 LAZY_CHECK_PERIOD = 0.2  # s between two looks at the subscriber count with lazy=true
 DETECT_PARAMS = tuple(name for name in BY_NAME if name.startswith("detect."))
+WORKER_STOP_S = 30.0  # longest wait for the worker after its work was stopped (a vision pass and prefill)
 
 
 class QvlNodeMixin(NodeResults):
@@ -49,8 +52,12 @@ class QvlNodeMixin(NodeResults):
     * :meth:`_configure`: load the model and warm it up, make the synchronizer, batcher and
       monitor, the publishers, ``~/ask`` and the diagnostics timer;
     * :meth:`_activate`: subscribe to the cameras (with ``lazy``: whenever someone listens);
-    * :meth:`_deactivate`: unsubscribe, drop the queued sets, let the batch in flight finish;
-    * :meth:`_cleanup`: stop the worker, destroy the interfaces and free the model.
+    * :meth:`_deactivate`: unsubscribe, drop the queued sets and questions, stop the batch and
+      the answer in flight at their next decode step and wait for them;
+    * :meth:`_cleanup`: the same, then join the worker, destroy the outputs and free the model.
+
+    ``~/ask`` (its service and guard condition) lives from construction to ``destroy_node``, so a
+    response is never sent through a destroyed handle; it answers "not active" meanwhile.
     """
 
     _configured = False
@@ -73,6 +80,13 @@ class QvlNodeMixin(NodeResults):
         self._resolved_topics = [self.resolve_topic_name(t) for t in self._topics]
         self._subs: List[Any] = []
         self._add_parameter_callbacks()
+        self._stops = StopSwitch()  # every generation of the worker, stopped by transitions
+        self._batcher = None
+        self._ask = AskServer(
+            self, latest=self._newest_set, submit=self._submit_answer, camera_names=self._names,
+            limits=self._ask_limits, why_no_set=self._why_no_set, control=self._stops.control,
+            between_chunks=lambda: self._batcher.run_due_batches(),
+            request_depth=max(int(v("ask.request_depth")), int(v("ask.queue_depth"))))
 
     def _configure(self, model: Any = None) -> None:
         """Model, pipeline components and outputs; the node then waits for :meth:`_activate`.
@@ -94,6 +108,9 @@ class QvlNodeMixin(NodeResults):
 
     def _create_components(self) -> None:
         v = self._value
+        old = getattr(self, "_batcher", None)
+        if old is not None and not old.join(WORKER_STOP_S):  # never two workers on one model
+            raise RuntimeError("the previous model worker is still running; configure again later")
         self._lock = threading.Lock()  # synchronizer add + batcher put, in one order
         # conversion, input checks, stamps, synchronizer, clips, max_rate: core/intake.py
         self._intake = Intake(len(self._topics), self._intake_settings(), self._device)
@@ -143,11 +160,6 @@ class QvlNodeMixin(NodeResults):
             self.get_logger().warning(f"detections are off: {self._detections.unavailable}")
         elif v("detect.enabled"):
             self._create_detection_outputs()
-        self._ask = AskServer(
-            self, latest=self._newest_set, submit=lambda task, cancel: self._batcher.submit(
-                lambda: task(self.model), cancel),
-            camera_names=self._names, default_tokens=lambda: int(self._value("caption.max_new_tokens")),
-            why_no_set=self._why_no_set, queue_depth=int(v("ask.queue_depth")))
         self._steady = Clock(clock_type=ClockType.STEADY_TIME)
         self._diag_timer = self.create_timer(float(v("diagnostics.period")), self._publish_diagnostics,
                                              callback_group=MutuallyExclusiveCallbackGroup(), clock=self._steady)
@@ -164,6 +176,7 @@ class QvlNodeMixin(NodeResults):
             self.get_logger().error(f"no detections for {problem}")
 
     def _activate(self) -> None:
+        self._stops.allow()
         self._active = True
         if self._value("lazy"):
             self._demand_timer = self.create_timer(LAZY_CHECK_PERIOD, self._check_demand,
@@ -173,8 +186,9 @@ class QvlNodeMixin(NodeResults):
             self._subscribe()
 
     def _deactivate(self) -> None:
-        """Stop taking frames, drop the queued sets (counted ``inactive``), wait for the batch
-        in flight (its results are not published)."""
+        """Stop taking frames, drop the queued sets (counted ``inactive``) and questions, stop the
+        batch and the answer in flight at their next decode step and wait for them (the batch's
+        results are not published; the answer returns what it has, marked stopped)."""
         self._active = False
         if self._demand_timer is not None:
             self.destroy_timer(self._demand_timer)
@@ -184,18 +198,27 @@ class QvlNodeMixin(NodeResults):
             self._latest = None
             dropped = self._batcher.clear("inactive")
         self._monitor.sets_dropped("inactive", dropped)
-        self._batcher.wait_for(lambda s: s["running"] == 0, 60.0)
+        self._stop_work("node deactivated")
+        if not self._batcher.wait_for(lambda s: s["running"] == 0 and not s["task_running"], WORKER_STOP_S):
+            self.get_logger().error(f"deactivate: the model worker did not stop within {WORKER_STOP_S:.0f} s")
+
+    def _stop_work(self, reason: str) -> None:
+        """Stop every generation at its next decode step (and those that start later, until
+        activate) and cancel the questions waiting for the worker."""
+        self._stops.stop_all(reason)
+        batcher = getattr(self, "_batcher", None)
+        if batcher is not None:
+            batcher.cancel_tasks(reason)
 
     def _cleanup(self) -> None:
         """Stop the worker (queued sets are discarded), destroy the outputs, free the model.
         Tolerates a partial configuration (a configure that failed half way)."""
         self._configured = False
+        if getattr(self, "_stops", None) is not None:
+            self._stop_work("node cleaned up")
         batcher = getattr(self, "_batcher", None)
-        if batcher is not None:
-            batcher.stop(drain=False, timeout=30.0)
-        if getattr(self, "_ask", None) is not None:
-            self._ask.destroy()
-            self._ask = None
+        if batcher is not None and not batcher.stop(drain=False, timeout=WORKER_STOP_S):
+            self.get_logger().error(f"cleanup: the model worker did not stop within {WORKER_STOP_S:.0f} s")
         if getattr(self, "_detections", None) is not None:
             self._detections.destroy()
             self._detections = None
@@ -464,6 +487,23 @@ class QvlNodeMixin(NodeResults):
                                f"{dropped} queued set(s) of the old timeline dropped")
 
     # ------------------------------------------------------------------------- ~/ask
+    def _submit_answer(self, task, cancel) -> Optional[str]:
+        """Queue an answer for the worker: None, or why not."""
+        batcher = self._batcher
+        if batcher is None or not self._configured or not self._active:
+            return "the node is not active"
+        model = self.model
+        if batcher.submit(lambda: task(model), cancel):
+            return None
+        if batcher.stopping or not self._active:
+            return "the node is not active"
+        return f"busy: {batcher.stats()['tasks_waiting']} questions already wait (ask.queue_depth)"
+
+    def _ask_limits(self) -> AskLimits:
+        v = self._value
+        return AskLimits(max_new_tokens=int(v("ask.max_new_tokens")), max_prompt_chars=int(v("ask.max_prompt_chars")),
+                         default_tokens=int(v("caption.max_new_tokens")))
+
     def _newest_set(self):
         with self._lock:
             latest = self._latest if self._active else None
@@ -509,10 +549,16 @@ class QvlNodeMixin(NodeResults):
         return self._ask
 
     def destroy_node(self) -> None:
-        """Stop the worker (the batch in flight finishes, queued sets are discarded), then the node."""
+        """Stop the work in flight at its next decode step, join the worker (queued sets are
+        discarded), destroy ``~/ask``, then the node."""
         self._active = False
         try:
+            if getattr(self, "_stops", None) is not None:
+                self._stop_work("node shutting down")
             self._cleanup()
+            if getattr(self, "_ask", None) is not None:
+                self._ask.destroy()
+                self._ask = None
         finally:  # rclpy's part always runs: the node leaves its context, which can then shut down
             super().destroy_node()
 
