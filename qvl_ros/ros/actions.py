@@ -48,6 +48,7 @@ from .feature_msgs import ros_string, time_msg
 __all__ = ["AskAction", "DetectAction", "GoalJob", "feedback_text"]
 
 _REASON_CHARS = 300  # of a rejection logged
+ACCEPT_WAIT_S = 1.0  # longest wait of the worker for a queued goal's handle
 
 
 def feedback_text(text: str) -> str:
@@ -69,6 +70,7 @@ class GoalJob:
         self.handle: Any = None
         self.control: Any = None
         self.feedbacks = 0
+        self.accepted = threading.Event()  # the goal handle is known (feedback can be sent)
         self._lock = threading.Lock()
         self._cancel: Optional[str] = None
 
@@ -172,6 +174,7 @@ class _GoalServer:
             job = self._pending.pop(id(handle.request))
             job.handle = handle
             self._jobs[bytes(handle.goal_id.uuid)] = job
+        job.accepted.set()
         handle.execute()
 
     def _on_cancel(self, handle) -> CancelResponse:
@@ -193,6 +196,7 @@ class _GoalServer:
         """On the worker: decode the goal chunk by chunk, the due batches and the feedback in between."""
         if job.done.done():  # cancelled while it waited
             return
+        job.accepted.wait(ACCEPT_WAIT_S)  # the executor sends the acceptance right after queueing
         try:
             options = dict(private_state=True, chunk=ANSWER_CHUNK, on_chunk=self._between_chunks,
                            on_tokens=lambda ids: self._feedback(job, model, ids))
