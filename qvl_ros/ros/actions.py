@@ -25,6 +25,10 @@ canceled, with what was decoded until then); deactivate, cleanup and shutdown st
 way (the goal is aborted with the reason). The worker wakes the executor through a guard condition
 when a result is ready.
 
+Goal requests queue up to ``ask.request_depth`` in the goal service (a burst is answered, rejected
+beyond the question queue, rather than dropped); a finished goal's result is kept
+``RESULT_KEEP_S`` for its client.
+
 The action servers live as long as the node (created with it, destroyed by ``destroy_node`` after
 the worker was joined), like the ``~/ask`` service.
 """
@@ -35,6 +39,7 @@ from typing import Any, Callable, Optional, Sequence
 
 from rclpy.action import ActionServer, CancelResponse, GoalResponse
 from rclpy.callback_groups import ReentrantCallbackGroup
+from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ..core.ask_request import AskLimits, AskRefused, DetectLimits, check_ask, check_detect
@@ -48,6 +53,7 @@ from .feature_msgs import ros_string, time_msg
 __all__ = ["AskAction", "DetectAction", "GoalJob", "feedback_text"]
 
 _REASON_CHARS = 300  # of a rejection logged
+RESULT_KEEP_S = 60  # how long a finished goal's result waits for its client (rclpy's default: 900 s)
 ACCEPT_WAIT_S = 1.0  # longest wait of the worker for a queued goal's handle
 
 
@@ -107,7 +113,7 @@ class _GoalServer:
 
     def __init__(self, node, action_type, name: str, *, latest: Callable[[], Optional[tuple]],
                  submit: Callable[..., Optional[str]], camera_names: Sequence[str], why_no_set: Callable[[], str],
-                 control: Callable, between_chunks: Callable[[], object]) -> None:
+                 control: Callable, between_chunks: Callable[[], object], request_depth: int) -> None:
         self._node = node
         self._action_type = action_type
         self._latest = latest
@@ -125,7 +131,8 @@ class _GoalServer:
         self._wake = node.create_guard_condition(lambda: None)
         self.server = ActionServer(node, action_type, name, self._execute, goal_callback=self._on_goal,
                                    handle_accepted_callback=self._on_accepted, cancel_callback=self._on_cancel,
-                                   callback_group=ReentrantCallbackGroup())
+                                   goal_service_qos_profile=QoSProfile(depth=int(request_depth)),
+                                   result_timeout=RESULT_KEEP_S, callback_group=ReentrantCallbackGroup())
 
     def destroy(self) -> None:
         """Destroy the action server and the guard condition (the worker must be joined already)."""

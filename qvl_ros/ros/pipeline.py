@@ -97,7 +97,8 @@ class QvlNodeMixin(NodeResults):
         (ros/actions.py); they live as long as the node, like the ~/ask service."""
         shared = dict(latest=self._newest_set, submit=self._submit_answer, camera_names=self._names,
                       why_no_set=self._why_no_set, control=self._stops.control,
-                      between_chunks=lambda: self._batcher.run_due_batches())
+                      between_chunks=lambda: self._batcher.run_due_batches(),
+                      request_depth=max(int(self._value("ask.request_depth")), int(self._value("ask.queue_depth"))))
         actions = [AskAction(self, limits=self._ask_limits, **shared)]
         try:
             types = rclpy_types()
