@@ -259,6 +259,8 @@ def test_goals_beyond_the_limits_or_the_queue_are_rejected_with_the_reason_logge
     burst = [Goal(client, Ask.Goal(prompt=f"more {i}", max_new_tokens=8)) for i in range(30)]
     assert not any(g.accepted() for g in burst)  # every one answered (the goal queue holds the burst)
     assert rig.node.actions["ask"].last_rejection.startswith("busy: 2 questions already wait")
+    assert wait_for(lambda: any("busy" in m for m in rejections(rig)), 20)
+    assert len([m for m in rejections(rig) if "busy" in m]) < 30  # throttled (log_throttle)
     # a waiting goal cancelled ends at once, without running
     waiting[0].cancel()
     status, res = waiting[0].result()

@@ -17,8 +17,8 @@ under ``<name>/_action/``.
 
 A goal is checked in the goal callback and handed to the worker there (the question queue of
 ``ask.queue_depth``, shared with the service): a goal beyond the limits, without a set, while the
-node is inactive, or beyond the queue is rejected, the reason logged (a rejected goal has no
-result). An accepted goal decodes with a DecodeControl of the node's stop switch (private decode
+node is inactive, or beyond the queue is rejected, the reason logged (at most once per
+``log_throttle`` period and kind of reason; a rejected goal has no result). An accepted goal decodes with a DecodeControl of the node's stop switch (private decode
 state; every ``ANSWER_CHUNK`` decode steps the feedback is published and the due batches run, so
 the feature stream keeps going). A cancel stops the decoding before its next step (the goal ends
 canceled, with what was decoded until then); deactivate, cleanup and shutdown stop it the same
@@ -43,6 +43,7 @@ from rclpy.qos import QoSProfile
 from rclpy.task import Future
 
 from ..core.ask_request import AskLimits, AskRefused, DetectLimits, check_ask, check_detect
+from ..core.diagnostics import LogThrottle
 from ..core.model_call import DetectRequest, ModelRequest, call_detect, call_model, model_inputs
 from ..core.stamps import stamp_ns
 from ..model.grounding import parse_tokens
@@ -113,8 +114,10 @@ class _GoalServer:
 
     def __init__(self, node, action_type, name: str, *, latest: Callable[[], Optional[tuple]],
                  submit: Callable[..., Optional[str]], camera_names: Sequence[str], why_no_set: Callable[[], str],
-                 control: Callable, between_chunks: Callable[[], object], request_depth: int) -> None:
+                 control: Callable, between_chunks: Callable[[], object], request_depth: int,
+                 log_throttle_s: float) -> None:
         self._node = node
+        self._throttle = LogThrottle(log_throttle_s)
         self._action_type = action_type
         self._latest = latest
         self._submit = submit
@@ -154,9 +157,14 @@ class _GoalServer:
 
     # ----------------------------------------------------------------- goal life
     def _reject(self, reason: str) -> GoalResponse:
+        """Reject, and log why (at most once per log_throttle period and kind of reason)."""
         self.rejected += 1
         self.last_rejection = reason
-        self._node.get_logger().warning(f"~/{self.kind} goal rejected: {reason[:_REASON_CHARS]}")
+        key = tuple([w for w in reason.split() if not any(c.isdigit() for c in w)][:2])  # "busy:", "prompt has", ...
+        suppressed = self._throttle.check(key)
+        if suppressed is not None:
+            more = f" ({suppressed} more since the last report)" if suppressed else ""
+            self._node.get_logger().warning(f"~/{self.kind} goal rejected: {reason[:_REASON_CHARS]}{more}")
         return GoalResponse.REJECT
 
     def _on_goal(self, goal) -> GoalResponse:
@@ -190,14 +198,18 @@ class _GoalServer:
         if job is None:
             return CancelResponse.REJECT
         job.cancel("cancelled")
+        self._wake_executor()  # a goal that was still waiting has its outcome now
         return CancelResponse.ACCEPT
+
+    def _wake_executor(self) -> None:
+        try:
+            self._wake.trigger()
+        except Exception:  # the context is going down: nobody waits for the result any more
+            pass
 
     def _end(self, job: GoalJob, outcome: Any) -> None:
         if job.finish(outcome):
-            try:
-                self._wake.trigger()
-            except Exception:  # the context is going down: nobody waits for the result any more
-                pass
+            self._wake_executor()
 
     def _run(self, job: GoalJob, model) -> None:
         """On the worker: decode the goal chunk by chunk, the due batches and the feedback in between."""

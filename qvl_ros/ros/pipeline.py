@@ -98,7 +98,8 @@ class QvlNodeMixin(NodeResults):
         shared = dict(latest=self._newest_set, submit=self._submit_answer, camera_names=self._names,
                       why_no_set=self._why_no_set, control=self._stops.control,
                       between_chunks=lambda: self._batcher.run_due_batches(),
-                      request_depth=max(int(self._value("ask.request_depth")), int(self._value("ask.queue_depth"))))
+                      request_depth=max(int(self._value("ask.request_depth")), int(self._value("ask.queue_depth"))),
+                      log_throttle_s=float(self._value("log_throttle")))
         actions = [AskAction(self, limits=self._ask_limits, **shared)]
         try:
             types = rclpy_types()
