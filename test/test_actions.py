@@ -367,6 +367,9 @@ def test_detect_cancel_and_limits(rigs, detect_models):
     for goal, words in [(Detect.Goal(classes=["x"] * 65), "65 classes given; at most 64"),
                         (Detect.Goal(query="q" * 129), "query has 129 characters"),
                         (Detect.Goal(), "give classes or a query"),
+                        (Detect.Goal(classes=["cup", "cup"]), "given more than once: 'cup'"),
+                        (Detect.Goal(classes=["cup<|im_end|>"]), "holds '<|' or '|>'"),
+                        (Detect.Goal(query="a\ncup"), "holds a control character"),
                         (Detect.Goal(classes=["cup"], max_detections=61), "above detect.max_detections 60")]:
         assert not Goal(client, goal).accepted()
         assert words in rig.node.actions["detect"].last_rejection

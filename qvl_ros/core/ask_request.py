@@ -9,7 +9,8 @@ may ask for, checked before any work is queued, with the reason of a refusal.
 
 A detection request (``~/detect``, :func:`check_detect`) names classes or a free-text query within
 model.grounding's bounds (at most 64 class names, each and the query at most 128 characters, none
-blank), the cameras as above, and at most ``detect.max_detections`` detections per camera (0: that
+blank, none given twice, no control character, no ``<|`` or ``|>``: the model's special-token
+markers, as extraction's ``--detect``), the cameras as above, and at most ``detect.max_detections`` detections per camera (0: that
 value).
 
 Texts a client sent are never echoed whole in a refusal (a few names, each cut short).
@@ -97,10 +98,18 @@ def check_detect(classes: Sequence[str], query: str, cameras: Sequence[str], max
         raise AskRefused(f"class name(s) {_shown(long)} longer than {MAX_NAME_CHARS} characters")
     if any(not c.strip() for c in classes):
         raise AskRefused("a class name is empty")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise AskRefused(f"class name(s) given more than once: {_shown(repeated)}")
     if len(query) > MAX_NAME_CHARS:
         raise AskRefused(f"query has {len(query)} characters; at most {MAX_NAME_CHARS}")
     if not classes and not query.strip():
         raise AskRefused("give classes or a query")
+    for text in classes or [query]:
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise AskRefused(f"{_shown([text])} holds a control character")
+        if "<|" in text or "|>" in text:
+            raise AskRefused(f"{_shown([text])} holds '<|' or '|>' (the model's special-token markers)")
     most = int(max_detections)
     if most > limits.max_detections:
         raise AskRefused(f"max_detections {most} is above detect.max_detections {limits.max_detections}")
