@@ -151,7 +151,11 @@ def run_once(moment: str, *, launch_args: Sequence[str] = ("synthetic:=true", "c
     if target != "group":  # the listener was not signalled: it ends now, its own check is elsewhere
         _quiet(lambda: listener.send_signal(signal.SIGINT))
         _wait_all([listener], time.monotonic(), exit_limit_s)
-    left = _group_members(group)
+    # The processes launch started are not our children: with launch gone (SIGTERM kills it at
+    # once) nothing can be waited for, so the group is polled until it is empty or the limit
+    # passes; "ended in" is then the time until the last of them was gone.
+    left, gone_s = _wait_group(group, t0, exit_limit_s)
+    exit_s = max(exit_s, gone_s)
     if left:
         problems.append(f"still running after {exit_limit_s:.0f} s: {left} ({_states(left)})")
         stacks = _native_stacks(left)
@@ -200,6 +204,16 @@ def _wait_all(procs, t0: float, limit_s: float) -> float:
         except subprocess.TimeoutExpired:
             pass
     return time.monotonic() - t0
+
+
+def _wait_group(group: int, t0: float, limit_s: float, poll_s: float = 0.05) -> tuple:
+    """(members still running when the group emptied or the limit passed, seconds since t0)."""
+    while True:
+        left = _group_members(group)
+        elapsed = time.monotonic() - t0
+        if not left or elapsed >= limit_s:
+            return left, elapsed
+        time.sleep(poll_s)
 
 
 def _group_members(group: int) -> List[str]:

@@ -80,7 +80,7 @@ def _load_with_stub_launch(monkeypatch):
     return mod
 
 
-@pytest.mark.skipif(launch_pytest is not None, reason="the real launch packages are installed")
+# Also with the real launch packages installed: the stubs replace them for this test only (monkeypatch).
 def test_launch_arguments_become_node_parameters(monkeypatch):
     mod = _load_with_stub_launch(monkeypatch)
     entities = mod.generate_launch_description()
