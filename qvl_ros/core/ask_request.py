@@ -2,7 +2,9 @@
 may ask for, checked before any work is queued, with the reason of a refusal.
 
 * the prompt: not blank, at most ``max_prompt_chars`` characters (Unicode code points, as the
-  request's string holds them);
+  request's string holds them), and acceptable to the chat template (``prompt_problem``: no
+  special token such as ``<|image_pad|>`` or ``<|im_start|>``, the same rule as the ``prompt``
+  parameter);
 * the cameras: by name, each known and named once (at most as many as the node has); none = all;
 * the answer length: at most ``max_new_tokens``; 0 asks for the default (``caption.max_new_tokens``)
   capped at that limit.
@@ -18,7 +20,7 @@ Texts a client sent are never echoed whole in a refusal (a few names, each cut s
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import List, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 from ..model.grounding import MAX_CLASSES, MAX_NAME_CHARS
 
@@ -39,6 +41,7 @@ class AskLimits:
     max_new_tokens: int
     max_prompt_chars: int
     default_tokens: int
+    prompt_problem: Optional[Callable[[str], Optional[str]]] = None  # why the template refuses a prompt, or None
 
 
 def _shown(names: Sequence[str]) -> str:
@@ -70,6 +73,9 @@ def check_ask(prompt: str, cameras: Sequence[str], max_new_tokens: int, names: S
         raise AskRefused(f"prompt has {len(prompt)} characters; ask.max_prompt_chars allows {limits.max_prompt_chars}")
     if not prompt.strip():
         raise AskRefused("prompt is empty")
+    problem = limits.prompt_problem(prompt) if limits.prompt_problem is not None else None
+    if problem:
+        raise AskRefused(problem)
     tokens = int(max_new_tokens)
     if tokens > limits.max_new_tokens:
         raise AskRefused(f"max_new_tokens {tokens} is above ask.max_new_tokens {limits.max_new_tokens}")

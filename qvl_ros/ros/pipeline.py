@@ -529,7 +529,7 @@ class QvlNodeMixin(NodeResults):
     def _ask_limits(self) -> AskLimits:
         v = self._value
         return AskLimits(max_new_tokens=int(v("ask.max_new_tokens")), max_prompt_chars=int(v("ask.max_prompt_chars")),
-                         default_tokens=int(v("caption.max_new_tokens")))
+                         default_tokens=int(v("caption.max_new_tokens")), prompt_problem=self._prompt_problem)
 
     def _detect_limits(self) -> DetectLimits:
         return DetectLimits(max_detections=int(self._value("detect.max_detections")),
