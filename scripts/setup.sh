@@ -140,8 +140,8 @@ colcon_build() {
   local build_log=$QVL_BUILD/colcon_build_$name.log t0
   t0=$(date +%s)
   if ! (cd "$ROOT" && \
-        AMENT_PREFIX_PATH=$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH} \
-        CMAKE_PREFIX_PATH=$VENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH} \
+        AMENT_PREFIX_PATH=$extra_prefixes$VENV${AMENT_PREFIX_PATH:+:$AMENT_PREFIX_PATH} \
+        CMAKE_PREFIX_PATH=$extra_prefixes$VENV${CMAKE_PREFIX_PATH:+:$CMAKE_PREFIX_PATH} \
         colcon --log-base "$QVL_LOG" build --paths "$@" \
           --build-base "$QVL_BUILD" --install-base "$QVL_INSTALL" \
           --event-handlers console_cohesion+ status- summary- \
@@ -166,14 +166,9 @@ sources_key() {
   } | sha256sum | cut -c1-16
 }
 
-own_inputs=()
-for d in msg srv launch config CMakeLists.txt package.xml; do
-  [ -e "$ROOT/$d" ] && own_inputs+=("$ROOT/$d")
-done
-own_key=$(sources_key "${own_inputs[@]}")
-[ -d "$QVL_INSTALL/qvl_ros" ] || rm -f "$QVL_BUILD/.qvl_colcon_stamp_messages"
-colcon_build messages "$own_key" "$ROOT"
-
+# The extra message packages first: the Detect action of this package needs vision_msgs.
+extra_key=none
+extra_prefixes=
 if [ "${#extra_sources[@]}" -gt 0 ]; then
   extra_key=$(sources_key "${extra_sources[@]}")
   for src in "${extra_sources[@]}"; do
@@ -181,3 +176,14 @@ if [ "${#extra_sources[@]}" -gt 0 ]; then
   done
   colcon_build extra "$extra_key" "${extra_sources[@]}"
 fi
+
+own_inputs=()
+for d in msg srv action launch config CMakeLists.txt package.xml; do
+  [ -e "$ROOT/$d" ] && own_inputs+=("$ROOT/$d")
+done
+own_key=$( { sources_key "${own_inputs[@]}"; echo "extra $extra_key"; } | sha256sum | cut -c1-16)
+for src in "${extra_sources[@]}"; do
+  extra_prefixes+="$QVL_INSTALL/$(basename "$src"):"
+done
+[ -d "$QVL_INSTALL/qvl_ros" ] || rm -f "$QVL_BUILD/.qvl_colcon_stamp_messages"
+colcon_build messages "$own_key" "$ROOT"

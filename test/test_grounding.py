@@ -287,3 +287,35 @@ def test_detect_reports_the_size_the_model_saw(checkpoints):
     assert [(c.image_size, c.model_size) for c in out[0]] == [((90, 150), (56, 84)), ((300, 200), (56, 84))]
     out = model.detect(imgs, "a door", constrained=False, max_new_tokens=2)
     assert [c.model_size for c in out[0]] == [(84, 140), (308, 196)]  # smart_resize: nearest multiples of 28
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_parse_tokens_follows_an_answer_while_it_decodes(checkpoints, family):
+    """The tokens so far of a constrained answer (a DecodeControl's on_tokens, every 4 steps),
+    parsed by parse_tokens: each camera's text is a prefix of the final answer (but for a
+    replacement character where the tokens end inside a character), its detections
+    (label, box) a prefix of the final ones, as many as the text holds finished items (closing
+    braces / box ends, counted here), scores 0."""
+    pytest.importorskip("llguidance")
+    from qvl_ros.model import DecodeControl
+    from qvl_ros.model.grounding import parse_tokens
+
+    model = BatchedQwenVL.from_pretrained(checkpoints[family])
+    images, _ = _random_requests(4, seed=11)
+    targets = [["cup", "chair"], ["person"]]  # class names: no brace or box end inside a label
+    seen = []
+    control = DecodeControl(on_tokens=seen.append, chunk=4)
+    final = model.detect(images, targets, constrained=True, max_detections=3, min_detections=3, control=control)
+    assert len(seen) >= 3
+    grew = 0
+    for ids in seen:
+        partial = parse_tokens(model, images, targets, ids)
+        for cams, ends in zip(partial, final):
+            for cam, end in zip(cams, ends):
+                assert end.text.startswith(cam.text.rstrip("\ufffd"))  # less a character cut short
+                closed = cam.text.count("}") if family == "qwen2_5_vl" else cam.text.count("<|box_end|>")
+                got = [(d.label, d.box) for d in cam.detections]
+                assert len(got) == closed and got == [(d.label, d.box) for d in end.detections][:closed]
+                assert all(d.score == 0.0 for d in cam.detections)
+                grew += bool(got)
+    assert grew > 0

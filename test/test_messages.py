@@ -65,6 +65,30 @@ def test_messages_import_with_expected_fields():
         "camera_headers": "sequence<std_msgs/Header>", "stamp": "builtin_interfaces/Time"}
 
 
+def test_action_definitions():
+    """The actions ~/ask and ~/detect (Detect is built where vision_msgs is found)."""
+    from qvl_ros.action import Ask
+
+    assert Ask.Goal.get_fields_and_field_types() == {
+        "prompt": "string", "camera_names": "sequence<string>", "max_new_tokens": "uint32"}
+    assert Ask.Result.get_fields_and_field_types() == {
+        "success": "boolean", "message": "string", "text": "string", "camera_names": "sequence<string>",
+        "camera_headers": "sequence<std_msgs/Header>", "stamp": "builtin_interfaces/Time", "tokens": "uint32"}
+    assert Ask.Feedback.get_fields_and_field_types() == {"text": "string", "tokens": "uint32"}
+    Ask.Impl.SendGoalService.__class__.__import_type_support__()  # the typesupport library loads
+    pytest.importorskip("vision_msgs.msg")
+    from qvl_ros.action import Detect
+
+    assert Detect.Goal.get_fields_and_field_types() == {
+        "classes": "sequence<string>", "query": "string", "camera_names": "sequence<string>",
+        "max_detections": "uint32"}
+    assert Detect.Result.get_fields_and_field_types() == {
+        "success": "boolean", "message": "string", "camera_names": "sequence<string>",
+        "detections": "sequence<vision_msgs/Detection2DArray>", "stamp": "builtin_interfaces/Time", "tokens": "uint32"}
+    assert Detect.Feedback.get_fields_and_field_types() == {
+        "camera_names": "sequence<string>", "detections": "sequence<vision_msgs/Detection2DArray>", "tokens": "uint32"}
+
+
 def test_typesupport_modules_load():
     from qvl_ros.msg import Caption, FeatureTensor, VisionFeatures
 

@@ -7,6 +7,12 @@ may ask for, checked before any work is queued, with the reason of a refusal.
 * the answer length: at most ``max_new_tokens``; 0 asks for the default (``caption.max_new_tokens``)
   capped at that limit.
 
+A detection request (``~/detect``, :func:`check_detect`) names classes or a free-text query within
+model.grounding's bounds (at most 64 class names, each and the query at most 128 characters, none
+blank, none given twice, no control character, no ``<|`` or ``|>``: the model's special-token
+markers, as extraction's ``--detect``), the cameras as above, and at most ``detect.max_detections`` detections per camera (0: that
+value).
+
 Texts a client sent are never echoed whole in a refusal (a few names, each cut short).
 """
 from __future__ import annotations
@@ -14,7 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Sequence, Tuple
 
-__all__ = ["AskLimits", "AskRefused", "check_ask", "check_cameras"]
+from ..model.grounding import MAX_CLASSES, MAX_NAME_CHARS
+
+__all__ = ["AskLimits", "AskRefused", "DetectLimits", "check_ask", "check_cameras", "check_detect"]
 
 _SHOWN_NAMES = 3      # names quoted in a refusal
 _SHOWN_CHARS = 40     # characters of each
@@ -68,3 +76,44 @@ def check_ask(prompt: str, cameras: Sequence[str], max_new_tokens: int, names: S
     if tokens <= 0:
         tokens = min(int(limits.default_tokens), limits.max_new_tokens)
     return check_cameras(list(cameras), names), tokens
+
+
+@dataclass(frozen=True)
+class DetectLimits:
+    """The node's limits for one detection request (its detect.* parameters at the request)."""
+
+    max_detections: int
+    min_detections: int
+
+
+def check_detect(classes: Sequence[str], query: str, cameras: Sequence[str], max_detections: int,
+                 names: Sequence[str], limits: DetectLimits) -> Tuple[List[int], tuple, str, int, int]:
+    """(camera indices, classes, query, max_detections, min_detections) of a request within
+    ``limits``; AskRefused otherwise. ``min_detections`` is the node's, capped at the request's most."""
+    classes = [str(c) for c in classes]
+    if len(classes) > MAX_CLASSES:
+        raise AskRefused(f"{len(classes)} classes given; at most {MAX_CLASSES}")
+    long = [c for c in classes if len(c) > MAX_NAME_CHARS]
+    if long:
+        raise AskRefused(f"class name(s) {_shown(long)} longer than {MAX_NAME_CHARS} characters")
+    if any(not c.strip() for c in classes):
+        raise AskRefused("a class name is empty")
+    repeated = sorted({c for c in classes if classes.count(c) > 1})
+    if repeated:
+        raise AskRefused(f"class name(s) given more than once: {_shown(repeated)}")
+    if len(query) > MAX_NAME_CHARS:
+        raise AskRefused(f"query has {len(query)} characters; at most {MAX_NAME_CHARS}")
+    if not classes and not query.strip():
+        raise AskRefused("give classes or a query")
+    for text in classes or [query]:
+        if any(ord(c) < 32 or ord(c) == 127 for c in text):
+            raise AskRefused(f"{_shown([text])} holds a control character")
+        if "<|" in text or "|>" in text:
+            raise AskRefused(f"{_shown([text])} holds '<|' or '|>' (the model's special-token markers)")
+    most = int(max_detections)
+    if most > limits.max_detections:
+        raise AskRefused(f"max_detections {most} is above detect.max_detections {limits.max_detections}")
+    if most <= 0:
+        most = int(limits.max_detections)
+    chosen = check_cameras(list(cameras), names)
+    return chosen, tuple(c.strip() for c in classes), query.strip(), most, min(int(limits.min_detections), most)

@@ -168,7 +168,8 @@ PARAMS: Tuple[Param, ...] = (
           "time); the rest are dropped and counted. 0 = no cap.", read_only=False, low=0.0, high=1000.0,
           option="--max-rate"),
     Param("lazy", "bool", False, "Subscribe to the cameras only while features or caption has a subscriber."),
-    Param("ask.queue_depth", "integer", 4, "Questions (~/ask) that may wait for the model; more are refused.",
+    Param("ask.queue_depth", "integer", 4, "Questions (~/ask service and action, ~/detect action) that may wait "
+          "for the model; more are refused.",
           low=1, high=64),
     Param("ask.max_new_tokens", "integer", 512,
           "Longest ~/ask answer in tokens; a request asking for more is refused (0 in a request: "
@@ -177,7 +178,8 @@ PARAMS: Tuple[Param, ...] = (
           "Longest ~/ask prompt in characters (Unicode code points); a longer one is refused.", read_only=False,
           low=1, high=65536),
     Param("ask.request_depth", "integer", 100,
-          "History depth of the ~/ask service's request queue (requests not yet taken by the node); "
+          "History depth of the ~/ask service's request queue and of the actions' goal requests (not yet "
+          "taken by the node); "
           "at least ask.queue_depth, so that a burst is answered (busy beyond the queue) instead of dropped.",
           low=1, high=10000),
     Param("model.path", "string", "",

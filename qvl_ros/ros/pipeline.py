@@ -17,7 +17,7 @@ from rclpy.event_handler import SubscriptionEventCallbacks, UnsupportedEventType
 from rclpy.parameter import Parameter
 from rclpy.qos import QoSProfile, ReliabilityPolicy, qos_profile_sensor_data
 
-from ..core.ask_request import AskLimits
+from ..core.ask_request import AskLimits, DetectLimits
 from ..core.batcher import Batcher
 from ..core.diagnostics import LogThrottle, PipelineMonitor, expected_rates, reason_key
 from ..core.input_loss import InputLossEstimator
@@ -29,7 +29,9 @@ from ..core.synchronizer import SyncSet
 from ..core.warmup import batch_sizes as warmup_batch_sizes
 from ..core.warmup import parse_sizes as parse_warmup_sizes
 from ..model.checkpoint import resolve_checkpoint
+from .actions import AskAction, DetectAction
 from .ask import AskServer
+from .detection_msgs import rclpy_types
 from .feature_msgs import MessageKit, placeholder_token_ids
 from .node_detections import DetectionOutputs
 from .node_results import NodeResults, describe_device, release_device_memory
@@ -50,14 +52,15 @@ class QvlNodeMixin(NodeResults):
 
     * :meth:`_read_config` (construction): declare and check the parameters;
     * :meth:`_configure`: load the model and warm it up, make the synchronizer, batcher and
-      monitor, the publishers, ``~/ask`` and the diagnostics timer;
+      monitor, the publishers and the diagnostics timer;
     * :meth:`_activate`: subscribe to the cameras (with ``lazy``: whenever someone listens);
     * :meth:`_deactivate`: unsubscribe, drop the queued sets and questions, stop the batch and
       the answer in flight at their next decode step and wait for them;
     * :meth:`_cleanup`: the same, then join the worker, destroy the outputs and free the model.
 
-    ``~/ask`` (its service and guard condition) lives from construction to ``destroy_node``, so a
-    response is never sent through a destroyed handle; it answers "not active" meanwhile.
+    ``~/ask`` (its service and guard condition) and the actions ``~/ask`` and ``~/detect``
+    (:mod:`qvl_ros.ros.actions`) live from construction to ``destroy_node``, so a response or result
+    is never sent through a destroyed handle; they refuse work while the node is not active.
     """
 
     _configured = False
@@ -87,6 +90,30 @@ class QvlNodeMixin(NodeResults):
             limits=self._ask_limits, why_no_set=self._why_no_set, control=self._stops.control,
             between_chunks=lambda: self._batcher.run_due_batches(),
             request_depth=max(int(v("ask.request_depth")), int(v("ask.queue_depth"))))
+        self._actions = self._create_actions()
+
+    def _create_actions(self) -> list:
+        """The actions ~/ask and, where vision_msgs and the Detect action are installed, ~/detect
+        (ros/actions.py); they live as long as the node, like the ~/ask service."""
+        shared = dict(latest=self._newest_set, submit=self._submit_answer, camera_names=self._names,
+                      why_no_set=self._why_no_set, control=self._stops.control,
+                      between_chunks=lambda: self._batcher.run_due_batches(),
+                      request_depth=max(int(self._value("ask.request_depth")), int(self._value("ask.queue_depth"))),
+                      log_throttle_s=float(self._value("log_throttle")))
+        actions = [AskAction(self, limits=self._ask_limits, **shared)]
+        try:
+            types = rclpy_types()
+            from qvl_ros.action import Detect  # noqa: F401  (built only where vision_msgs is installed)
+        except ImportError as exc:
+            self.get_logger().info(f"no ~/detect action: {exc}")
+            return actions
+        actions.append(DetectAction(self, limits=self._detect_limits, types=types, **shared))
+        return actions
+
+    @property
+    def actions(self) -> dict:
+        """The action servers by kind ("ask", "detect")."""
+        return {a.kind: a for a in self._actions}
 
     def _configure(self, model: Any = None) -> None:
         """Model, pipeline components and outputs; the node then waits for :meth:`_activate`.
@@ -504,6 +531,10 @@ class QvlNodeMixin(NodeResults):
         return AskLimits(max_new_tokens=int(v("ask.max_new_tokens")), max_prompt_chars=int(v("ask.max_prompt_chars")),
                          default_tokens=int(v("caption.max_new_tokens")))
 
+    def _detect_limits(self) -> DetectLimits:
+        return DetectLimits(max_detections=int(self._value("detect.max_detections")),
+                            min_detections=int(self._value("detect.min_detections")))
+
     def _newest_set(self):
         with self._lock:
             latest = self._latest if self._active else None
@@ -550,7 +581,7 @@ class QvlNodeMixin(NodeResults):
 
     def destroy_node(self) -> None:
         """Stop the work in flight at its next decode step, join the worker (queued sets are
-        discarded), destroy ``~/ask``, then the node."""
+        discarded), destroy ``~/ask`` (service and actions), then the node."""
         self._active = False
         try:
             if getattr(self, "_stops", None) is not None:
@@ -559,6 +590,9 @@ class QvlNodeMixin(NodeResults):
             if getattr(self, "_ask", None) is not None:
                 self._ask.destroy()
                 self._ask = None
+            for action in getattr(self, "_actions", None) or []:
+                action.destroy()
+            self._actions = []
         finally:  # rclpy's part always runs: the node leaves its context, which can then shut down
             super().destroy_node()
 
