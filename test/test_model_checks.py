@@ -99,6 +99,28 @@ def test_a_weight_file_that_is_a_directory_and_a_missing_tokenizer_are_named(ckp
         BatchedQwenVL.from_pretrained(ckpt)
 
 
+def test_damaged_weights_a_wrong_shape_and_a_garbled_tokenizer_name_their_file(ckpt):
+    weights = ckpt / "model.safetensors"
+    good = weights.read_bytes()
+    for damaged in (good[: len(good) // 2], b"", bytes(range(256)) * 64):  # cut, empty, random bytes
+        weights.write_bytes(damaged)
+        with pytest.raises(WeightsError, match=f"{weights}: not a readable safetensors file"):
+            BatchedQwenVL.from_pretrained(ckpt)
+    from safetensors.torch import load_file, save_file
+
+    weights.write_bytes(good)
+    tensors = load_file(str(weights))
+    name = next(k for k, v in tensors.items() if k.endswith("embed_tokens.weight"))
+    tensors[name] = tensors[name][:, :-1].contiguous()  # one column short
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=f"{weights}: weight .*embed_tokens.weight has shape"):
+        BatchedQwenVL.from_pretrained(ckpt)
+    weights.write_bytes(good)
+    (ckpt / "tokenizer.json").write_text("{ this is not json")
+    with pytest.raises(ValueError, match=f"{ckpt / 'tokenizer.json'}: the tokenizer does not load"):
+        BatchedQwenVL.from_pretrained(ckpt)
+
+
 def test_nan_and_inf_weights_are_reported_at_load_unless_the_check_is_off(ckpt):
     from safetensors.torch import load_file, save_file
 

@@ -16,6 +16,7 @@ import torch
 from .config import QwenVLConfig
 from .tiny import CHAT_TEMPLATE, SPECIAL_TOKENS, default_tiny_checkpoint, save_tiny_checkpoint  # noqa: F401
 from .weights import canonical_name, expected_weights  # noqa: F401
+from .weights_check import WeightsError
 
 __all__ = ["read_tensors", "check_weights", "read_weights", "resolve_checkpoint", "expected_weights",
            "canonical_name", "save_tiny_checkpoint", "default_tiny_checkpoint", "SPECIAL_TOKENS", "CHAT_TEMPLATE"]
@@ -23,7 +24,7 @@ __all__ = ["read_tensors", "check_weights", "read_weights", "resolve_checkpoint"
 
 def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """Every tensor of a checkpoint directory (sharded or not, safetensors only), by released-layout name."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     path = Path(path)
     index = path / "model.safetensors.index.json"
@@ -37,10 +38,25 @@ def read_tensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"no *.safetensors weights in {path}{hint}")
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with safe_open(str(path / f), framework="pt") as st:
-            for k in st.keys():
-                tensors[canonical_name(k)] = st.get_tensor(k)
+        try:
+            with safe_open(str(path / f), framework="pt") as st:
+                for k in st.keys():
+                    tensors[canonical_name(k)] = st.get_tensor(k)
+        except (OSError, SafetensorError) as exc:  # a truncated, empty or garbled file
+            raise WeightsError(f"{path / f}: not a readable safetensors file ({exc})") from None
     return tensors
+
+
+def _file_holding(path, name: str) -> str:
+    """The weight file of ``path`` that holds the released-layout weight ``name`` (for an error)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(str(f), framework="pt") as st:
+            if any(canonical_name(k) == name for k in st.keys()):
+                return str(f)
+    return str(path)
 
 
 def check_weights(tensors: dict[str, torch.Tensor], cfg: QwenVLConfig, path, absent=()) -> dict[str, torch.Tensor]:
@@ -62,7 +78,8 @@ def check_weights(tensors: dict[str, torch.Tensor], cfg: QwenVLConfig, path, abs
         raise ValueError(f"checkpoint {path} does not match its config: " + "; ".join(parts))
     for k, shape in want.items():
         if tuple(tensors[k].shape) != shape:
-            raise ValueError(f"weight {k} has shape {tuple(tensors[k].shape)}, config expects {shape}")
+            raise ValueError(f"{_file_holding(path, k)}: weight {k} has shape {tuple(tensors[k].shape)}, "
+                             f"config.json expects {shape}")
     return tensors
 
 

@@ -171,7 +171,11 @@ class TensorProcessor:
             template = json.loads((path / "chat_template.json").read_text())["chat_template"]
         elif nested.get("chat_template"):
             template = nested["chat_template"]
-        tok = AutoTokenizer.from_pretrained(str(path))
+        try:
+            tok = AutoTokenizer.from_pretrained(str(path))
+        except Exception as exc:  # a garbled tokenizer.json / vocab.json: a JSON, Rust or value error
+            named = path / "tokenizer.json" if (path / "tokenizer.json").exists() else path
+            raise ValueError(f"{named}: the tokenizer does not load ({type(exc).__name__}: {str(exc)[:200]})") from None
         if template is None:
             template = tok.chat_template
         if template is None:
