@@ -37,3 +37,47 @@ def pytest_sessionstart(session):
         pytest.exit("QVL_REQUIRE_ROS=1 or CI=true, but these do not import, so their tests would be skipped: "
                     + "; ".join(missing) + ". Run the tests through `make test` (scripts/setup.sh builds "
                     "the messages) or unset QVL_REQUIRE_ROS.", returncode=3)
+
+
+class RosSpin(tuple):
+    """``(context, executor)`` of a test module's own ROS context; ``thread`` spins the executor."""
+
+    def __new__(cls, context, executor, thread):
+        spin = super().__new__(cls, (context, executor))
+        spin.thread = thread
+        return spin
+
+
+@pytest.fixture(scope="module")
+def ros():
+    """A ROS context of the test module's own, its SingleThreadedExecutor spinning on a thread as
+    qvl_node's main spins it (qvl_ros.ros.spin): a :class:`RosSpin`."""
+    import threading
+
+    import rclpy
+    from rclpy.executors import SingleThreadedExecutor
+
+    context = rclpy.Context()
+    rclpy.init(context=context, args=[])
+    executor = SingleThreadedExecutor(context=context)
+    thread = threading.Thread(target=executor.spin, daemon=True)
+    thread.start()
+    yield RosSpin(context, executor, thread)
+    executor.shutdown(timeout_sec=2.0)
+    rclpy.try_shutdown(context=context)
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def endless_path(tmp_path_factory):
+    """A tiny Qwen2.5-VL checkpoint whose answers never end before their token limit."""
+    import json
+
+    from qvl_ros.model import save_tiny_checkpoint
+
+    path = save_tiny_checkpoint(tmp_path_factory.mktemp("endless") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
+    gen = path / "generation_config.json"
+    cfg = json.loads(gen.read_text())
+    cfg["eos_token_id"] = -1  # no token ends an answer: it runs to its limit
+    gen.write_text(json.dumps(cfg))
+    return path

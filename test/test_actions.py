@@ -13,7 +13,6 @@ detect.min_detections forcing boxes. Cancel is measured in decode steps (the goa
 DecodeControl: steps when the stop was asked, steps at the end) and in the result's tokens,
 never by the wall clock.
 """
-import json
 import threading
 
 import pytest
@@ -24,7 +23,6 @@ pytest.importorskip("qvl_ros.msg")
 from action_msgs.msg import GoalStatus  # noqa: E402
 from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 
 from qvl_ros.action import Ask  # noqa: E402
 from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
@@ -38,16 +36,6 @@ pytestmark = pytest.mark.filterwarnings(
 LONG = 20000       # tokens of a long answer (tens of seconds here)
 ANSWER = 40        # tokens of a short answer: five chunks of eight
 LONG_PARAMS = [("ask.max_new_tokens", 65536)]
-
-
-@pytest.fixture(scope="module")
-def endless_path(tmp_path_factory):
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("endless") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
-    gen = path / "generation_config.json"
-    cfg = json.loads(gen.read_text())
-    cfg["eos_token_id"] = -1  # no token ends an answer: it runs to its limit
-    gen.write_text(json.dumps(cfg))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -66,25 +54,12 @@ def oracle(endless_path):
     return BatchedQwenVL.from_pretrained(endless_path, device="cpu", dtype="float32")
 
 
-@pytest.fixture(scope="module")
-def ros():
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    yield context, executor, thread
-    executor.shutdown(timeout_sec=2.0)
-    rclpy.try_shutdown(context=context)
-    thread.join(5)
-
-
 @pytest.fixture
 def rigs(ros, model):
     made = []
 
     def make(node_model=None, **kwargs):
-        rig = Rig(ros[:2], model, node_model=node_model, **kwargs)
+        rig = Rig(ros, model, node_model=node_model, **kwargs)
         made.append(rig)
         return rig
 
@@ -294,7 +269,7 @@ def test_deactivate_aborts_a_running_goal_with_the_reason(rigs, ros):
     assert control.steps - control.stopped_at <= 2
     assert not Goal(client, Ask.Goal(prompt="hi", max_new_tokens=4)).accepted()  # inactive: rejected
     assert "the node is not active" in rig.node.actions["ask"].last_rejection
-    assert ros[2].is_alive()
+    assert ros.thread.is_alive()
 
 
 # ----------------------------------------------------------------------------- ~/detect

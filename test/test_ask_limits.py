@@ -8,7 +8,6 @@ generation_config.json): an answer then runs to its token limit, tens of seconds
 thousands of tokens. The tests wait on the answer's own progress (its DecodeControl, or the
 tokens /diagnostics reports), never on a wall-clock window.
 """
-import json
 import os
 import signal
 import subprocess
@@ -26,7 +25,7 @@ from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.qos import QoSProfile  # noqa: E402
 
-from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+from qvl_ros.model import BatchedQwenVL  # noqa: E402
 from qvl_ros.ros.node import QvlLifecycleNode  # noqa: E402
 from qvl_ros.srv import Ask  # noqa: E402
 from test_node import ROOT, Rig, call, wait_for  # noqa: E402
@@ -37,31 +36,8 @@ SIGNAL_EXIT_S = 5.0  # `ros2 launch` sends SIGTERM 5 s after its SIGINT
 
 
 @pytest.fixture(scope="module")
-def endless_path(tmp_path_factory):
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("endless") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
-    gen = path / "generation_config.json"
-    cfg = json.loads(gen.read_text())
-    cfg["eos_token_id"] = -1  # no token ends an answer: it runs to its limit
-    gen.write_text(json.dumps(cfg))
-    return path
-
-
-@pytest.fixture(scope="module")
 def model(endless_path):
     return BatchedQwenVL.from_pretrained(endless_path, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def ros():
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    yield context, executor, thread
-    executor.shutdown(timeout_sec=2.0)
-    rclpy.try_shutdown(context=context)
-    thread.join(5)
 
 
 @pytest.fixture
@@ -69,7 +45,7 @@ def rigs(ros, model):
     made = []
 
     def make(**kwargs):
-        rig = Rig(ros[:2], model, **kwargs)
+        rig = Rig(ros, model, **kwargs)
         made.append(rig)
         return rig
 
@@ -201,7 +177,7 @@ def test_cleanup_while_answering_stops_the_answer_and_the_node_survives(rigs, ro
     res = future.result()
     assert not res.success and res.message == f"stopped after {control.steps} tokens: node deactivated"
     assert res.text and list(res.camera_names) == ["c0"]
-    assert ros[2].is_alive()  # the executor did not die of an InvalidHandle
+    assert ros.thread.is_alive()  # the executor did not die of an InvalidHandle
     assert rig.node.model is None and not worker_threads()
     print(f"deactivate + cleanup during a {LONG}-token answer: {took:.2f} s, "
           f"stopped at {control.stopped_at}, ended at {control.steps}")

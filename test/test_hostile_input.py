@@ -137,21 +137,6 @@ pytest.importorskip("qvl_ros.msg")
 
 
 @pytest.fixture(scope="module")
-def ros():
-    from rclpy.executors import SingleThreadedExecutor
-
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    yield context, executor
-    executor.shutdown(timeout_sec=2.0)
-    rclpy.try_shutdown(context=context)
-    thread.join(5)
-
-
-@pytest.fixture(scope="module")
 def model(tmp_path_factory):
     from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
 

@@ -25,7 +25,6 @@ pytest.importorskip("qvl_ros.msg")
 
 from diagnostic_msgs.msg import DiagnosticArray  # noqa: E402
 from rcl_interfaces.msg import Log  # noqa: E402
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -62,19 +61,6 @@ def model(tiny_path):
 def oracle(tiny_path):
     """An independent instance for the expected outputs."""
     return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def ros():
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)  # as qvl_node's main (see qvl_ros.ros.node)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    yield context, executor
-    executor.shutdown(timeout_sec=2.0)
-    rclpy.try_shutdown(context=context)
-    thread.join(5)
 
 
 class Collector(Node):

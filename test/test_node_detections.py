@@ -25,7 +25,6 @@ pytest.importorskip("qvl_ros.msg")
 pytest.importorskip("vision_msgs.msg")
 pytest.importorskip("llguidance")
 
-from rclpy.executors import SingleThreadedExecutor  # noqa: E402
 from rclpy.node import Node  # noqa: E402
 from rclpy.parameter import Parameter  # noqa: E402
 from rclpy.qos import QoSProfile, ReliabilityPolicy  # noqa: E402
@@ -55,19 +54,6 @@ def model(tiny_path):
     from qvl_ros.model import BatchedQwenVL
 
     return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
-
-
-@pytest.fixture(scope="module")
-def ros():
-    context = rclpy.Context()
-    rclpy.init(context=context, args=[])
-    executor = SingleThreadedExecutor(context=context)
-    thread = threading.Thread(target=executor.spin, daemon=True)
-    thread.start()
-    yield context, executor
-    executor.shutdown(timeout_sec=2.0)
-    rclpy.try_shutdown(context=context)
-    thread.join(5)
 
 
 def _wait(pred, timeout=60.0):
