@@ -81,3 +81,11 @@ def endless_path(tmp_path_factory):
     cfg["eos_token_id"] = -1  # no token ends an answer: it runs to its limit
     gen.write_text(json.dumps(cfg))
     return path
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+    """The tiny Qwen2.5-VL checkpoint (random weights, seed 0) in the test module's own directory."""
+    from qvl_ros.model import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)

@@ -25,7 +25,7 @@ from rcl_interfaces.msg import Log  # noqa: E402
 from rclpy.action import ActionClient  # noqa: E402
 
 from qvl_ros.action import Ask  # noqa: E402
-from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+from qvl_ros.model import BatchedQwenVL  # noqa: E402
 from qvl_ros.ros.feature_msgs import stamp_ns  # noqa: E402
 from qvl_ros.ros.node import QvlLifecycleNode  # noqa: E402
 from qvl_ros.srv import Ask as AskService  # noqa: E402
@@ -36,11 +36,6 @@ pytestmark = pytest.mark.filterwarnings(
 LONG = 20000       # tokens of a long answer (tens of seconds here)
 ANSWER = 40        # tokens of a short answer: five chunks of eight
 LONG_PARAMS = [("ask.max_new_tokens", 65536)]
-
-
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
 
 
 @pytest.fixture(scope="module")

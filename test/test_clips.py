@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from polling import wait_for
 import torch
 
 from qvl_ros.core.clips import ClipAssembler, ClipBuffer, clip_fps
@@ -133,12 +134,7 @@ def tiny_model():
 
 
 def _wait(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+    return wait_for(pred, timeout)
 
 
 def test_node_publishes_clips_equal_to_encode_on_the_same_frames(tiny_model):

@@ -15,6 +15,7 @@ import time
 import types
 
 import pytest
+from polling import wait_for
 
 from qvl_ros.core.diagnostics import PipelineMonitor
 from qvl_ros.core.intake import Intake, IntakeSettings
@@ -120,20 +121,14 @@ pytest.importorskip("qvl_ros.msg")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
+def model(tiny_path):
+    from qvl_ros.model import BatchedQwenVL
 
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", family="qwen2_5_vl", seed=0)
-    return BatchedQwenVL.from_pretrained(path, device="cpu", dtype="float32")
+    return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
 
 
 def _wait(pred, timeout=20.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+    return wait_for(pred, timeout)
 
 
 class Rig:

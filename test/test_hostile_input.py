@@ -10,6 +10,7 @@ import time
 import types
 
 import pytest
+from polling import wait_for
 
 from qvl_ros.core.conversion import ERROR_KEYS, ConversionError, msg_to_tensor
 from qvl_ros.core.diagnostics import DROP_REASON_KEYS, LogThrottle, PipelineMonitor, reason_key
@@ -137,20 +138,14 @@ pytest.importorskip("qvl_ros.msg")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory):
-    from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint
+def model(tiny_path):
+    from qvl_ros.model import BatchedQwenVL
 
-    path = save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", family="qwen2_5_vl", seed=0)
-    return BatchedQwenVL.from_pretrained(path, device="cpu", dtype="float32")
+    return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
 
 
 def _wait(pred, timeout=10.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+    return wait_for(pred, timeout)
 
 
 class Harness:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from polling import wait_for
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("qvl_ros.msg")
@@ -33,7 +34,7 @@ from sensor_msgs.msg import CompressedImage, Image  # noqa: E402
 
 from qvl_ros.core.conversion import msg_to_tensor  # noqa: E402
 from qvl_ros.ros.feature_msgs import stamp_ns, time_msg  # noqa: E402
-from qvl_ros.model import BatchedQwenVL, save_tiny_checkpoint  # noqa: E402
+from qvl_ros.model import BatchedQwenVL  # noqa: E402
 from qvl_ros.msg import Caption, VisionFeatures  # noqa: E402
 from qvl_ros.ros.node import QvlNode, default_camera_names  # noqa: E402
 from qvl_ros.sim.synthetic import SyntheticCameras  # noqa: E402
@@ -47,11 +48,6 @@ _ns_counter = itertools.count()
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "qwen2_5_vl", family="qwen2_5_vl", seed=0)
-
-
 @pytest.fixture(scope="module")
 def model(tiny_path):
     return BatchedQwenVL.from_pretrained(tiny_path, device="cpu", dtype="float32")
@@ -124,15 +120,6 @@ class Recorder:
     def frames(self, stamps):
         with self.lock:
             return [msg_to_tensor(self.by_stamp[k][s]) for k, s in enumerate(stamps)]
-
-
-def wait_for(predicate, timeout=10.0, period=0.02):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(period)
-    return predicate()
 
 
 class Rig:

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from polling import wait_for
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("qvl_ros.msg")
@@ -43,13 +44,6 @@ THICKNESS = 2  # the annotated image's box outline, pixels inward from the box's
 
 
 @pytest.fixture(scope="module")
-def tiny_path(tmp_path_factory):
-    from qvl_ros.model import save_tiny_checkpoint
-
-    return save_tiny_checkpoint(tmp_path_factory.mktemp("tiny") / "m", family="qwen2_5_vl", seed=0)
-
-
-@pytest.fixture(scope="module")
 def model(tiny_path):
     from qvl_ros.model import BatchedQwenVL
 
@@ -57,12 +51,7 @@ def model(tiny_path):
 
 
 def _wait(pred, timeout=60.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if pred():
-            return True
-        time.sleep(0.02)
-    return pred()
+    return wait_for(pred, timeout)
 
 
 def _frame_msg(sec, h, w, frame_id, rng=None):

@@ -15,11 +15,11 @@ sets, in order, possibly without the last ones.
 """
 import os
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from polling import wait_for
 
 rclpy = pytest.importorskip("rclpy")
 pytest.importorskip("qvl_ros.msg")
@@ -58,12 +58,7 @@ PARAMS = """\
 
 
 def _wait(predicate, timeout=30.0):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+    return wait_for(predicate, timeout, period=0.005)
 
 
 def _image(msg):
